@@ -1,0 +1,49 @@
+# lmserve developer commands. `make test` and `make serve` do all their own set-up.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+# make serve serves this; the default is a random-weight GPT-2 written on the spot, so it
+# works offline. Use MODEL=gpt2 (or any Hub name or local directory) for a real model.
+MODEL  ?= models/tiny-gpt2
+ARGS   ?=
+
+.PHONY: install serve test proto lint bench clean
+
+install: $(STAMP)
+
+# torch first, pinned: it is the CPU build on machines without a GPU, and an unpinned
+# torch dragged in by a dependency would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[server,dev]'
+	touch $(STAMP)
+
+models/tiny-gpt2: | $(STAMP)
+	$(BIN)/lmserve make-test-model $@
+
+models/gpt2-random: | $(STAMP)
+	$(BIN)/lmserve make-test-model $@ --size gpt2
+
+serve: $(STAMP) $(if $(filter models/%,$(MODEL)),$(MODEL))
+	$(BIN)/lmserve serve --model $(MODEL) $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=client --grpc_python_out=client \
+		--pyi_out=client proto/lmserve/v1/lmserve.proto
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+bench: $(STAMP) models/gpt2-random
+	$(BIN)/python benchmarks/run.py --model models/gpt2-random $(ARGS)
+
+clean:
+	rm -rf $(VENV) models .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,55 @@
+"""lmserve: the thin client of the lmserve daemon (Hugging Face causal LMs over gRPC).
+
+``Client`` makes blocking calls and ``AsyncClient`` awaits them; both return frozen
+dataclasses (``GenerationResult``, ``StreamChunk``, ``ModelInfo``) and raise
+``LmserveError`` subclasses mapped from the gRPC status codes. Needs only grpcio and
+protobuf::
+
+    from lmserve import Client
+
+    with Client("127.0.0.1:50051") as client:
+        result = client.generate("Once upon a time", max_new_tokens=32)
+        print(result.text, result.finish_reason, result.batch_size)
+"""
+
+from lmserve.client import USE_CLIENT_DEFAULT, AsyncClient, Client
+from lmserve.errors import (
+    DeadlineExceededError,
+    InternalError,
+    InvalidArgumentError,
+    LmserveError,
+    NotFoundError,
+    OverloadedError,
+    PermissionDeniedError,
+    RequestCancelledError,
+    UnauthenticatedError,
+    UnavailableError,
+    UnimplementedError,
+    from_rpc_error,
+)
+from lmserve.types import FinishReason, GenerationResult, ModelInfo, StreamChunk
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "USE_CLIENT_DEFAULT",
+    "AsyncClient",
+    "Client",
+    "DeadlineExceededError",
+    "FinishReason",
+    "GenerationResult",
+    "InternalError",
+    "InvalidArgumentError",
+    "LmserveError",
+    "ModelInfo",
+    "NotFoundError",
+    "OverloadedError",
+    "PermissionDeniedError",
+    "RequestCancelledError",
+    "StreamChunk",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "UnimplementedError",
+    "__version__",
+    "from_rpc_error",
+]

@@ -1,0 +1,296 @@
+"""``lmserve-client``: the command line of the lmserve client (generate, tokenize, info).
+
+Each subcommand is a registrar ``add_parser(subparsers, common)`` that adds its parser
+(with ``parents=[common]`` for ``--target``/``--timeout``) and sets ``handler``, a function
+``(args) -> exit code``. A command from another module (e.g. ``bench``) is added by
+appending its registrar in ``_registrars()``; it can build its client from ``args.target``
+and ``args.timeout`` (see ``client_from_args``). ``main`` turns ``LmserveError`` into one
+``error: CODE: details`` line and exit code 1, and Ctrl-C into exit code 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, TypeAlias
+
+from lmserve import __version__
+from lmserve.client import Client
+from lmserve.errors import LmserveError, UnimplementedError
+from lmserve.types import GenerationResult, StreamChunk
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_TIMEOUT_S = 60.0
+
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+Registrar: TypeAlias = Callable[[Subparsers, argparse.ArgumentParser], None]
+Handler: TypeAlias = Callable[[argparse.Namespace], int]
+
+
+def _timeout(value: str) -> float | None:
+    """``--timeout``: seconds; 0 means no deadline."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if seconds < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {value!r}")
+    return seconds or None
+
+
+def _non_negative_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {value!r}")
+    return number
+
+
+def common_parser() -> argparse.ArgumentParser:
+    """The options every subcommand takes, as a parent parser."""
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("connection")
+    group.add_argument(
+        "--target",
+        metavar="HOST:PORT",
+        # Read when the parser is built (in main), so the environment of the call counts.
+        default=os.environ.get("LMSERVE_TARGET", DEFAULT_TARGET),
+        help="daemon address (default: $LMSERVE_TARGET, else %(default)s)",
+    )
+    group.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=_timeout,
+        # A string default goes through `type`, so a bad $LMSERVE_TIMEOUT is reported
+        # like a bad --timeout instead of failing later.
+        default=os.environ.get("LMSERVE_TIMEOUT", str(DEFAULT_TIMEOUT_S)),
+        help="deadline of each call in seconds, 0 for none "
+        f"(default: $LMSERVE_TIMEOUT, else {DEFAULT_TIMEOUT_S:g})",
+    )
+    return common
+
+
+def client_from_args(args: argparse.Namespace) -> Client:
+    """A ``Client`` for the ``--target`` and ``--timeout`` of a parsed command line."""
+    return Client(args.target, timeout=args.timeout)
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, ensure_ascii=False))
+
+
+# --- generate ---------------------------------------------------------------------------
+
+
+def _add_generate(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        parents=[common],
+        help="generate a continuation of a prompt",
+        description="Generate a continuation of PROMPT and print it (the prompt is not repeated).",
+        epilog=(
+            "examples:\n"
+            "  lmserve-client generate 'Once upon a time' --max-new-tokens 32\n"
+            "  lmserve-client generate 'def fib(n):' --stream --stop $'\\n\\n'\n"
+            "  echo 'Hello' | lmserve-client generate - --temperature 0.8 --seed 1 --json"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("prompt", metavar="PROMPT", help="the text to continue; - reads stdin")
+    sampling = parser.add_argument_group("generation")
+    sampling.add_argument(
+        "--max-new-tokens",
+        metavar="N",
+        type=_non_negative_int,
+        default=0,
+        help="most tokens to generate (default: 0, the server's default)",
+    )
+    sampling.add_argument(
+        "--temperature", metavar="T", type=float, help="sampling temperature; unset or 0 is greedy"
+    )
+    sampling.add_argument(
+        "--top-p", metavar="P", type=float, help="nucleus sampling mass, in (0, 1]"
+    )
+    sampling.add_argument(
+        "--top-k", metavar="K", type=_non_negative_int, help="sample from the K likeliest only"
+    )
+    sampling.add_argument(
+        "--seed",
+        metavar="N",
+        type=_non_negative_int,
+        help="sampling seed, for reproducible samples",
+    )
+    sampling.add_argument(
+        "--stop",
+        metavar="S",
+        action="append",
+        default=[],
+        help="end when S is produced; the text is cut before it (repeatable)",
+    )
+    output = parser.add_argument_group("output")
+    output.add_argument("--stream", action="store_true", help="print the text as it is produced")
+    output.add_argument(
+        "--json",
+        action="store_true",
+        help="print the whole result as JSON (with --stream: one JSON object per chunk)",
+    )
+    parser.set_defaults(handler=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    sampling: dict[str, Any] = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "seed": args.seed,
+        "stop": args.stop,
+    }
+    with client_from_args(args) as client:
+        if not args.stream:
+            _print_result(client.generate(prompt, **sampling), as_json=args.json)
+            return 0
+        printed_any = False
+        try:
+            for chunk in client.stream(prompt, **sampling):
+                _print_chunk(chunk, as_json=args.json)
+                printed_any = True
+        except UnimplementedError:
+            # Only retry when nothing was shown yet; mid-stream it would repeat text.
+            if printed_any:
+                raise
+            print(
+                "note: the server does not implement streaming; using a unary generate",
+                file=sys.stderr,
+            )
+            result = client.generate(prompt, **sampling)
+            if args.json:
+                # Keep the one-object-per-chunk shape a --stream --json reader expects.
+                last = StreamChunk(result.text, result.token_ids, result.finish_reason)
+                _print_json(last.to_dict())
+            else:
+                print(result.text)
+            return 0
+        finally:
+            # End the streamed line, also when an error or Ctrl-C cut it short, so the
+            # shell prompt or the error line starts on a line of its own.
+            if printed_any and not args.json:
+                print(flush=True)
+    return 0
+
+
+def _print_result(result: GenerationResult, *, as_json: bool) -> None:
+    if as_json:
+        _print_json(result.to_dict())
+    else:
+        print(result.text)
+
+
+def _print_chunk(chunk: StreamChunk, *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(chunk.to_dict(), ensure_ascii=False), flush=True)
+    else:
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+
+
+# --- tokenize ---------------------------------------------------------------------------
+
+
+def _add_tokenize(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "tokenize",
+        parents=[common],
+        help="print the token ids of a text",
+        description="Print the token ids of TEXT under the served model's tokenizer, "
+        "space-separated (no special tokens are added).",
+    )
+    parser.add_argument("text", metavar="TEXT", help="the text to tokenize; - reads stdin")
+    parser.add_argument("--json", action="store_true", help="print the ids as a JSON list")
+    parser.set_defaults(handler=_run_tokenize)
+
+
+def _run_tokenize(args: argparse.Namespace) -> int:
+    text = sys.stdin.read() if args.text == "-" else args.text
+    with client_from_args(args) as client:
+        ids = client.tokenize(text)
+    if args.json:
+        _print_json(ids)
+    else:
+        print(" ".join(map(str, ids)))
+    return 0
+
+
+# --- info -------------------------------------------------------------------------------
+
+
+def _add_info(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "info",
+        parents=[common],
+        help="show the served model and the batching settings",
+        description="Show the served model, where it runs, and the server's batching settings.",
+    )
+    parser.add_argument("--json", action="store_true", help="print the info as JSON")
+    parser.set_defaults(handler=_run_info)
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    with client_from_args(args) as client:
+        info = client.model_info().to_dict()
+    if args.json:
+        _print_json(info)
+    else:
+        width = max(map(len, info))
+        for key, value in info.items():
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
+# --- main -------------------------------------------------------------------------------
+
+
+def _registrars() -> list[Registrar]:
+    # Commands from other modules are imported here rather than at the top, so that
+    # they may import helpers (client_from_args, common_parser) from this module.
+    return [_add_generate, _add_tokenize, _add_info]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``lmserve-client`` parser with every registered subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="lmserve-client",
+        description="Talk to an lmserve daemon: generate text, tokenize, show the model.",
+        epilog="Run 'lmserve-client COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(
+        title="commands", dest="command", metavar="COMMAND", required=True
+    )
+    common = common_parser()
+    for register in _registrars():
+        register(subparsers, common)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``lmserve-client`` with ``argv`` (default: ``sys.argv[1:]``); the exit code."""
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except LmserveError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,356 @@
+"""``Client`` (blocking) and ``AsyncClient`` (asyncio): typed calls to an lmserve daemon.
+
+Both own one gRPC channel, give every call the client's default timeout and metadata
+unless told otherwise, return the dataclasses of ``lmserve.types`` and re-raise every
+``grpc.RpcError`` as the matching ``lmserve.errors.LmserveError`` subclass. Request
+building and response conversion live in ``types.py`` so the two twins only differ in
+how they wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from types import TracebackType
+from typing import Any, TypeAlias
+
+import grpc
+import grpc.aio
+
+from lmserve.errors import UnavailableError, from_rpc_error
+from lmserve.types import (
+    GenerationResult,
+    ModelInfo,
+    StreamChunk,
+    build_request,
+    chunk_from_proto,
+    model_info_from_proto,
+    result_from_proto,
+)
+from lmserve.v1 import lmserve_pb2, lmserve_pb2_grpc
+
+__all__ = ["USE_CLIENT_DEFAULT", "AsyncClient", "Client", "UseClientDefault"]
+
+
+class UseClientDefault(enum.Enum):
+    """Type of ``USE_CLIENT_DEFAULT``: a per-call ``timeout`` left at it means the
+    client's own timeout, while ``None`` means no deadline at all."""
+
+    USE_CLIENT_DEFAULT = enum.auto()
+
+
+USE_CLIENT_DEFAULT = UseClientDefault.USE_CLIENT_DEFAULT
+
+# What a per-call timeout may be: seconds, None (no deadline) or the client's default.
+Timeout: TypeAlias = float | UseClientDefault | None
+
+
+class _Base:
+    """What the twins share: the target, the defaults and the per-call gRPC keywords."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None,
+        options: Sequence[tuple[str, Any]],
+        credentials: grpc.ChannelCredentials | None,
+        metadata: Sequence[tuple[str, str]],
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._options = list(options)
+        self._credentials = credentials
+        self._metadata = tuple(metadata)
+
+    def _call_kwargs(self, timeout: Timeout) -> dict[str, Any]:
+        return {
+            "timeout": self.timeout if timeout is USE_CLIENT_DEFAULT else timeout,
+            # grpc wants None rather than an empty sequence when there is no metadata.
+            "metadata": self._metadata or None,
+        }
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.target!r}, timeout={self.timeout!r})"
+
+
+class Client(_Base):
+    """A blocking client for one lmserve daemon.
+
+    ``target`` is a gRPC address such as ``"127.0.0.1:50051"``. ``timeout`` (seconds, None
+    for no deadline) applies to every call unless the call passes its own; for ``stream``
+    it bounds the whole stream. ``options`` are gRPC channel arguments, e.g.
+    ``[("grpc.max_receive_message_length", 64 << 20)]``; with ``credentials`` the channel
+    is a TLS one. ``metadata`` is sent with every call (e.g. an auth header).
+
+    Use it as a context manager, or call ``close()``.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = 60.0,
+        options: Sequence[tuple[str, Any]] = (),
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        super().__init__(
+            target, timeout=timeout, options=options, credentials=credentials, metadata=metadata
+        )
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=self._options)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=self._options)
+        self._stub = lmserve_pb2_grpc.GeneratorStub(self._channel)
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        max_new_tokens: int = 0,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: str | Iterable[str] = (),
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+    ) -> GenerationResult:
+        """The continuation of ``prompt``, once it is complete.
+
+        ``max_new_tokens=0`` means the server's default; sampling arguments left at None
+        are not sent (greedy decoding unless ``temperature`` > 0).
+        """
+        request = build_request(
+            prompt,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop,
+        )
+        try:
+            response = self._stub.Generate(request, **self._call_kwargs(timeout))
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        return result_from_proto(response)
+
+    def stream(
+        self,
+        prompt: str,
+        *,
+        max_new_tokens: int = 0,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: str | Iterable[str] = (),
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+    ) -> Iterator[StreamChunk]:
+        """The continuation of ``prompt`` as it is produced; the last chunk has a
+        ``finish_reason``. The call starts on the first ``next()``; errors are raised from
+        the iteration. Leaving the loop early cancels the call on the server.
+        """
+        request = build_request(
+            prompt,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop,
+        )
+        return self._stream(request, timeout)
+
+    def _stream(
+        self, request: lmserve_pb2.GenerateRequest, timeout: Timeout
+    ) -> Iterator[StreamChunk]:
+        call = self._stub.GenerateStream(request, **self._call_kwargs(timeout))
+        try:
+            for message in call:
+                yield chunk_from_proto(message)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        finally:
+            # A no-op when the stream ended; when the consumer stopped early (break,
+            # exception, garbage collection) it tells the server to stop generating.
+            call.cancel()
+
+    def tokenize(self, text: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> list[int]:
+        """The token ids of ``text`` under the served model's tokenizer."""
+        try:
+            response = self._stub.Tokenize(
+                lmserve_pb2.TokenizeRequest(text=text), **self._call_kwargs(timeout)
+            )
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        return list(response.token_ids)
+
+    def model_info(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> ModelInfo:
+        """The served model and the server's batching settings."""
+        try:
+            response = self._stub.GetModelInfo(
+                lmserve_pb2.GetModelInfoRequest(), **self._call_kwargs(timeout)
+            )
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        return model_info_from_proto(response)
+
+    def wait_ready(self, timeout: float) -> None:
+        """Block until the channel is connected; ``UnavailableError`` after ``timeout`` s.
+
+        This only checks the transport: a daemon still loading its model may accept
+        connections before it can serve.
+        """
+        future = grpc.channel_ready_future(self._channel)
+        try:
+            future.result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            # Otherwise the future keeps watching the channel's state after we gave up.
+            future.cancel()
+            raise UnavailableError(f"{self.target} not ready after {timeout:g}s") from None
+
+    def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class AsyncClient(_Base):
+    """The asyncio twin of ``Client``: same constructor, same methods, awaited.
+
+    Build it inside the event loop it will be used on (gRPC's asyncio channel binds to
+    the running loop). Use ``async with``, or ``await close()``.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = 60.0,
+        options: Sequence[tuple[str, Any]] = (),
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        super().__init__(
+            target, timeout=timeout, options=options, credentials=credentials, metadata=metadata
+        )
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(target, options=self._options)
+        else:
+            self._channel = grpc.aio.secure_channel(target, credentials, options=self._options)
+        self._stub = lmserve_pb2_grpc.GeneratorStub(self._channel)
+
+    async def generate(
+        self,
+        prompt: str,
+        *,
+        max_new_tokens: int = 0,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: str | Iterable[str] = (),
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+    ) -> GenerationResult:
+        """The continuation of ``prompt``, once it is complete (see ``Client.generate``)."""
+        request = build_request(
+            prompt,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop,
+        )
+        try:
+            response = await self._stub.Generate(request, **self._call_kwargs(timeout))
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        return result_from_proto(response)
+
+    async def stream(
+        self,
+        prompt: str,
+        *,
+        max_new_tokens: int = 0,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: str | Iterable[str] = (),
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+    ) -> AsyncIterator[StreamChunk]:
+        """The continuation of ``prompt`` as it is produced (``async for``); the last
+        chunk has a ``finish_reason``. Leaving the loop early cancels the call."""
+        request = build_request(
+            prompt,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop,
+        )
+        call = self._stub.GenerateStream(request, **self._call_kwargs(timeout))
+        try:
+            async for message in call:
+                yield chunk_from_proto(message)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        finally:
+            call.cancel()
+
+    async def tokenize(self, text: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> list[int]:
+        """The token ids of ``text`` under the served model's tokenizer."""
+        try:
+            response = await self._stub.Tokenize(
+                lmserve_pb2.TokenizeRequest(text=text), **self._call_kwargs(timeout)
+            )
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        return list(response.token_ids)
+
+    async def model_info(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> ModelInfo:
+        """The served model and the server's batching settings."""
+        try:
+            response = await self._stub.GetModelInfo(
+                lmserve_pb2.GetModelInfoRequest(), **self._call_kwargs(timeout)
+            )
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        return model_info_from_proto(response)
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Wait until the channel is connected; ``UnavailableError`` after ``timeout`` s."""
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), timeout)
+        except asyncio.TimeoutError:
+            raise UnavailableError(f"{self.target} not ready after {timeout:g}s") from None
+
+    async def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

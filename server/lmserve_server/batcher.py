@@ -1,0 +1,257 @@
+"""Dynamic micro-batching: many concurrent ``submit(item)``, one ``run_batch(items)`` at a time.
+
+``MicroBatcher`` knows nothing of models or gRPC. Callers ``await submit(item)``; one loop task
+forms batches and awaits ``run_batch`` on them, one batch at a time, and hands each caller its
+own result. A batch is formed only when ``run_batch`` is free: everything that arrived while the
+previous batch ran goes in at once (up to ``max_batch_size``); if fewer are waiting, the loop
+waits until ``max_wait_s`` after the *oldest* waiting item arrived, or until the batch fills.
+With a ``batch_key``, items whose keys differ never share a batch; each batch is built around
+the oldest waiting item, so nothing starves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from lmserve_server.errors import QueueFullError, ShuttingDownError
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Served(Generic[R]):
+    """One submitter's result, with how its batch went."""
+
+    value: R  # what run_batch returned for this item
+    batch_size: int  # rows in the batch it ran in
+    queue_s: float  # from submit() to the start of its batch's run
+    compute_s: float  # wall time of its batch's run_batch call
+
+
+@dataclass(eq=False)
+class _Pending(Generic[T, R]):
+    item: T
+    key: Hashable
+    arrived: float
+    future: asyncio.Future[Served[R]]
+    queued: bool = field(default=True)
+
+
+class MicroBatcher(Generic[T, R]):
+    """Collects concurrent ``submit()`` calls into batches for ``run_batch``; see the module doc."""
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[T]], Awaitable[list[R]]],
+        *,
+        max_batch_size: int,
+        max_wait_s: float,
+        max_queue: int,
+        batch_key: Callable[[T], Hashable] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_wait_s < 0:
+            raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        self._run_batch = run_batch
+        self._max_batch_size = max_batch_size
+        self._max_wait_s = max_wait_s
+        self._max_queue = max_queue
+        self._batch_key = batch_key
+        self._clock = clock
+        self._queue: deque[_Pending[T, R]] = deque()
+        self._key_counts: dict[Hashable, int] = {}  # waiting items per key
+        self._wakeup = asyncio.Event()  # set on every change the loop must look at
+        self._busy = False
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start the batching loop on the running event loop (a second call does nothing)."""
+        if self._closing:
+            raise RuntimeError("MicroBatcher.start() after close()")
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._loop(), name="lmserve-micro-batcher"
+            )
+
+    @property
+    def queue_depth(self) -> int:
+        """Items waiting for a batch (not counting those in the running batch)."""
+        return len(self._queue)
+
+    @property
+    def busy(self) -> bool:
+        """Whether a ``run_batch`` call is running now."""
+        return self._busy
+
+    async def submit(self, item: T) -> Served[R]:
+        """Queue ``item``, wait for its batch to run, and return its own result.
+
+        Raises ``QueueFullError`` at once when ``max_queue`` items are waiting,
+        ``ShuttingDownError`` once ``close()`` has begun, and whatever ``run_batch`` raised
+        (or returned as this item's ``Exception``). Cancelling the caller while the item is
+        still waiting takes it out of the queue; cancelling it later just drops the result.
+        """
+        if (depth := len(self._queue)) >= self._max_queue:
+            raise QueueFullError(
+                f"queue is full: {depth} requests waiting (--max-queue {self._max_queue})"
+            )
+        if self._closing:
+            raise ShuttingDownError("the server is shutting down and accepts no new requests")
+        if self._task is None:
+            raise RuntimeError("MicroBatcher.submit() before start()")
+        key = self._batch_key(item) if self._batch_key is not None else None
+        future: asyncio.Future[Served[R]] = asyncio.get_running_loop().create_future()
+        pending = _Pending(item, key, self._clock(), future)
+        self._queue.append(pending)
+        self._key_counts[key] = self._key_counts.get(key, 0) + 1
+        self._wakeup.set()
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if pending.queued:
+                self._queue.remove(pending)
+                self._unqueue(pending)
+                self._wakeup.set()  # the oldest item, hence the deadline, may have changed
+            raise
+
+    async def close(self, drain: bool = True) -> None:
+        """Accept no new items, then wait for the loop to end (idempotent).
+
+        ``drain=True`` still runs everything already accepted, without waiting ``max_wait_s``.
+        ``drain=False`` fails waiting items with ``ShuttingDownError``; a running batch finishes.
+        Cancelling ``close()`` (e.g. a drain timeout) leaves the loop running; call
+        ``close(drain=False)`` afterwards to cut it short.
+        """
+        self._closing = True
+        if not drain:
+            self._fail_waiting(
+                ShuttingDownError("the server is shutting down; the request was dropped unrun")
+            )
+        self._wakeup.set()
+        if self._task is not None and self._task is not asyncio.current_task():
+            await asyncio.wait([self._task])
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        try:
+            while (batch := await self._next_batch()) is not None:
+                try:
+                    await self._execute(batch)
+                except Exception as exc:  # a bug: fail this batch, keep the loop
+                    logger.exception("the micro-batching loop failed a batch")
+                    self._fail(batch, exc)
+                except BaseException:  # e.g. the loop task was cancelled: fail it, then stop
+                    self._fail(batch, ShuttingDownError("the batch was interrupted"))
+                    raise
+        except Exception:
+            logger.exception("the micro-batching loop crashed; failing the queued requests")
+        finally:
+            self._closing = True
+            self._fail_waiting(ShuttingDownError("the batching loop has stopped"))
+
+    async def _next_batch(self) -> list[_Pending[T, R]] | None:
+        """Wait until a batch is due and take it off the queue; None once closed and empty."""
+        while True:
+            self._wakeup.clear()
+            if not self._queue:
+                if self._closing:
+                    return None
+                await self._wakeup.wait()
+                continue
+            oldest = self._queue[0]
+            if self._closing or self._key_counts[oldest.key] >= self._max_batch_size:
+                return self._take(oldest.key)
+            remaining = oldest.arrived + self._max_wait_s - self._clock()
+            if remaining <= 0:
+                return self._take(oldest.key)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout=remaining)
+
+    def _take(self, key: Hashable) -> list[_Pending[T, R]]:
+        """Remove up to max_batch_size waiting items with ``key``, in arrival order."""
+        batch: list[_Pending[T, R]] = []
+        rest: deque[_Pending[T, R]] = deque()
+        for pending in self._queue:
+            if len(batch) < self._max_batch_size and pending.key == key:
+                batch.append(pending)
+                self._unqueue(pending)
+            else:
+                rest.append(pending)
+        self._queue = rest
+        return batch
+
+    async def _execute(self, batch: list[_Pending[T, R]]) -> None:
+        """Run one batch and settle each of its futures."""
+        self._busy = True
+        start = self._clock()
+        try:
+            outcomes = await self._run([pending.item for pending in batch])
+        finally:
+            self._busy = False
+        compute_s = self._clock() - start
+        outcomes = _aligned(outcomes, len(batch), "_run")
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                self._settle(pending.future, outcome)
+            elif not pending.future.done():  # done: its caller was cancelled
+                served = Served(outcome, len(batch), start - pending.arrived, compute_s)
+                pending.future.set_result(served)
+
+    async def _run(self, items: list[T]) -> list[R | Exception]:
+        """Call run_batch once; one outcome per item. The seam for retrying halves on failure."""
+        try:
+            results: list[R | Exception] = list(await self._run_batch(items))
+        except Exception as exc:
+            return [exc] * len(items)
+        return _aligned(results, len(items), "run_batch")
+
+    # ---- helpers -----------------------------------------------------------------------------
+
+    def _unqueue(self, pending: _Pending[T, R]) -> None:
+        pending.queued = False
+        count = self._key_counts[pending.key] - 1
+        if count:
+            self._key_counts[pending.key] = count
+        else:
+            del self._key_counts[pending.key]
+
+    def _fail_waiting(self, error: Exception) -> None:
+        while self._queue:
+            pending = self._queue.popleft()
+            self._unqueue(pending)
+            self._settle(pending.future, error)
+
+    def _fail(self, batch: list[_Pending[T, R]], error: Exception) -> None:
+        for pending in batch:
+            self._settle(pending.future, error)
+
+    @staticmethod
+    def _settle(future: asyncio.Future[Served[R]], error: Exception) -> None:
+        if not future.done():
+            future.set_exception(error)
+
+
+def _aligned(results: list[R | Exception], n: int, name: str) -> list[R | Exception]:
+    """``results`` if it has one entry per item, else a RuntimeError for every item."""
+    if len(results) == n:
+        return results
+    error = RuntimeError(
+        f"{name} returned {len(results)} results for a batch of {n} items; expected {n}"
+    )
+    return [error] * n

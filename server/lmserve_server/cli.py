@@ -1,0 +1,202 @@
+"""The ``lmserve`` command: ``serve`` runs the daemon, ``make-test-model`` writes an offline
+checkpoint. Every ``serve`` flag can also be set by an LMSERVE_* environment variable."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from lmserve_server.config import ServerConfig
+from lmserve_server.engine import EngineConfig
+from lmserve_server.errors import LmserveError
+
+log = logging.getLogger("lmserve")
+
+
+def _env_name(flag: str) -> str:
+    return "LMSERVE_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _add(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    kind: Callable[[str], Any],
+    default: Any,
+    help: str,
+    **kwargs: Any,
+) -> None:
+    """A flag whose default comes from its env var when set; --help names both."""
+    env = _env_name(flag)
+    if env in os.environ:
+        try:
+            default = kind(os.environ[env])
+        except (ValueError, argparse.ArgumentTypeError) as err:
+            parser.error(f"{env}={os.environ[env]!r}: {err}")
+    if "choices" not in kwargs:
+        kwargs["metavar"] = {int: "N", float: "X", _bool: "BOOL"}.get(kind, "TEXT")
+    parser.add_argument(
+        flag, type=kind, default=default, help=f"{help} [env {env}; default: %(default)s]", **kwargs
+    )
+
+
+def _serve_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the gRPC daemon",
+        description="Serve a Hugging Face causal LM over gRPC (lmserve.v1.Generator), batching "
+        "concurrent Generate calls into one generate() per batch.",
+    )
+    _add(p, "--model", str, "gpt2", "model name in the Hugging Face cache, or a local directory")
+    _add(p, "--host", str, "127.0.0.1", "address to listen on (0.0.0.0 for every interface)")
+    _add(p, "--port", int, 50051, "port to listen on (0 picks a free one)")
+    _add(p, "--max-batch-size", int, 32, "most requests in one generate() call")
+    _add(
+        p,
+        "--max-wait-ms",
+        float,
+        10.0,
+        "how long the oldest waiting request may wait for companions before its batch runs",
+    )
+    _add(p, "--max-queue", int, 1024, "most requests waiting; more get RESOURCE_EXHAUSTED")
+    _add(p, "--device", str, "auto", "auto (CUDA when available), cpu, cuda or cuda:N")
+    _add(
+        p,
+        "--dtype",
+        str,
+        "auto",
+        "auto (float16 on CUDA, float32 on CPU), float16, bfloat16 or float32",
+        choices=["auto", "float16", "bfloat16", "float32"],
+    )
+    _add(p, "--default-max-new-tokens", int, 64, "max_new_tokens for a request that sends 0")
+    _add(p, "--max-new-tokens-cap", int, 1024, "largest max_new_tokens a request may ask for")
+    _add(p, "--drain-timeout", float, 30.0, "seconds accepted requests get to finish on SIGTERM")
+    _add(p, "--reflection", _bool, True, "serve gRPC server reflection (grpcurl list)")
+    _add(p, "--warm-up", _bool, True, "run one generate() before reporting SERVING")
+    _add(
+        p,
+        "--log-level",
+        str,
+        "info",
+        "debug, info, warning or error",
+        choices=["debug", "info", "warning", "error"],
+    )
+    p.set_defaults(handler=_serve)
+
+
+def _make_test_model_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "make-test-model",
+        help="write a random-weight GPT-2 checkpoint for offline tests and demos",
+        description="Write a GPT-2 checkpoint with random weights and the real GPT-2 tokenizer. "
+        "It loads through the same from_pretrained path as the real model; its text is "
+        "gibberish. --size gpt2 has the real 124M shape (same speed as the real model).",
+    )
+    p.add_argument("path", help="directory to write (created if missing)")
+    p.add_argument("--size", choices=["tiny", "gpt2"], default="tiny", help="default: tiny")
+    p.add_argument("--seed", type=int, default=0, help="weights' random seed (default: 0)")
+    p.set_defaults(handler=_make_test_model)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmserve",
+        description="lmserve: a gRPC daemon serving causal language models with dynamic "
+        "micro-batching.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _serve_parser(sub)
+    _make_test_model_parser(sub)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        engine=EngineConfig(model=args.model, device=args.device, dtype=args.dtype),
+        host=args.host,
+        port=args.port,
+        max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        default_max_new_tokens=args.default_max_new_tokens,
+        max_new_tokens_cap=args.max_new_tokens_cap,
+        drain_timeout_s=args.drain_timeout,
+        reflection=args.reflection,
+        warm_up=args.warm_up,
+    )
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    # Library chatter (weight-loading progress bars, generation hints) is not for operators.
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+async def run_daemon(config: ServerConfig) -> None:
+    """Loads and warms the model, serves until SIGTERM/SIGINT, then drains."""
+    from lmserve_server.app import Daemon
+    from lmserve_server.engine import Engine
+
+    engine = await asyncio.to_thread(Engine.load, config.engine)
+    if config.warm_up:
+        await asyncio.to_thread(engine.warm_up)
+    daemon = Daemon(config, engine)
+    await daemon.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    await daemon.stop()
+
+
+def _serve(args: argparse.Namespace) -> int:
+    _configure_logging(args.log_level)
+    try:
+        config = config_from_args(args)
+        asyncio.run(run_daemon(config))
+    except (LmserveError, ValueError) as err:
+        print(f"lmserve: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # e.g. the port is taken
+        print(f"lmserve: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _make_test_model(args: argparse.Namespace) -> int:
+    from lmserve_server.testmodel import write_test_model
+
+    path = write_test_model(args.path, size=args.size, seed=args.seed)
+    print(f"wrote a random-weight GPT-2 ({args.size}) to {path}")
+    print(f"serve it with: lmserve serve --model {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""The daemon's settings, one frozen dataclass filled by the CLI (flags or LMSERVE_* env vars)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lmserve_server.engine import EngineConfig
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    host: str = "127.0.0.1"
+    port: int = 50051
+    max_batch_size: int = 32
+    max_wait_ms: float = 10.0
+    max_queue: int = 1024
+    default_max_new_tokens: int = 64
+    max_new_tokens_cap: int = 1024
+    max_stop_strings: int = 16
+    max_stop_chars: int = 256
+    drain_timeout_s: float = 30.0
+    reflection: bool = True
+    warm_up: bool = True
+
+    def __post_init__(self) -> None:
+        checks = {
+            "max_batch_size": self.max_batch_size >= 1,
+            "max_wait_ms": self.max_wait_ms >= 0,
+            "max_queue": self.max_queue >= 1,
+            "max_new_tokens_cap": self.max_new_tokens_cap >= 1,
+            "default_max_new_tokens": 1 <= self.default_max_new_tokens <= self.max_new_tokens_cap,
+            "port": 0 <= self.port <= 65535,
+            "drain_timeout_s": self.drain_timeout_s >= 0,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid setting(s): {', '.join(bad)} (see lmserve serve --help)")

@@ -1,0 +1,281 @@
+"""The model engine: loads a causal LM with its tokenizer and runs one ``generate`` per batch.
+
+It knows nothing of gRPC or queues. Batches are left-padded with the EOS token and always
+passed an explicit attention mask: GPT-2 has no pad token, and with pad == eos a mask
+inferred from the ids would hide real EOS tokens; right padding (as GPT-2 tutorials often
+show) would put pad tokens between a prompt and its continuation. Left padding plus the
+mask (from which ``generate`` derives position ids) keeps a row's greedy tokens independent
+of what it was batched with.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+
+from lmserve_server.errors import ModelLoadError
+from lmserve_server.types import FinishReason, GenerationOutput, GenerationRequest
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = "gpt2"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | float16 | bfloat16 | float32
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {device}: CUDA is not available on this machine")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        # fp16 halves memory traffic on a GPU; CPUs have no fast fp16 path, so fp32 there.
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ModelLoadError(f"--dtype {dtype}: choose one of auto, {', '.join(_DTYPES)}") from None
+
+
+class RowStoppingCriteria(StoppingCriteria):
+    """Marks each row finished at its own ``max_new_tokens`` or once it shows a stop string.
+
+    ``generate`` pads finished rows (with pad == eos) until every row is done; the engine
+    cuts each row back to its own length afterwards.
+    """
+
+    def __init__(
+        self,
+        prompt_len: int,
+        requests: Sequence[GenerationRequest],
+        tokenizer: PreTrainedTokenizerBase,
+        device: torch.device,
+    ) -> None:
+        self._prompt_len = prompt_len
+        self._limits = torch.tensor([r.max_new_tokens for r in requests], device=device)  # (B,)
+        self._stops = [(i, r.stop) for i, r in enumerate(requests) if r.stop]
+        self._tokenizer = tokenizer
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        generated = input_ids.shape[1] - self._prompt_len
+        done = self._limits <= generated  # (B,)
+        for row, stops in self._stops:
+            if done[row]:
+                continue
+            # The longest stop string spans at most that many tokens (one byte each, worst case).
+            tail_tokens = max(len(s.encode()) for s in stops)
+            tail = input_ids[row, max(self._prompt_len, input_ids.shape[1] - tail_tokens) :]
+            text = self._tokenizer.decode(tail, skip_special_tokens=True)
+            if any(s in text for s in stops):
+                done[row] = True
+        return done  # type: ignore[return-value]
+
+
+class Engine:
+    """A loaded model and tokenizer; ``generate_batch`` is blocking and not thread-safe."""
+
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.eos_token_id: int = int(tokenizer.eos_token_id)
+        embeddings: Any = model.get_input_embeddings()
+        self.input_device: torch.device = embeddings.weight.device
+        self.max_context = int(
+            getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
+        )
+
+    @classmethod
+    def load(cls, config: EngineConfig) -> Engine:
+        """Loads as the GPT-2 tutorial does, done right for batched serving."""
+        device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, device)
+        model_kwargs: dict[str, Any] = {"dtype": dtype}
+        if device.startswith("cuda"):
+            # accelerate places the weights (and shards a model too large for one GPU).
+            model_kwargs["device_map"] = "auto" if device == "cuda" else device
+        try:
+            # The cache first: an offline machine must not spend a minute on Hub retries.
+            local_only = os.path.isdir(config.model) or _in_hub_cache(config.model)
+            if not local_only:
+                _check_hub_reachable(config.model)
+            tokenizer = AutoTokenizer.from_pretrained(
+                config.model, padding_side="left", local_files_only=local_only
+            )
+            model = AutoModelForCausalLM.from_pretrained(
+                config.model, local_files_only=local_only, **model_kwargs
+            )
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(_load_failure_message(config.model, err)) from err
+        if tokenizer.eos_token_id is None:
+            raise ModelLoadError(f"model {config.model!r}: its tokenizer has no EOS token")
+        # GPT-2 has no pad token: pad with EOS, on the tokenizer and on the model alike.
+        tokenizer.pad_token = tokenizer.eos_token
+        model.generation_config.pad_token_id = tokenizer.eos_token_id
+        model.config.pad_token_id = tokenizer.eos_token_id
+        if "device_map" not in model_kwargs:
+            model.to(torch.device(device))  # type: ignore[arg-type]
+        model.eval()
+        engine = cls(model, tokenizer, config.model)
+        log.info(
+            "loaded %s on %s as %s (context %d tokens)",
+            config.model,
+            engine.device,
+            engine.dtype,
+            engine.max_context,
+        )
+        return engine
+
+    @property
+    def device(self) -> str:
+        return str(self.input_device)
+
+    @property
+    def dtype(self) -> str:
+        return str(self.model.dtype).removeprefix("torch.")
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def warm_up(self) -> None:
+        """One padded batch through ``generate`` so the first real request pays no set-up."""
+        self.generate_batch(
+            [
+                GenerationRequest(prompt_ids=tuple(self.tokenize("Hello")), max_new_tokens=2),
+                GenerationRequest(prompt_ids=tuple(self.tokenize("Hello World")), max_new_tokens=2),
+            ]
+        )
+
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationOutput]:
+        """Runs one ``generate`` for the batch; all rows must share their sampling settings."""
+        sampling = requests[0].sampling
+        input_ids, attention_mask = self._left_pad([r.prompt_ids for r in requests])  # (B, T)
+        prompt_len = input_ids.shape[1]
+        stopping = RowStoppingCriteria(prompt_len, requests, self.tokenizer, self.input_device)
+        kwargs: dict[str, Any] = {"do_sample": False}
+        if not sampling.greedy:
+            kwargs = {
+                "do_sample": True,
+                "temperature": sampling.temperature,
+                "top_p": sampling.top_p,
+                "top_k": sampling.top_k or None,
+            }
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
+        with torch.inference_mode():
+            output = self.model.generate(  # type: ignore[operator]
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=max(r.max_new_tokens for r in requests),
+                pad_token_id=self.eos_token_id,
+                eos_token_id=self.eos_token_id,
+                stopping_criteria=StoppingCriteriaList([stopping]),
+                **kwargs,
+            )
+        new_tokens = output[:, prompt_len:].tolist()  # (B, N)
+        return [self._finish_row(row, r) for row, r in zip(new_tokens, requests, strict=True)]
+
+    def _left_pad(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(p) for p in prompts)
+        ids = [[self.eos_token_id] * (width - len(p)) + list(p) for p in prompts]
+        mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
+        return (
+            torch.tensor(ids, dtype=torch.long, device=self.input_device),
+            torch.tensor(mask, dtype=torch.long, device=self.input_device),
+        )
+
+    def _finish_row(self, tokens: list[int], request: GenerationRequest) -> GenerationOutput:
+        """Cuts a row to its own limit, its first EOS, or its first stop string."""
+        tokens = tokens[: request.max_new_tokens]
+        reason = FinishReason.LENGTH
+        if self.eos_token_id in tokens:
+            tokens = tokens[: tokens.index(self.eos_token_id)]
+            reason = FinishReason.EOS
+        text = self._decode(tokens)
+        if request.stop:
+            cut = _earliest_stop(text, request.stop)
+            if cut is not None:
+                text = text[:cut]
+                tokens = self._tokens_through_stop(tokens, request.stop)
+                reason = FinishReason.STOP
+        return GenerationOutput(token_ids=tuple(tokens), text=text, finish_reason=reason)
+
+    def _decode(self, tokens: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(tokens), skip_special_tokens=True))
+
+    def _tokens_through_stop(self, tokens: list[int], stops: Sequence[str]) -> list[int]:
+        """The shortest prefix of ``tokens`` whose text shows a stop string.
+
+        Searched from the end: generation stops a token or so after the stop string appears.
+        """
+        end = len(tokens)
+        while end > 1 and _earliest_stop(self._decode(tokens[: end - 1]), stops) is not None:
+            end -= 1
+        return tokens[:end]
+
+
+def _earliest_stop(text: str, stops: Sequence[str]) -> int | None:
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def _in_hub_cache(model: str) -> bool:
+    try:
+        AutoConfig.from_pretrained(model, local_files_only=True)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _check_hub_reachable(model: str, timeout_s: float = 3.0) -> None:
+    """Fails at once when the Hub can't be reached, instead of after its retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        raise OSError("it is not in the Hugging Face cache and HF_HUB_OFFLINE is set")
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or 443
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as err:
+        raise OSError(
+            f"it is not in the Hugging Face cache and {host} can't be reached ({err})"
+        ) from err
+
+
+def _load_failure_message(model: str, err: Exception) -> str:
+    if os.path.isdir(model):
+        return f"could not load the model from the directory {model!r}: {err}"
+    return (
+        f"could not load model {model!r}: {err}\n"
+        "If this machine is offline, the weights must already be in the Hugging Face cache "
+        f"(fetch them on a connected machine with `hf download {model}`, then copy "
+        "~/.cache/huggingface) or --model must name a local directory saved with "
+        "save_pretrained. To try lmserve offline: `lmserve make-test-model ./tiny-gpt2` "
+        "then `lmserve serve --model ./tiny-gpt2`."
+    )

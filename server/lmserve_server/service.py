@@ -1,0 +1,92 @@
+"""The Generator servicer: a thin translator, protobuf -> domain -> await batcher -> protobuf.
+
+Errors are raised as LmserveError subclasses; the interceptor turns them into statuses.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from lmserve.v1 import lmserve_pb2, lmserve_pb2_grpc
+from lmserve_server.batcher import MicroBatcher, Served
+from lmserve_server.config import ServerConfig
+from lmserve_server.engine import Engine
+from lmserve_server.errors import QueueFullError
+from lmserve_server.types import FinishReason, GenerationOutput, GenerationRequest
+from lmserve_server.validation import RequestLimits, build_generation_request
+
+SERVICE_NAME = lmserve_pb2.DESCRIPTOR.services_by_name["Generator"].full_name
+
+_FINISH_REASONS = {
+    FinishReason.LENGTH: lmserve_pb2.FINISH_REASON_LENGTH,
+    FinishReason.EOS: lmserve_pb2.FINISH_REASON_EOS,
+    FinishReason.STOP: lmserve_pb2.FINISH_REASON_STOP,
+}
+
+
+class GeneratorService(lmserve_pb2_grpc.GeneratorServicer):
+    def __init__(
+        self,
+        engine: Engine,
+        batcher: MicroBatcher[GenerationRequest, GenerationOutput],
+        config: ServerConfig,
+    ) -> None:
+        self._engine = engine
+        self._batcher = batcher
+        self._config = config
+        self._limits = RequestLimits(
+            max_context=engine.max_context,
+            max_new_tokens_cap=config.max_new_tokens_cap,
+            default_max_new_tokens=config.default_max_new_tokens,
+            max_stop_strings=config.max_stop_strings,
+            max_stop_chars=config.max_stop_chars,
+        )
+
+    async def Generate(
+        self, request: lmserve_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> lmserve_pb2.GenerateResponse:
+        # Refuse before spending any work (tokenizing) on a request that can't be queued.
+        if self._batcher.queue_depth >= self._config.max_queue:
+            raise QueueFullError(
+                f"queue is full: {self._batcher.queue_depth} requests waiting "
+                f"(--max-queue {self._config.max_queue})"
+            )
+        gen_request = build_generation_request(request, self._engine.tokenize, self._limits)
+        served = await self._batcher.submit(gen_request)
+        return _to_response(gen_request, served)
+
+    async def Tokenize(
+        self, request: lmserve_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> lmserve_pb2.TokenizeResponse:
+        return lmserve_pb2.TokenizeResponse(token_ids=self._engine.tokenize(request.text))
+
+    async def GetModelInfo(
+        self, request: lmserve_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> lmserve_pb2.ModelInfo:
+        return lmserve_pb2.ModelInfo(
+            model=self._engine.name,
+            device=self._engine.device,
+            dtype=self._engine.dtype,
+            max_context=self._engine.max_context,
+            eos_token_id=self._engine.eos_token_id,
+            max_batch_size=self._config.max_batch_size,
+            max_wait_ms=self._config.max_wait_ms,
+            max_new_tokens_cap=self._config.max_new_tokens_cap,
+            default_max_new_tokens=self._config.default_max_new_tokens,
+        )
+
+
+def _to_response(
+    request: GenerationRequest, served: Served[GenerationOutput]
+) -> lmserve_pb2.GenerateResponse:
+    output = served.value
+    return lmserve_pb2.GenerateResponse(
+        text=output.text,
+        token_ids=output.token_ids,
+        prompt_tokens=len(request.prompt_ids),
+        completion_tokens=len(output.token_ids),
+        finish_reason=_FINISH_REASONS[output.finish_reason],
+        batch_size=served.batch_size,
+        queue_ms=served.queue_s * 1000.0,
+        compute_ms=served.compute_s * 1000.0,
+    )

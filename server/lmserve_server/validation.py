@@ -1,0 +1,77 @@
+"""Turns a GenerateRequest message into an engine request, or an INVALID_ARGUMENT that
+names the field and its limit."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from lmserve.v1 import lmserve_pb2
+from lmserve_server.errors import InvalidArgumentError
+from lmserve_server.types import GenerationRequest, SamplingParams
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    max_context: int
+    max_new_tokens_cap: int
+    default_max_new_tokens: int
+    max_stop_strings: int = 16
+    max_stop_chars: int = 256
+
+
+def build_generation_request(
+    msg: lmserve_pb2.GenerateRequest,
+    tokenize: Callable[[str], list[int]],
+    limits: RequestLimits,
+) -> GenerationRequest:
+    if not msg.prompt:
+        raise InvalidArgumentError("prompt: must not be empty")
+    max_new_tokens = msg.max_new_tokens or limits.default_max_new_tokens
+    if max_new_tokens > limits.max_new_tokens_cap:
+        raise InvalidArgumentError(
+            f"max_new_tokens: {max_new_tokens} exceeds the server's cap of "
+            f"{limits.max_new_tokens_cap} (--max-new-tokens-cap)"
+        )
+    sampling = _sampling(msg)
+    stop = _stop_strings(msg, limits)
+    prompt_ids = tokenize(msg.prompt)
+    if not prompt_ids:
+        raise InvalidArgumentError("prompt: tokenizes to no tokens")
+    if len(prompt_ids) + max_new_tokens > limits.max_context:
+        raise InvalidArgumentError(
+            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) = "
+            f"{len(prompt_ids) + max_new_tokens} exceeds the model's context of "
+            f"{limits.max_context} tokens"
+        )
+    return GenerationRequest(
+        prompt_ids=tuple(prompt_ids), max_new_tokens=max_new_tokens, sampling=sampling, stop=stop
+    )
+
+
+def _sampling(msg: lmserve_pb2.GenerateRequest) -> SamplingParams:
+    temperature = msg.temperature if msg.HasField("temperature") else 0.0
+    if not math.isfinite(temperature) or temperature < 0:
+        raise InvalidArgumentError(f"temperature: {temperature} must be >= 0 (0 means greedy)")
+    top_p = msg.top_p if msg.HasField("top_p") else 1.0
+    if not (0.0 < top_p <= 1.0):
+        raise InvalidArgumentError(f"top_p: {top_p} must be in (0, 1]")
+    top_k = msg.top_k if msg.HasField("top_k") else 0
+    seed = msg.seed if msg.HasField("seed") else None
+    return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+
+
+def _stop_strings(msg: lmserve_pb2.GenerateRequest, limits: RequestLimits) -> tuple[str, ...]:
+    if len(msg.stop) > limits.max_stop_strings:
+        raise InvalidArgumentError(
+            f"stop: {len(msg.stop)} strings, at most {limits.max_stop_strings} allowed"
+        )
+    for s in msg.stop:
+        if not s:
+            raise InvalidArgumentError("stop: strings must not be empty")
+        if len(s) > limits.max_stop_chars:
+            raise InvalidArgumentError(
+                f"stop: a string of {len(s)} characters, at most {limits.max_stop_chars} allowed"
+            )
+    return tuple(msg.stop)

@@ -1,0 +1,78 @@
+"""Shared fixtures: a real GPT-2 checkpoint on disk (random weights, real tokenizer), the
+engine loaded from it through from_pretrained, and a real daemon on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from lmserve_server.app import Daemon
+from lmserve_server.config import ServerConfig
+from lmserve_server.engine import Engine, EngineConfig
+from lmserve_server.testmodel import write_test_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_test_model(tmp_path_factory.mktemp("tiny-gpt2"), size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_model_dir: Path) -> Engine:
+    return Engine.load(EngineConfig(model=str(tiny_model_dir)))
+
+
+class RunningDaemon:
+    """A Daemon serving on 127.0.0.1:<free port> from its own event loop in a thread."""
+
+    def __init__(self, config: ServerConfig, engine: Engine) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.daemon = Daemon(config, engine)
+        self.port = self.call(self.daemon.start())
+        self.address = f"127.0.0.1:{self.port}"
+
+    def call(self, coro):  # type: ignore[no-untyped-def]
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)
+
+    def stop(self) -> None:
+        if not self._thread.is_alive():
+            return
+        self.call(self.daemon.stop(grace=5))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def daemon_config(tiny_model_dir: Path) -> ServerConfig:
+    return ServerConfig(
+        engine=EngineConfig(model=str(tiny_model_dir)), port=0, max_wait_ms=20, max_queue=64
+    )
+
+
+@pytest.fixture(scope="module")
+def daemon(daemon_config: ServerConfig, engine: Engine) -> Iterator[RunningDaemon]:
+    running = RunningDaemon(daemon_config, engine)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def make_daemon(daemon_config: ServerConfig, engine: Engine) -> Iterator[object]:
+    """Starts daemons with changed settings; all are stopped after the test."""
+    started: list[RunningDaemon] = []
+
+    def start(**changes: object) -> RunningDaemon:
+        running = RunningDaemon(replace(daemon_config, **changes), engine)  # type: ignore[arg-type]
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.stop()

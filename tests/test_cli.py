@@ -1,0 +1,108 @@
+"""The `lmserve` command as an operator runs it: a real process, real signals."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from lmserve import Client
+
+LMSERVE = [sys.executable, "-m", "lmserve_server.cli"]
+
+
+def start_daemon(model: Path, *args: str) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [*LMSERVE, "serve", "--model", str(model), "--port", "0", *args],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 120
+    for line in proc.stderr:
+        match = re.search(r"serving .* on (\S+:\d+)", line)
+        if match:
+            # Keep draining stderr so the daemon never blocks on a full pipe.
+            threading.Thread(target=proc.stderr.read, daemon=True).start()
+            return proc, match.group(1)
+        assert time.monotonic() < deadline, "the daemon did not report serving in time"
+    raise AssertionError(f"the daemon exited with {proc.wait()} before serving")
+
+
+def test_sigterm_finishes_accepted_requests_and_exits_0(tiny_model_dir: Path) -> None:
+    proc, address = start_daemon(tiny_model_dir, "--max-wait-ms", "5")
+    try:
+        with Client(address) as client:
+            client.wait_ready(timeout=10)
+            assert client.tokenize("Hello World") == [15496, 2159]
+        results: list[int] = []
+        threads = [
+            threading.Thread(
+                target=lambda: results.append(
+                    Client(address, timeout=60).generate("Hi", max_new_tokens=150).completion_tokens
+                )
+            )
+            for _ in range(6)
+        ]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)  # let the requests be accepted
+        proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(timeout=60)
+        assert proc.wait(timeout=60) == 0
+        assert results == [150] * 6
+    finally:
+        proc.kill()
+
+
+def test_missing_model_fails_fast_with_a_message(tmp_path: Path) -> None:
+    started = time.monotonic()
+    proc = subprocess.run(
+        [*LMSERVE, "serve", "--model", str(tmp_path / "no-such-model"), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 2
+    assert "could not load model" in proc.stderr
+    assert "lmserve make-test-model" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert time.monotonic() - started < 30
+
+
+def test_env_vars_set_flags_and_flags_win(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmserve_server.cli import build_parser, config_from_args
+
+    monkeypatch.setenv("LMSERVE_MAX_BATCH_SIZE", "7")
+    monkeypatch.setenv("LMSERVE_MODEL", "/models/x")
+    monkeypatch.setenv("LMSERVE_REFLECTION", "false")
+    config = config_from_args(build_parser().parse_args(["serve", "--max-wait-ms", "3"]))
+    assert (config.max_batch_size, config.max_wait_ms) == (7, 3.0)
+    assert (config.engine.model, config.reflection) == ("/models/x", False)
+    config = config_from_args(build_parser().parse_args(["serve", "--max-batch-size", "9"]))
+    assert config.max_batch_size == 9
+    help_text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()  # type: ignore[union-attr]
+    assert "LMSERVE_MAX_BATCH_SIZE; default: 7" in help_text
+
+
+@pytest.mark.parametrize("size", ["tiny"])
+def test_make_test_model_writes_a_loadable_checkpoint(tmp_path: Path, size: str) -> None:
+    out = subprocess.run(
+        [*LMSERVE, "make-test-model", str(tmp_path / "m"), "--size", size],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "lmserve serve --model" in out
+    names = {p.name for p in (tmp_path / "m").iterdir()}
+    assert {"config.json", "model.safetensors", "vocab.json", "merges.txt"} <= names

@@ -1,0 +1,196 @@
+"""The daemon end to end: a real grpc.aio server on loopback serving a real checkpoint,
+called through the real client."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+import lmserve
+from lmserve import Client, FinishReason
+from tests.conftest import RunningDaemon
+from tests.test_engine import PROMPTS
+
+
+@pytest.fixture
+def client(daemon: RunningDaemon) -> Client:
+    with Client(daemon.address, timeout=60) as c:
+        yield c
+
+
+def occupy_engine(running: RunningDaemon, tokens: int = 150) -> threading.Thread:
+    """Keeps the engine busy with one long request, so that what is sent meanwhile queues."""
+    thread = threading.Thread(
+        target=lambda: Client(running.address).generate("blocker", max_new_tokens=tokens)
+    )
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not running.daemon.batcher.busy:
+        assert time.monotonic() < deadline, "the blocking request never started"
+        time.sleep(0.001)
+    return thread
+
+
+def test_tokenize_gives_the_tutorial_figures(client: Client) -> None:
+    assert client.tokenize("Hello World") == [15496, 2159]
+    assert client.tokenize("<|endoftext|>") == [50256]
+
+
+def test_model_info(client: Client, daemon: RunningDaemon) -> None:
+    info = client.model_info()
+    assert info.model == daemon.daemon.config.engine.model
+    assert (info.device, info.dtype) == ("cpu", "float32")
+    assert (info.max_context, info.eos_token_id) == (1024, 50256)
+    assert (info.max_batch_size, info.max_wait_ms) == (32, 20)
+
+
+def test_generate_returns_the_continuation_and_how_it_was_served(client: Client) -> None:
+    result = client.generate("The future of AI is", max_new_tokens=12)
+    assert len(result.token_ids) == result.completion_tokens == 12
+    assert result.prompt_tokens == 5
+    assert result.finish_reason is FinishReason.LENGTH
+    assert result.batch_size == 1
+    assert result.queue_ms >= 0 and result.compute_ms > 0
+    assert result.text and not result.text.startswith("The future of AI is")
+
+
+def test_zero_max_new_tokens_means_the_server_default(client: Client) -> None:
+    assert client.generate("Hello", max_new_tokens=0).completion_tokens == 64
+
+
+def test_concurrent_prompts_are_batched_and_each_gets_its_own_tokens(
+    client: Client, daemon: RunningDaemon
+) -> None:
+    alone = [client.generate(p, max_new_tokens=10) for p in PROMPTS]
+    assert all(r.batch_size == 1 for r in alone)
+
+    blocker = occupy_engine(daemon)
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        together = list(pool.map(lambda p: client.generate(p, max_new_tokens=10), PROMPTS))
+    blocker.join()
+
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert [r.text for r in together] == [r.text for r in alone]
+    assert {r.batch_size for r in together} == {len(PROMPTS)}, "all 12 must share one batch"
+    assert len({r.token_ids for r in alone}) == len(PROMPTS), "distinct prompts, distinct text"
+
+
+def test_mixed_max_new_tokens_share_a_batch(client: Client, daemon: RunningDaemon) -> None:
+    limits = [1, 3, 8, 20, 5, 13]
+    alone = [client.generate(p, max_new_tokens=n) for p, n in zip(PROMPTS, limits, strict=False)]
+    blocker = occupy_engine(daemon)
+    with ThreadPoolExecutor(len(limits)) as pool:
+        together = list(
+            pool.map(
+                lambda pn: client.generate(pn[0], max_new_tokens=pn[1]),
+                zip(PROMPTS, limits, strict=False),
+            )
+        )
+    blocker.join()
+    assert {r.batch_size for r in together} == {len(limits)}
+    assert [r.completion_tokens for r in together] == limits
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+
+
+def test_different_sampling_settings_go_in_separate_batches(
+    client: Client, daemon: RunningDaemon
+) -> None:
+    blocker = occupy_engine(daemon)
+    kinds = [{}, {}, {"temperature": 0.8}, {"temperature": 0.8}, {"temperature": 0.8, "seed": 3}]
+    with ThreadPoolExecutor(len(kinds)) as pool:
+        results = list(pool.map(lambda kw: client.generate("Hello", max_new_tokens=4, **kw), kinds))
+    blocker.join()
+    assert [r.batch_size for r in results] == [2, 2, 2, 2, 1]
+
+
+def test_stop_string(client: Client) -> None:
+    full = client.generate("The future of AI is", max_new_tokens=20)
+    stop = full.text[len(full.text) // 2 :][:3]
+    cut = client.generate("The future of AI is", max_new_tokens=20, stop=[stop])
+    assert cut.finish_reason is FinishReason.STOP
+    assert cut.text == full.text[: full.text.index(stop)]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"prompt": ""}, "prompt"),
+        ({"max_new_tokens": 5000}, "max_new_tokens"),
+        ({"max_new_tokens": 1020, "prompt": "one two three four five six"}, "context"),
+        ({"temperature": -0.5}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"stop": ["x"] * 17}, "stop"),
+    ],
+)
+def test_bad_input_is_invalid_argument_naming_the_field(
+    client: Client, kwargs: dict[str, object], field: str
+) -> None:
+    args = {"prompt": "Hello", "max_new_tokens": 4, **kwargs}
+    with pytest.raises(lmserve.InvalidArgumentError) as err:
+        client.generate(**args)  # type: ignore[arg-type]
+    assert err.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert field in err.value.details
+    assert client.generate("still serving", max_new_tokens=2).completion_tokens == 2
+
+
+def test_health_reports_serving_for_the_server_and_the_service(daemon: RunningDaemon) -> None:
+    with grpc.insecure_channel(daemon.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "lmserve.v1.Generator"):
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_lists_the_services(daemon: RunningDaemon) -> None:
+    with grpc.insecure_channel(daemon.address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        reply = next(stub.ServerReflectionInfo(iter([request]), timeout=5))
+    names = {s.name for s in reply.list_services_response.service}
+    assert {"lmserve.v1.Generator", "grpc.health.v1.Health"} <= names
+
+
+def test_full_queue_is_resource_exhausted(make_daemon, engine) -> None:  # type: ignore[no-untyped-def]
+    small = make_daemon(max_queue=2, max_batch_size=1)
+    blocker = occupy_engine(small, tokens=300)
+    errors: list[Exception] = []
+
+    def call() -> None:
+        try:
+            Client(small.address).generate("Hello", max_new_tokens=2)
+        except lmserve.OverloadedError as err:
+            errors.append(err)
+
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(8):
+            pool.submit(call)
+    blocker.join()
+    assert errors, "with 2 queue slots, some of 8 concurrent calls must be refused"
+    assert all("queue is full" in e.details for e in errors)
+
+
+def test_stop_drains_accepted_requests(make_daemon) -> None:  # type: ignore[no-untyped-def]
+    running = make_daemon()
+    results: list[int] = []
+    threads = [
+        threading.Thread(
+            target=lambda: results.append(
+                Client(running.address).generate("Hello", max_new_tokens=200).completion_tokens
+            )
+        )
+        for _ in range(4)
+    ]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    running.stop()
+    for t in threads:
+        t.join()
+    assert results == [200] * 4

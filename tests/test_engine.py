@@ -1,0 +1,142 @@
+"""The engine alone, on a real checkpoint loaded from disk through from_pretrained."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmserve_server.engine import Engine
+from lmserve_server.types import FinishReason, GenerationRequest, SamplingParams
+
+PROMPTS = [
+    "Hello",
+    "The future of AI is",
+    "Once upon a time in a land far away there lived",
+    "x",
+    "gRPC servers batch requests",
+    "1 2 3 4 5 6 7 8 9 10 11 12",
+    "Why",
+    "A much longer prompt that goes on and on about nothing in particular to pad the batch",
+    "cat",
+    "dog dog",
+    "zebra",
+    "the",
+]
+
+
+def request(engine: Engine, prompt: str, n: int = 12, **kwargs: object) -> GenerationRequest:
+    return GenerationRequest(tuple(engine.tokenize(prompt)), n, **kwargs)  # type: ignore[arg-type]
+
+
+def test_tokenizer_figures_from_the_tutorial(engine: Engine) -> None:
+    assert engine.tokenize("Hello World") == [15496, 2159]
+    assert engine.tokenize("<|endoftext|>") == [50256]
+    assert engine.eos_token_id == 50256
+    assert engine.tokenizer.pad_token == "<|endoftext|>"
+    assert engine.tokenizer.padding_side == "left"
+
+
+def test_left_padding_with_explicit_mask(engine: Engine) -> None:
+    ids, mask = engine._left_pad([[15496], [15496, 2159]])
+    assert ids.tolist() == [[50256, 15496], [15496, 2159]]
+    assert mask.tolist() == [[0, 1], [1, 1]]
+
+
+def test_loads_fp32_on_cpu_with_context_from_config(engine: Engine) -> None:
+    assert engine.device == "cpu"
+    assert engine.dtype == "float32"
+    assert engine.max_context == 1024
+
+
+def test_greedy_output_does_not_depend_on_the_batch(engine: Engine) -> None:
+    alone = [engine.generate_batch([request(engine, p)])[0] for p in PROMPTS]
+    together = engine.generate_batch([request(engine, p) for p in PROMPTS])
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+    # Different prompts continue differently, so a row mix-up could not go unnoticed.
+    assert len({o.token_ids for o in alone}) == len(PROMPTS)
+
+
+def test_right_padding_would_change_the_output(engine: Engine) -> None:
+    """Why left padding: with right padding a short prompt's continuation changes."""
+    short, long = engine.tokenize("Hello"), engine.tokenize("Hello there my good friend")
+    alone = engine.generate_batch([request(engine, "Hello", 6)])[0].token_ids
+    pad = [engine.eos_token_id] * (len(long) - len(short))
+    ids = torch.tensor([short + pad, long])
+    mask = torch.tensor([[1] * len(short) + [0] * len(pad), [1] * len(long)])
+    out = engine.model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=50256
+    )
+    assert tuple(out[0, ids.shape[1] :].tolist()) != alone
+
+
+def test_each_row_stops_at_its_own_max_new_tokens(engine: Engine) -> None:
+    limits = [1, 5, 17, 3]
+    outputs = engine.generate_batch(
+        [request(engine, p, n) for p, n in zip(PROMPTS, limits, strict=False)]
+    )
+    for out, n, p in zip(outputs, limits, PROMPTS, strict=False):
+        assert len(out.token_ids) == n
+        assert out.finish_reason is FinishReason.LENGTH
+        assert out.token_ids == engine.generate_batch([request(engine, p, n)])[0].token_ids
+
+
+def test_text_is_the_continuation_decoded_without_special_tokens(engine: Engine) -> None:
+    out = engine.generate_batch([request(engine, "The future of AI is", 10)])[0]
+    assert out.text == engine.tokenizer.decode(list(out.token_ids), skip_special_tokens=True)
+    assert "The future of AI is" not in out.text
+
+
+def test_eos_ends_a_row_and_is_not_returned(engine: Engine) -> None:
+    """From the 4th decode step on, EOS is forced to be the most likely token."""
+    steps = 0
+
+    def favour_eos(module: object, inputs: object, logits: torch.Tensor) -> torch.Tensor:
+        nonlocal steps
+        steps += 1
+        if steps > 3:
+            logits = logits.clone()
+            logits[..., engine.eos_token_id] += 1e4
+        return logits
+
+    hook = engine.model.lm_head.register_forward_hook(favour_eos)
+    try:
+        out = engine.generate_batch([request(engine, "Hello", 8)])[0]
+    finally:
+        hook.remove()
+    assert out.finish_reason is FinishReason.EOS
+    assert len(out.token_ids) == 3
+    assert engine.eos_token_id not in out.token_ids
+
+
+def test_stop_string_cuts_the_text_before_it(engine: Engine) -> None:
+    full = engine.generate_batch([request(engine, "The future of AI is", 20)])[0]
+    stop = full.text[len(full.text) // 2 :][:3]
+    assert stop.strip(), "the random model's text is expected to have characters to stop on"
+    out = engine.generate_batch(
+        [request(engine, "The future of AI is", 20, stop=(stop,)), request(engine, "Hello", 20)]
+    )
+    cut = full.text.index(stop)
+    assert out[0].text == full.text[:cut]
+    assert out[0].finish_reason is FinishReason.STOP
+    assert stop in engine.tokenizer.decode(list(out[0].token_ids))
+    assert full.token_ids[: len(out[0].token_ids)] == out[0].token_ids
+    # The other row goes on to its own limit.
+    assert len(out[1].token_ids) == 20
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_seeded_sampling_repeats(engine: Engine, seed: int) -> None:
+    sampling = SamplingParams(temperature=1.0, seed=seed)
+    first = engine.generate_batch([request(engine, "Hello", 8, sampling=sampling)])[0]
+    again = engine.generate_batch([request(engine, "Hello", 8, sampling=sampling)])[0]
+    assert first.token_ids == again.token_ids
+
+
+def test_different_seeds_sample_differently(engine: Engine) -> None:
+    outs = {
+        engine.generate_batch(
+            [request(engine, "Hello", 8, sampling=SamplingParams(temperature=1.0, seed=s))]
+        )[0].token_ids
+        for s in range(4)
+    }
+    assert len(outs) > 1
