@@ -98,15 +98,90 @@ def test_mixed_max_new_tokens_share_a_batch(client: Client, daemon: RunningDaemo
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]
 
 
-def test_different_sampling_settings_go_in_separate_batches(
-    client: Client, daemon: RunningDaemon
-) -> None:
+def test_mixed_sampling_settings_share_one_batch(client: Client, daemon: RunningDaemon) -> None:
+    kinds: list[dict[str, object]] = [
+        {},
+        {"temperature": 0.8},
+        {"temperature": 1.2, "top_k": 5},
+        {"temperature": 1.0, "top_p": 0.5, "seed": 3},
+        {"temperature": 0.7, "seed": 4},
+    ]
     blocker = occupy_engine(daemon)
-    kinds = [{}, {}, {"temperature": 0.8}, {"temperature": 0.8}, {"temperature": 0.8, "seed": 3}]
     with ThreadPoolExecutor(len(kinds)) as pool:
         results = list(pool.map(lambda kw: client.generate("Hello", max_new_tokens=4, **kw), kinds))
     blocker.join()
-    assert [r.batch_size for r in results] == [2, 2, 2, 2, 1]
+    assert [r.batch_size for r in results] == [len(kinds)] * len(kinds)
+
+
+def test_a_seeded_sample_does_not_depend_on_its_batch(
+    client: Client, daemon: RunningDaemon
+) -> None:
+    seeded = {"temperature": 1.0, "top_p": 0.9, "seed": 1234}
+    alone = client.generate("The future of AI is", max_new_tokens=16, **seeded)
+    assert alone.batch_size == 1
+    blocker = occupy_engine(daemon)
+    with ThreadPoolExecutor(6) as pool:
+        others = [
+            pool.submit(client.generate, p, max_new_tokens=20, temperature=0.9) for p in PROMPTS[:5]
+        ]
+        mixed = pool.submit(client.generate, "The future of AI is", max_new_tokens=16, **seeded)
+        mixed_result = mixed.result()
+        for f in others:
+            f.result()
+    blocker.join()
+    assert mixed_result.batch_size == 6
+    assert mixed_result.token_ids == alone.token_ids
+    other_seed = client.generate("The future of AI is", max_new_tokens=16, **{**seeded, "seed": 99})
+    assert other_seed.token_ids != alone.token_ids
+
+
+def test_stream_equals_unary_byte_for_byte(client: Client, daemon: RunningDaemon) -> None:
+    blocker = occupy_engine(daemon)
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        streams = list(pool.map(lambda p: list(client.stream(p, max_new_tokens=30)), PROMPTS))
+    blocker.join()
+    for prompt, chunks in zip(PROMPTS, streams, strict=True):
+        unary = client.generate(prompt, max_new_tokens=30)
+        assert "".join(c.text for c in chunks) == unary.text
+        assert tuple(t for c in chunks for t in c.token_ids) == unary.token_ids
+        assert [c.finish_reason for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+        assert chunks[-1].finish_reason is FinishReason.LENGTH
+        assert len(chunks) > 5, "tokens must arrive as they are generated, not all at the end"
+
+
+def test_stream_with_a_stop_string_never_sends_it(client: Client) -> None:
+    full = client.generate("Once upon a time", max_new_tokens=30)
+    stop = full.text[len(full.text) // 2 :][:4]
+    chunks = list(client.stream("Once upon a time", max_new_tokens=30, stop=[stop]))
+    text = "".join(c.text for c in chunks)
+    assert text == full.text[: full.text.index(stop)]
+    assert chunks[-1].finish_reason is FinishReason.STOP
+
+
+def wait_idle(running: RunningDaemon, within_s: float) -> float:
+    started = time.monotonic()
+    while running.daemon.batcher.busy:
+        assert time.monotonic() - started < within_s, "the abandoned row kept the engine busy"
+        time.sleep(0.005)
+    return time.monotonic() - started
+
+
+def test_a_stream_whose_client_leaves_stops_costing_work(
+    client: Client, daemon: RunningDaemon
+) -> None:
+    stream = client.stream("Hello", max_new_tokens=1000)
+    for _, _chunk in zip(range(3), stream, strict=False):
+        pass
+    stream.close()  # type: ignore[attr-defined]
+    # 1000 tokens take several seconds here; the row must end within a few steps.
+    wait_idle(daemon, within_s=2.0)
+
+
+def test_a_call_past_its_deadline_stops_costing_work(client: Client, daemon: RunningDaemon) -> None:
+    with pytest.raises(lmserve.DeadlineExceededError):
+        client.generate("Hello", max_new_tokens=1000, timeout=0.3)
+    wait_idle(daemon, within_s=2.0)
+    assert client.generate("Hello", max_new_tokens=3).completion_tokens == 3
 
 
 def test_stop_string(client: Client) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmserve_server.engine import Engine
-from lmserve_server.types import FinishReason, GenerationRequest, SamplingParams
+from lmserve_server.types import FinishReason, GenerationRequest, RowControl, SamplingParams
 
 PROMPTS = [
     "Hello",
@@ -140,3 +140,40 @@ def test_different_seeds_sample_differently(engine: Engine) -> None:
         for s in range(4)
     }
     assert len(outs) > 1
+
+
+def test_sampling_rows_share_a_call_with_greedy_rows(engine: Engine) -> None:
+    greedy_alone = engine.generate_batch([request(engine, "Hello", 10)])[0]
+    seeded = SamplingParams(temperature=1.0, top_k=50, seed=7)
+    seeded_alone = engine.generate_batch([request(engine, "Hello", 10, sampling=seeded)])[0]
+    mixed = engine.generate_batch(
+        [
+            request(engine, "Hello", 10),
+            request(engine, "Hello", 10, sampling=seeded),
+            request(engine, "The future", 10, sampling=SamplingParams(temperature=0.5)),
+        ]
+    )
+    assert mixed[0].token_ids == greedy_alone.token_ids
+    assert mixed[1].token_ids == seeded_alone.token_ids
+    assert mixed[1].token_ids != greedy_alone.token_ids
+
+
+def test_a_cancelled_row_ends_its_share_of_the_call(engine: Engine) -> None:
+    control = RowControl()
+    control.cancel()
+    out = engine.generate_batch(
+        [request(engine, "Hello", 50, control=control), request(engine, "Hi", 5)]
+    )
+    # Once the live row is done, the call ends though the cancelled row asked for 50.
+    assert len(out[1].token_ids) == 5
+    assert len(out[0].token_ids) <= 5
+
+
+def test_streamed_tokens_are_the_row_s_tokens(engine: Engine) -> None:
+    seen: list[list[int]] = [[], []]
+    rows = [
+        request(engine, "Hello", 7, control=RowControl(on_token=seen[0].append)),
+        request(engine, "The future of AI is", 12, control=RowControl(on_token=seen[1].append)),
+    ]
+    out = engine.generate_batch(rows)
+    assert [tuple(s) for s in seen] == [o.token_ids for o in out]

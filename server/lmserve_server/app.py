@@ -42,7 +42,6 @@ class Daemon:
             max_batch_size=config.max_batch_size,
             max_wait_s=config.max_wait_ms / 1000.0,
             max_queue=config.max_queue,
-            batch_key=lambda r: r.sampling.batch_key(),
         )
         self.health: health.aio.HealthServicer | None = None
         self.server: grpc.aio.Server | None = None

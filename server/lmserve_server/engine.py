@@ -23,13 +23,14 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    LogitsProcessorList,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    StoppingCriteria,
     StoppingCriteriaList,
 )
 
 from lmserve_server.errors import ModelLoadError
+from lmserve_server.rows import RowSampler, RowStopping, RowStreamer
 from lmserve_server.types import FinishReason, GenerationOutput, GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -60,40 +61,6 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
         return _DTYPES[dtype]
     except KeyError:
         raise ModelLoadError(f"--dtype {dtype}: choose one of auto, {', '.join(_DTYPES)}") from None
-
-
-class RowStoppingCriteria(StoppingCriteria):
-    """Marks each row finished at its own ``max_new_tokens`` or once it shows a stop string.
-
-    ``generate`` pads finished rows (with pad == eos) until every row is done; the engine
-    cuts each row back to its own length afterwards.
-    """
-
-    def __init__(
-        self,
-        prompt_len: int,
-        requests: Sequence[GenerationRequest],
-        tokenizer: PreTrainedTokenizerBase,
-        device: torch.device,
-    ) -> None:
-        self._prompt_len = prompt_len
-        self._limits = torch.tensor([r.max_new_tokens for r in requests], device=device)  # (B,)
-        self._stops = [(i, r.stop) for i, r in enumerate(requests) if r.stop]
-        self._tokenizer = tokenizer
-
-    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        generated = input_ids.shape[1] - self._prompt_len
-        done = self._limits <= generated  # (B,)
-        for row, stops in self._stops:
-            if done[row]:
-                continue
-            # The longest stop string spans at most that many tokens (one byte each, worst case).
-            tail_tokens = max(len(s.encode()) for s in stops)
-            tail = input_ids[row, max(self._prompt_len, input_ids.shape[1] - tail_tokens) :]
-            text = self._tokenizer.decode(tail, skip_special_tokens=True)
-            if any(s in text for s in stops):
-                done[row] = True
-        return done  # type: ignore[return-value]
 
 
 class Engine:
@@ -174,30 +141,23 @@ class Engine:
         )
 
     def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[GenerationOutput]:
-        """Runs one ``generate`` for the batch; all rows must share their sampling settings."""
-        sampling = requests[0].sampling
+        """Runs one ``generate`` for the whole batch; every row keeps its own settings."""
         input_ids, attention_mask = self._left_pad([r.prompt_ids for r in requests])  # (B, T)
         prompt_len = input_ids.shape[1]
-        stopping = RowStoppingCriteria(prompt_len, requests, self.tokenizer, self.input_device)
-        kwargs: dict[str, Any] = {"do_sample": False}
-        if not sampling.greedy:
-            kwargs = {
-                "do_sample": True,
-                "temperature": sampling.temperature,
-                "top_p": sampling.top_p,
-                "top_k": sampling.top_k or None,
-            }
-            if sampling.seed is not None:
-                torch.manual_seed(sampling.seed)
+        stopping = RowStopping(prompt_len, requests, self.tokenizer, self.input_device)
+        sampler = RowSampler(requests, self.input_device)
+        streamer = RowStreamer(requests, self.eos_token_id)
         with torch.inference_mode():
             output = self.model.generate(  # type: ignore[operator]
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 max_new_tokens=max(r.max_new_tokens for r in requests),
+                do_sample=False,  # greedy argmax; RowSampler has already sampled sampling rows
                 pad_token_id=self.eos_token_id,
                 eos_token_id=self.eos_token_id,
                 stopping_criteria=StoppingCriteriaList([stopping]),
-                **kwargs,
+                logits_processor=LogitsProcessorList([sampler] if sampler.active else []),
+                streamer=streamer if streamer.active else None,
             )
         new_tokens = output[:, prompt_len:].tolist()  # (B, N)
         return [self._finish_row(row, r) for row, r in zip(new_tokens, requests, strict=True)]
@@ -218,7 +178,7 @@ class Engine:
         if self.eos_token_id in tokens:
             tokens = tokens[: tokens.index(self.eos_token_id)]
             reason = FinishReason.EOS
-        text = self._decode(tokens)
+        text = self.decode(tokens)
         if request.stop:
             cut = _earliest_stop(text, request.stop)
             if cut is not None:
@@ -227,7 +187,7 @@ class Engine:
                 reason = FinishReason.STOP
         return GenerationOutput(token_ids=tuple(tokens), text=text, finish_reason=reason)
 
-    def _decode(self, tokens: Sequence[int]) -> str:
+    def decode(self, tokens: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(tokens), skip_special_tokens=True))
 
     def _tokens_through_stop(self, tokens: list[int], stops: Sequence[str]) -> list[int]:
@@ -236,7 +196,7 @@ class Engine:
         Searched from the end: generation stops a token or so after the stop string appears.
         """
         end = len(tokens)
-        while end > 1 and _earliest_stop(self._decode(tokens[: end - 1]), stops) is not None:
+        while end > 1 and _earliest_stop(self.decode(tokens[: end - 1]), stops) is not None:
             end -= 1
         return tokens[:end]
 

@@ -5,6 +5,9 @@ Errors are raised as LmserveError subclasses; the interceptor turns them into st
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+
 import grpc
 
 from lmserve.v1 import lmserve_pb2, lmserve_pb2_grpc
@@ -12,7 +15,8 @@ from lmserve_server.batcher import MicroBatcher, Served
 from lmserve_server.config import ServerConfig
 from lmserve_server.engine import Engine
 from lmserve_server.errors import QueueFullError
-from lmserve_server.types import FinishReason, GenerationOutput, GenerationRequest
+from lmserve_server.streaming import TextDeltas
+from lmserve_server.types import FinishReason, GenerationOutput, GenerationRequest, RowControl
 from lmserve_server.validation import RequestLimits, build_generation_request
 
 SERVICE_NAME = lmserve_pb2.DESCRIPTOR.services_by_name["Generator"].full_name
@@ -45,15 +49,56 @@ class GeneratorService(lmserve_pb2_grpc.GeneratorServicer):
     async def Generate(
         self, request: lmserve_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> lmserve_pb2.GenerateResponse:
+        gen_request = self._build(request, RowControl())
+        served = await self._submit(gen_request)
+        return _to_response(gen_request, served)
+
+    async def GenerateStream(
+        self, request: lmserve_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[lmserve_pb2.GenerateStreamResponse]:
+        loop = asyncio.get_running_loop()
+        tokens: asyncio.Queue[int | None] = asyncio.Queue()
+        # Called on the engine thread for each new token of this row.
+        control = RowControl(on_token=lambda t: loop.call_soon_threadsafe(tokens.put_nowait, t))
+        gen_request = self._build(request, control)
+        result = asyncio.ensure_future(self._submit(gen_request))
+        # Tokens are queued on the loop before the batch's result is, so None comes last.
+        result.add_done_callback(lambda _: tokens.put_nowait(None))
+        deltas = TextDeltas(self._engine.decode, gen_request.stop)
+        try:
+            while (token := await tokens.get()) is not None:
+                text, token_ids = deltas.push(token)
+                if text:
+                    yield lmserve_pb2.GenerateStreamResponse(text=text, token_ids=token_ids)
+            output = (await result).value
+            text, token_ids = deltas.finish(output.text, output.token_ids)
+            yield lmserve_pb2.GenerateStreamResponse(
+                text=text, token_ids=token_ids, finish_reason=_FINISH_REASONS[output.finish_reason]
+            )
+        finally:
+            if not result.done():  # the client went away: stop spending work on its row
+                result.cancel()
+
+    def _build(
+        self, request: lmserve_pb2.GenerateRequest, control: RowControl
+    ) -> GenerationRequest:
         # Refuse before spending any work (tokenizing) on a request that can't be queued.
         if self._batcher.queue_depth >= self._config.max_queue:
             raise QueueFullError(
                 f"queue is full: {self._batcher.queue_depth} requests waiting "
                 f"(--max-queue {self._config.max_queue})"
             )
-        gen_request = build_generation_request(request, self._engine.tokenize, self._limits)
-        served = await self._batcher.submit(gen_request)
-        return _to_response(gen_request, served)
+        return build_generation_request(request, self._engine.tokenize, self._limits, control)
+
+    async def _submit(self, request: GenerationRequest) -> Served[GenerationOutput]:
+        try:
+            return await self._batcher.submit(request)
+        except asyncio.CancelledError:
+            # Cancelled or past its deadline: a queued row leaves the queue (the batcher),
+            # a running row is marked finished at the next decode step (the engine).
+            if request.control:
+                request.control.cancel()
+            raise
 
     async def Tokenize(
         self, request: lmserve_pb2.TokenizeRequest, context: grpc.aio.ServicerContext

@@ -7,11 +7,8 @@ knows nothing of gRPC), so both can be tested alone.
 from __future__ import annotations
 
 import enum
-import itertools
-from collections.abc import Hashable
-from dataclasses import dataclass
-
-_exclusive_keys = itertools.count()
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 
 class FinishReason(enum.Enum):
@@ -33,18 +30,22 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def batch_key(self) -> Hashable:
-        """Requests with equal keys can share one ``generate`` call.
 
-        Greedy requests all share (top_p/top_k/seed mean nothing without sampling). A seeded
-        sample runs alone: with one random stream per call, its tokens would otherwise depend
-        on its neighbours. Per-row samplers (a later issue) lift both limits.
-        """
-        if self.greedy:
-            return ("greedy",)
-        if self.seed is not None:
-            return ("seeded", next(_exclusive_keys))
-        return ("sample", self.temperature, self.top_p, self.top_k)
+class RowControl:
+    """The live side of a request inside a running batch, shared by the event loop (which
+    sets ``cancelled`` when the caller goes away) and the engine thread (which reads it each
+    decode step, and calls ``on_token`` with each new token of a streamed request).
+
+    A plain attribute is enough across the threads: one writer, and a late read costs one
+    decode step at most.
+    """
+
+    def __init__(self, on_token: Callable[[int], object] | None = None) -> None:
+        self.on_token = on_token
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class GenerationRequest:
     max_new_tokens: int
     sampling: SamplingParams = SamplingParams()
     stop: tuple[str, ...] = ()
+    control: RowControl | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

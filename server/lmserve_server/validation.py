@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from lmserve.v1 import lmserve_pb2
 from lmserve_server.errors import InvalidArgumentError
-from lmserve_server.types import GenerationRequest, SamplingParams
+from lmserve_server.types import GenerationRequest, RowControl, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ def build_generation_request(
     msg: lmserve_pb2.GenerateRequest,
     tokenize: Callable[[str], list[int]],
     limits: RequestLimits,
+    control: RowControl | None = None,
 ) -> GenerationRequest:
     if not msg.prompt:
         raise InvalidArgumentError("prompt: must not be empty")
@@ -46,7 +47,11 @@ def build_generation_request(
             f"{limits.max_context} tokens"
         )
     return GenerationRequest(
-        prompt_ids=tuple(prompt_ids), max_new_tokens=max_new_tokens, sampling=sampling, stop=stop
+        prompt_ids=tuple(prompt_ids),
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        stop=stop,
+        control=control,
     )
 
 
