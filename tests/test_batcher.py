@@ -238,20 +238,44 @@ async def test_clock_is_used_for_deadlines_and_timings(make: Factory) -> None:
     assert (r1.compute_s, r2.compute_s) == (2.0, 2.0)
 
 
-async def test_failing_run_batch_fails_only_its_batch(make: Factory) -> None:
+async def test_a_failing_batch_is_retried_in_halves_so_only_the_bad_item_fails(
+    make: Factory,
+) -> None:
     def fn(items: list[int]) -> list[int]:
         if 0 in items:
             raise ValueError("boom")
         return [i * 10 for i in items]
 
     run = FakeRun(fn)
-    batcher = make(run, max_batch_size=2, max_wait_s=0.01)
-    bad = await asyncio.gather(*submit_all(batcher, [0, 1]), return_exceptions=True)
-    assert [type(e) for e in bad] == [ValueError, ValueError]
-    assert str(bad[0]) == "boom"
-    good = await asyncio.wait_for(batcher.submit(2), 2.0)
-    assert good.value == 20
-    assert run.batches == [[0, 1], [2]]
+    batcher = make(run, max_batch_size=4, max_wait_s=0.05)
+    got = await asyncio.gather(*submit_all(batcher, [1, 0, 2, 3]), return_exceptions=True)
+    assert isinstance(got[1], ValueError) and str(got[1]) == "boom"
+    assert [g.value for g in got if isinstance(g, Served)] == [10, 20, 30]
+    assert all(g.batch_size == 4 for g in got if isinstance(g, Served))
+    # [1,0,2,3] fails; [1,0] fails; [1] ok; [0] fails alone; [2,3] ok.
+    assert run.batches == [[1, 0, 2, 3], [1, 0], [1], [0], [2, 3]]
+    good = await asyncio.wait_for(batcher.submit(5), 2.0)
+    assert good.value == 50
+
+
+async def test_cost_budget_closes_a_batch_before_it_goes_over(make: Factory) -> None:
+    run = FakeRun(blocked=True)
+    # Cost: rows x the largest item, like padded tokens.
+    batcher = make(
+        run,
+        max_batch_size=8,
+        max_wait_s=0.01,
+        batch_cost=lambda items: len(items) * max(items),
+        max_batch_cost=30,
+    )
+    tasks = submit_all(batcher, [1])
+    await run.wait_batches(1)
+    tasks += submit_all(batcher, [5, 5, 5, 5, 5, 5, 20, 2])
+    await settle()
+    run.gate.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), 2.0)
+    # 6 x 5 = 30 fits; a 7th row (20) would cost 140. The oldest always goes in.
+    assert run.batches == [[1], [5, 5, 5, 5, 5, 5], [20], [2]]
 
 
 async def test_exception_elements_fail_single_items(make: Factory) -> None:

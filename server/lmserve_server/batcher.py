@@ -6,7 +6,10 @@ own result. A batch is formed only when ``run_batch`` is free: everything that a
 previous batch ran goes in at once (up to ``max_batch_size``); if fewer are waiting, the loop
 waits until ``max_wait_s`` after the *oldest* waiting item arrived, or until the batch fills.
 With a ``batch_key``, items whose keys differ never share a batch; each batch is built around
-the oldest waiting item, so nothing starves.
+the oldest waiting item, so nothing starves. With a ``batch_cost`` and ``max_batch_cost`` (e.g.
+padded tokens), a batch also closes when the next waiting item would take it over budget.
+When ``run_batch`` raises, the batch is split in halves and each half retried, so only an item
+that fails on its own gets the error.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -58,6 +61,8 @@ class MicroBatcher(Generic[T, R]):
         max_wait_s: float,
         max_queue: int,
         batch_key: Callable[[T], Hashable] | None = None,
+        batch_cost: Callable[[Sequence[T]], int] | None = None,
+        max_batch_cost: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_batch_size < 1:
@@ -71,6 +76,8 @@ class MicroBatcher(Generic[T, R]):
         self._max_wait_s = max_wait_s
         self._max_queue = max_queue
         self._batch_key = batch_key
+        self._batch_cost = batch_cost
+        self._max_batch_cost = max_batch_cost if batch_cost is not None else None
         self._clock = clock
         self._queue: deque[_Pending[T, R]] = deque()
         self._key_counts: dict[Hashable, int] = {}  # waiting items per key
@@ -175,25 +182,39 @@ class MicroBatcher(Generic[T, R]):
                 await self._wakeup.wait()
                 continue
             oldest = self._queue[0]
-            if self._closing or self._key_counts[oldest.key] >= self._max_batch_size:
-                return self._take(oldest.key)
+            candidates = self._candidates(oldest.key)
+            if self._closing or len(candidates) < self._key_counts[oldest.key]:
+                return self._take(candidates)  # full: by size, or the next one is over budget
+            if len(candidates) >= self._max_batch_size:
+                return self._take(candidates)
             remaining = oldest.arrived + self._max_wait_s - self._clock()
             if remaining <= 0:
-                return self._take(oldest.key)
+                return self._take(candidates)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout=remaining)
 
-    def _take(self, key: Hashable) -> list[_Pending[T, R]]:
-        """Remove up to max_batch_size waiting items with ``key``, in arrival order."""
+    def _candidates(self, key: Hashable) -> list[_Pending[T, R]]:
+        """The next batch: waiting items with ``key`` in arrival order, up to the size limit
+        and the cost budget. The oldest always goes in, whatever its cost."""
         batch: list[_Pending[T, R]] = []
-        rest: deque[_Pending[T, R]] = deque()
         for pending in self._queue:
-            if len(batch) < self._max_batch_size and pending.key == key:
-                batch.append(pending)
-                self._unqueue(pending)
-            else:
-                rest.append(pending)
-        self._queue = rest
+            if len(batch) == self._max_batch_size:
+                break
+            if pending.key != key:
+                continue
+            if batch and self._max_batch_cost is not None and self._batch_cost is not None:
+                items = [p.item for p in batch] + [pending.item]
+                if self._batch_cost(items) > self._max_batch_cost:
+                    break
+            batch.append(pending)
+        return batch
+
+    def _take(self, batch: list[_Pending[T, R]]) -> list[_Pending[T, R]]:
+        """Remove ``batch`` from the queue, keeping the order of what stays."""
+        taken = set(map(id, batch))
+        self._queue = deque(p for p in self._queue if id(p) not in taken)
+        for pending in batch:
+            self._unqueue(pending)
         return batch
 
     async def _execute(self, batch: list[_Pending[T, R]]) -> None:
@@ -214,11 +235,16 @@ class MicroBatcher(Generic[T, R]):
                 pending.future.set_result(served)
 
     async def _run(self, items: list[T]) -> list[R | Exception]:
-        """Call run_batch once; one outcome per item. The seam for retrying halves on failure."""
+        """One outcome per item. When run_batch raises, the halves are retried, so one bad
+        item (or one that runs out of memory in company) fails alone."""
         try:
             results: list[R | Exception] = list(await self._run_batch(items))
         except Exception as exc:
-            return [exc] * len(items)
+            if len(items) == 1:
+                return [exc]
+            logger.warning("a batch of %d failed (%r); retrying its halves", len(items), exc)
+            half = len(items) // 2
+            return await self._run(items[:half]) + await self._run(items[half:])
         return _aligned(results, len(items), "run_batch")
 
     # ---- helpers -----------------------------------------------------------------------------
