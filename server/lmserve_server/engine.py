@@ -29,7 +29,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from lmserve_server.errors import ModelLoadError
+from lmserve_server.errors import ModelLoadError, OutOfMemoryError
 from lmserve_server.rows import RowSampler, RowStopping, RowStreamer
 from lmserve_server.types import FinishReason, GenerationOutput, GenerationRequest
 
@@ -147,18 +147,28 @@ class Engine:
         stopping = RowStopping(prompt_len, requests, self.tokenizer, self.input_device)
         sampler = RowSampler(requests, self.input_device)
         streamer = RowStreamer(requests, self.eos_token_id)
-        with torch.inference_mode():
-            output = self.model.generate(  # type: ignore[operator]
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                max_new_tokens=max(r.max_new_tokens for r in requests),
-                do_sample=False,  # greedy argmax; RowSampler has already sampled sampling rows
-                pad_token_id=self.eos_token_id,
-                eos_token_id=self.eos_token_id,
-                stopping_criteria=StoppingCriteriaList([stopping]),
-                logits_processor=LogitsProcessorList([sampler] if sampler.active else []),
-                streamer=streamer if streamer.active else None,
-            )
+        max_new_tokens = max(r.max_new_tokens for r in requests)
+        try:
+            with torch.inference_mode():
+                output = self.model.generate(  # type: ignore[operator]
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,  # greedy argmax; RowSampler already sampled sampling rows
+                    pad_token_id=self.eos_token_id,
+                    eos_token_id=self.eos_token_id,
+                    stopping_criteria=StoppingCriteriaList([stopping]),
+                    logits_processor=LogitsProcessorList([sampler] if sampler.active else []),
+                    streamer=streamer if streamer.active else None,
+                )
+        except torch.OutOfMemoryError as err:
+            # Give the cached blocks back before the batcher retries smaller halves.
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise OutOfMemoryError(
+                f"out of device memory for {len(requests)} row(s) of {prompt_len} prompt + "
+                f"{max_new_tokens} new tokens"
+            ) from err
         new_tokens = output[:, prompt_len:].tolist()  # (B, N)
         return [self._finish_row(row, r) for row, r in zip(new_tokens, requests, strict=True)]
 

@@ -43,3 +43,9 @@ class GenerationFailedError(LmserveError):
     """The model's generate call failed for this request."""
 
     code = grpc.StatusCode.INTERNAL
+
+
+class OutOfMemoryError(LmserveError):
+    """The device ran out of memory for this request, even in a batch of its own."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
