@@ -75,6 +75,7 @@ class Engine:
         self.eos_token_id: int = int(tokenizer.eos_token_id)
         embeddings: Any = model.get_input_embeddings()
         self.input_device: torch.device = embeddings.weight.device
+        self.vocab_size = int(model.config.vocab_size)
         self.max_context = int(
             getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
         )

@@ -94,7 +94,8 @@ def _generator(params: SamplingParams, device: torch.device) -> torch.Generator:
 
 def _filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Next-token probabilities after temperature, top-k and top-p (nucleus) filtering."""
-    logits = logits.float() / params.temperature  # (V,)
+    # Shift by the max first: a tiny temperature then gives a one-hot, never inf - inf = NaN.
+    logits = (logits.float() - logits.max()) / params.temperature  # (V,)
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -44,6 +44,7 @@ class GeneratorService(lmserve_pb2_grpc.GeneratorServicer):
             default_max_new_tokens=config.default_max_new_tokens,
             max_stop_strings=config.max_stop_strings,
             max_stop_chars=config.max_stop_chars,
+            vocab_size=engine.vocab_size,
         )
 
     async def Generate(

@@ -19,6 +19,7 @@ class RequestLimits:
     default_max_new_tokens: int
     max_stop_strings: int = 16
     max_stop_chars: int = 256
+    vocab_size: int = 50257
 
 
 def build_generation_request(
@@ -35,7 +36,7 @@ def build_generation_request(
             f"max_new_tokens: {max_new_tokens} exceeds the server's cap of "
             f"{limits.max_new_tokens_cap} (--max-new-tokens-cap)"
         )
-    sampling = _sampling(msg)
+    sampling = _sampling(msg, limits)
     stop = _stop_strings(msg, limits)
     prompt_ids = tokenize(msg.prompt)
     if not prompt_ids:
@@ -55,7 +56,7 @@ def build_generation_request(
     )
 
 
-def _sampling(msg: lmserve_pb2.GenerateRequest) -> SamplingParams:
+def _sampling(msg: lmserve_pb2.GenerateRequest, limits: RequestLimits) -> SamplingParams:
     temperature = msg.temperature if msg.HasField("temperature") else 0.0
     if not math.isfinite(temperature) or temperature < 0:
         raise InvalidArgumentError(f"temperature: {temperature} must be >= 0 (0 means greedy)")
@@ -63,6 +64,10 @@ def _sampling(msg: lmserve_pb2.GenerateRequest) -> SamplingParams:
     if not (0.0 < top_p <= 1.0):
         raise InvalidArgumentError(f"top_p: {top_p} must be in (0, 1]")
     top_k = msg.top_k if msg.HasField("top_k") else 0
+    if top_k > limits.vocab_size:
+        raise InvalidArgumentError(
+            f"top_k: {top_k} exceeds the vocabulary size {limits.vocab_size} (0 means no limit)"
+        )
     seed = msg.seed if msg.HasField("seed") else None
     return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
 
