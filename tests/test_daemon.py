@@ -269,3 +269,20 @@ def test_stop_drains_accepted_requests(make_daemon) -> None:  # type: ignore[no-
     for t in threads:
         t.join()
     assert results == [200] * 4
+
+
+def test_a_queued_request_expires_at_its_deadline_and_is_never_computed(
+    client: Client, daemon: RunningDaemon
+) -> None:
+    blocker = occupy_engine(daemon, tokens=400)
+    with ThreadPoolExecutor(2) as pool:
+        patient = pool.submit(client.generate, "patient", max_new_tokens=3)
+        started = time.monotonic()
+        with pytest.raises(lmserve.DeadlineExceededError):
+            client.generate("hurried", max_new_tokens=3, timeout=0.3)
+        waited = time.monotonic() - started
+        still_busy = daemon.daemon.batcher.busy
+        assert patient.result().batch_size == 1, "the expired request must not be computed"
+    blocker.join()
+    assert still_busy, "it must expire while the engine is still busy, not when it frees"
+    assert waited < 1.0
