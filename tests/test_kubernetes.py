@@ -1,0 +1,58 @@
+"""The Kubernetes manifests: valid against the API schemas (no cluster runs here), and
+consistent with the daemon (probe ports and service, drain timeout, labels)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+
+MANIFESTS = Path(__file__).resolve().parent.parent / "deploy" / "kubernetes"
+K8S_VERSION = "1.33.0"
+
+
+def load(name: str) -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load((MANIFESTS / name).read_text())
+    return doc
+
+
+@pytest.mark.parametrize("name", ["deployment.yaml", "service.yaml", "pdb.yaml", "pvc.yaml"])
+def test_manifest_is_valid_against_the_api_schema(name: str) -> None:
+    kubernetes_validate.validate(load(name), K8S_VERSION, strict=True)
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    listed = set(load("kustomization.yaml")["resources"])
+    assert listed == {p.name for p in MANIFESTS.glob("*.yaml")} - {"kustomization.yaml"}
+
+
+def test_a_typo_is_caught() -> None:
+    broken = load("deployment.yaml")
+    broken["spec"]["template"]["spec"]["terminationGracePeriod"] = 40
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
+
+
+def test_deployment_matches_the_daemon() -> None:
+    pod = load("deployment.yaml")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    port = int(env["LMSERVE_PORT"])
+    assert env["LMSERVE_HOST"] == "0.0.0.0"
+    assert pod["terminationGracePeriodSeconds"] > float(env["LMSERVE_DRAIN_TIMEOUT"])
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == port
+    assert container["readinessProbe"]["grpc"]["service"] == "lmserve.v1.Generator"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+def test_service_is_headless_and_selects_the_pods() -> None:
+    service, deployment = load("service.yaml"), load("deployment.yaml")
+    assert service["spec"]["clusterIP"] == "None"
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert load("pdb.yaml")["spec"]["selector"]["matchLabels"].items() <= labels.items()
