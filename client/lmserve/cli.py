@@ -72,12 +72,31 @@ def common_parser() -> argparse.ArgumentParser:
         help="deadline of each call in seconds, 0 for none "
         f"(default: $LMSERVE_TIMEOUT, else {DEFAULT_TIMEOUT_S:g})",
     )
+    security = common.add_argument_group("security")
+    # Client-side names (LMSERVE_CLIENT_*) so a shell holding the daemon's LMSERVE_TLS_CERT
+    # does not send the server's certificate as a client certificate.
+    for flag, env, what in (
+        ("--tls-ca", "LMSERVE_CLIENT_TLS_CA", "PEM CA to verify the daemon with; turns TLS on"),
+        ("--tls-cert", "LMSERVE_CLIENT_TLS_CERT", "PEM client certificate (mutual TLS)"),
+        ("--tls-key", "LMSERVE_CLIENT_TLS_KEY", "PEM private key of --tls-cert"),
+        ("--token", "LMSERVE_TOKEN", "bearer token sent as 'authorization: Bearer <token>'"),
+    ):
+        metavar = "TOKEN" if flag == "--token" else "PATH"
+        default = os.environ.get(env) or None
+        security.add_argument(flag, metavar=metavar, default=default, help=f"{what} (${env})")
     return common
 
 
 def client_from_args(args: argparse.Namespace) -> Client:
-    """A ``Client`` for the ``--target`` and ``--timeout`` of a parsed command line."""
-    return Client(args.target, timeout=args.timeout)
+    """A ``Client`` for the connection and security options of a parsed command line."""
+    return Client(
+        args.target,
+        timeout=args.timeout,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        token=args.token,
+    )
 
 
 def _print_json(obj: Any) -> None:
@@ -259,6 +278,7 @@ def _run_info(args: argparse.Namespace) -> int:
 def _registrars() -> list[Registrar]:
     # Commands from other modules are imported here rather than at the top, so that
     # they may import helpers (client_from_args, common_parser) from this module.
+
     return [_add_generate, _add_tokenize, _add_info]
 
 

@@ -19,6 +19,7 @@ import grpc
 import grpc.aio
 
 from lmserve.errors import UnavailableError, from_rpc_error
+from lmserve.security import PemSource, channel_credentials, token_metadata
 from lmserve.types import (
     GenerationResult,
     ModelInfo,
@@ -57,12 +58,16 @@ class _Base:
         options: Sequence[tuple[str, Any]],
         credentials: grpc.ChannelCredentials | None,
         metadata: Sequence[tuple[str, str]],
+        tls_ca: PemSource | None = None,
+        tls_cert: PemSource | None = None,
+        tls_key: PemSource | None = None,
+        token: str | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
         self._options = list(options)
-        self._credentials = credentials
-        self._metadata = tuple(metadata)
+        self._credentials = channel_credentials(credentials, tls_ca, tls_cert, tls_key)
+        self._metadata = token_metadata(metadata, token)
 
     def _call_kwargs(self, timeout: Timeout) -> dict[str, Any]:
         return {
@@ -84,6 +89,10 @@ class Client(_Base):
     ``[("grpc.max_receive_message_length", 64 << 20)]``; with ``credentials`` the channel
     is a TLS one. ``metadata`` is sent with every call (e.g. an auth header).
 
+    Security shortcuts (see ``lmserve.security``): ``tls_ca`` (a PEM path or bytes) makes
+    the channel TLS, verifying the server with that CA; ``tls_cert`` + ``tls_key`` add a
+    client certificate (mutual TLS); ``token`` sends ``authorization: Bearer <token>``.
+
     Use it as a context manager, or call ``close()``.
     """
 
@@ -95,10 +104,23 @@ class Client(_Base):
         options: Sequence[tuple[str, Any]] = (),
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] = (),
+        tls_ca: PemSource | None = None,
+        tls_cert: PemSource | None = None,
+        tls_key: PemSource | None = None,
+        token: str | None = None,
     ) -> None:
         super().__init__(
-            target, timeout=timeout, options=options, credentials=credentials, metadata=metadata
+            target,
+            timeout=timeout,
+            options=options,
+            credentials=credentials,
+            metadata=metadata,
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            token=token,
         )
+        credentials = self._credentials
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=self._options)
         else:
@@ -243,10 +265,23 @@ class AsyncClient(_Base):
         options: Sequence[tuple[str, Any]] = (),
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] = (),
+        tls_ca: PemSource | None = None,
+        tls_cert: PemSource | None = None,
+        tls_key: PemSource | None = None,
+        token: str | None = None,
     ) -> None:
         super().__init__(
-            target, timeout=timeout, options=options, credentials=credentials, metadata=metadata
+            target,
+            timeout=timeout,
+            options=options,
+            credentials=credentials,
+            metadata=metadata,
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            token=token,
         )
+        credentials = self._credentials
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(target, options=self._options)
         else:

@@ -3,13 +3,18 @@ reflection, and drains it on shutdown.
 
 ``Daemon(config, engine).start()`` binds (port 0 picks a free port, as tests do) and returns
 the port; ``stop()`` turns health NOT_SERVING, stops accepting, lets every accepted request
-finish within the drain timeout, then closes the batcher.
+finish within the drain timeout, then closes the batcher. Around the servicer: the request
+interceptor (request ids, per-call metrics, debug log), the bearer-token check when a token
+is set, and the error interceptor; TLS when a certificate is set; Prometheus ``/metrics``
+when a metrics port is set. Each batch is timed, counted and logged in ``_run_batch``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -20,7 +25,9 @@ from lmserve.v1 import lmserve_pb2_grpc
 from lmserve_server.batcher import MicroBatcher
 from lmserve_server.config import ServerConfig
 from lmserve_server.engine import Engine
-from lmserve_server.interceptors import ErrorInterceptor
+from lmserve_server.interceptors import ErrorInterceptor, RequestInterceptor
+from lmserve_server.metrics import Metrics
+from lmserve_server.security import TokenAuthInterceptor, server_credentials
 from lmserve_server.service import SERVICE_NAME, GeneratorService
 from lmserve_server.types import GenerationOutput, GenerationRequest
 
@@ -46,16 +53,53 @@ class Daemon:
         self.health: health.aio.HealthServicer | None = None
         self.server: grpc.aio.Server | None = None
         self.port = 0
+        # Always recorded (cheap, and a registry per daemon); served only with a metrics port.
+        self.metrics = Metrics(queue_depth=lambda: self.batcher.queue_depth)
+        self.metrics.set_model(engine.name, engine.device, engine.dtype)
 
     async def _run_batch(self, batch: list[GenerationRequest]) -> list[GenerationOutput]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.engine.generate_batch, batch)
+        start = time.perf_counter()
+        outputs: list[GenerationOutput] | None = None
+        try:
+            outputs = await loop.run_in_executor(self._executor, self.engine.generate_batch, batch)
+            return outputs
+        finally:
+            self._record_batch(len(batch), time.perf_counter() - start, outputs)
+
+    def _record_batch(
+        self, size: int, compute_s: float, outputs: list[GenerationOutput] | None
+    ) -> None:
+        compute_ms = round(compute_s * 1000.0, 3)
+        if outputs is None:
+            self.metrics.observe_batch(size, compute_s, 0, failed=True)
+            log.warning(
+                "batch of %d failed after %.1f ms",
+                size,
+                compute_ms,
+                extra={"batch_size": size, "compute_ms": compute_ms},
+            )
+            return
+        tokens = sum(len(o.token_ids) for o in outputs if isinstance(o, GenerationOutput))
+        self.metrics.observe_batch(size, compute_s, tokens, failed=False)
+        log.info(
+            "batch of %d ran in %.1f ms, %d tokens",
+            size,
+            compute_ms,
+            tokens,
+            extra={"batch_size": size, "compute_ms": compute_ms, "tokens": tokens},
+        )
 
     async def start(self) -> int:
         """Binds, starts serving and reports SERVING; the engine must be loaded (and warm)."""
         # Both belong to the running event loop, so they are made here, not in __init__.
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(interceptors=[ErrorInterceptor(f"/{SERVICE_NAME}/")])
+        prefix = f"/{SERVICE_NAME}/"
+        interceptors: list[grpc.aio.ServerInterceptor] = [RequestInterceptor(prefix, self.metrics)]
+        if self.config.auth_token is not None:
+            interceptors.append(TokenAuthInterceptor(self.config.auth_token))
+        interceptors.append(ErrorInterceptor(prefix))
+        self.server = grpc.aio.server(interceptors=interceptors)
         lmserve_pb2_grpc.add_GeneratorServicer_to_server(
             GeneratorService(self.engine, self.batcher, self.config), self.server
         )
@@ -64,15 +108,36 @@ class Daemon:
             names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
             reflection.enable_server_reflection(names, self.server)
         address = f"{self.config.host}:{self.config.port}"
-        self.port = self.server.add_insecure_port(address)
-        if self.port == 0:
-            raise OSError(f"could not bind {address}")
+        self.port = self._bind(self.server, address)
+        if self.config.metrics_port:
+            self.metrics.serve(self.config.host, self.config.metrics_port)
         self.batcher.start()
         await self.server.start()
         for service in ("", SERVICE_NAME):
             await self.health.set(service, _SERVING)
-        log.info("serving %s on %s:%d", self.engine.name, self.config.host, self.port)
+        security = "mutual TLS" if self.config.tls_client_ca else "TLS" if self.config.tls else ""
+        auth = "bearer token" if self.config.auth_token is not None else ""
+        log.info(
+            "serving %s on %s:%d%s",
+            self.engine.name,
+            self.config.host,
+            self.port,
+            f" ({', '.join(x for x in (security, auth) if x)})" if security or auth else "",
+        )
         return self.port
+
+    def _bind(self, server: grpc.aio.Server, address: str) -> int:
+        config = self.config
+        if config.tls_cert is not None and config.tls_key is not None:
+            credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+            port = server.add_secure_port(address, credentials)
+        else:
+            if config.auth_token is not None and not _is_loopback(config.host):
+                log.warning("the bearer token travels in clear text: set --tls-cert/--tls-key")
+            port = server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"could not bind {address}")
+        return port
 
     async def stop(self, grace: float | None = None) -> None:
         """Drains: NOT_SERVING at once, no new calls, accepted calls finish, then exit."""
@@ -83,4 +148,14 @@ class Daemon:
         await self.server.stop(grace)
         await self.batcher.close(drain=True)
         self._executor.shutdown(wait=True)
+        await asyncio.to_thread(self.metrics.close)
         log.info("stopped")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

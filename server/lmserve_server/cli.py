@@ -1,5 +1,9 @@
 """The ``lmserve`` command: ``serve`` runs the daemon, ``make-test-model`` writes an offline
-checkpoint. Every ``serve`` flag can also be set by an LMSERVE_* environment variable."""
+checkpoint. Every ``serve`` flag can also be set by an LMSERVE_* environment variable.
+
+Under systemd (``Type=notify``) ``serve`` reports READY=1 once health is SERVING, STOPPING=1
+when the drain begins, and keeps the watchdog fed from its event loop.
+"""
 
 from __future__ import annotations
 
@@ -15,12 +19,20 @@ from typing import Any
 from lmserve_server.config import ServerConfig
 from lmserve_server.engine import EngineConfig
 from lmserve_server.errors import LmserveError
+from lmserve_server.logs import LOG_FORMATS, configure_logging
+from lmserve_server.security import read_token_file
+from lmserve_server.systemd import notify, ping_watchdog, watchdog_interval
 
 log = logging.getLogger("lmserve")
 
 
 def _env_name(flag: str) -> str:
     return "LMSERVE_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _optional(text: str) -> str | None:
+    """A path flag; empty means unset (so LMSERVE_TLS_CERT= in an env file turns it off)."""
+    return text.strip() or None
 
 
 def _bool(text: str) -> bool:
@@ -48,7 +60,7 @@ def _add(
         except (ValueError, argparse.ArgumentTypeError) as err:
             parser.error(f"{env}={os.environ[env]!r}: {err}")
     if "choices" not in kwargs:
-        kwargs["metavar"] = {int: "N", float: "X", _bool: "BOOL"}.get(kind, "TEXT")
+        kwargs.setdefault("metavar", {int: "N", float: "X", _bool: "BOOL"}.get(kind, "TEXT"))
     parser.add_argument(
         flag, type=kind, default=default, help=f"{help} [env {env}; default: %(default)s]", **kwargs
     )
@@ -95,6 +107,34 @@ def _serve_parser(sub: Any) -> None:
         "debug, info, warning or error",
         choices=["debug", "info", "warning", "error"],
     )
+    _add(
+        p,
+        "--log-format",
+        str,
+        "text",
+        "text, or json: one JSON object per line (time, level, logger, message, fields)",
+        choices=list(LOG_FORMATS),
+    )
+    _add(p, "--metrics-port", int, 0, "serve Prometheus /metrics on --host at this port (0: off)")
+    _add(p, "--tls-cert", _optional, None, "PEM certificate chain: serve TLS", metavar="PATH")
+    _add(p, "--tls-key", _optional, None, "PEM private key of --tls-cert", metavar="PATH")
+    _add(
+        p,
+        "--tls-client-ca",
+        _optional,
+        None,
+        "PEM CA certificate(s): require client certificates signed by it (mutual TLS)",
+        metavar="PATH",
+    )
+    _add(
+        p,
+        "--auth-token-file",
+        _optional,
+        None,
+        "file holding a bearer token that calls must send as 'authorization: Bearer <token>' "
+        "(health and reflection stay open); without it, $LMSERVE_AUTH_TOKEN is the token",
+        metavar="PATH",
+    )
     p.set_defaults(handler=_serve)
 
 
@@ -137,18 +177,21 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         drain_timeout_s=args.drain_timeout,
         reflection=args.reflection,
         warm_up=args.warm_up,
+        log_format=args.log_format,
+        metrics_port=args.metrics_port,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        auth_token=_auth_token(args.auth_token_file),
     )
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    # Library chatter (weight-loading progress bars, generation hints) is not for operators.
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+def _auth_token(path: str | None) -> str | None:
+    """The token from --auth-token-file when given, else $LMSERVE_AUTH_TOKEN, else None."""
+    if path is not None:
+        return read_token_file(path)
+    token = os.environ.get("LMSERVE_AUTH_TOKEN", "").strip()
+    return token or None
 
 
 async def run_daemon(config: ServerConfig) -> None:
@@ -156,31 +199,47 @@ async def run_daemon(config: ServerConfig) -> None:
     from lmserve_server.app import Daemon
     from lmserve_server.engine import Engine
 
-    engine = await asyncio.to_thread(Engine.load, config.engine)
-    if config.warm_up:
-        await asyncio.to_thread(engine.warm_up)
-    daemon = Daemon(config, engine)
-    await daemon.start()
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    await stopping.wait()
-    await daemon.stop()
+    # Fed from the loop while the model loads, serves and drains: a stalled loop starves it.
+    interval = watchdog_interval()
+    watchdog = asyncio.create_task(ping_watchdog(interval)) if interval else None
+    try:
+        engine = await asyncio.to_thread(Engine.load, config.engine)
+        if config.warm_up:
+            await asyncio.to_thread(engine.warm_up)
+        daemon = Daemon(config, engine)
+        port = await daemon.start()
+        notify(f"READY=1\nSTATUS=serving {engine.name} on {config.host}:{port}")
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        await stopping.wait()
+        notify("STOPPING=1\nSTATUS=draining")
+        await daemon.stop()
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
 
 
 def _serve(args: argparse.Namespace) -> int:
-    _configure_logging(args.log_level)
     try:
+        configure_logging(args.log_level, args.log_format)
         config = config_from_args(args)
         asyncio.run(run_daemon(config))
     except (LmserveError, ValueError) as err:
-        print(f"lmserve: error: {err}", file=sys.stderr)
+        _report(err, args.log_format)
         return 2
-    except OSError as err:  # e.g. the port is taken
-        print(f"lmserve: error: {err}", file=sys.stderr)
+    except OSError as err:  # e.g. the port is taken, a certificate is missing
+        _report(err, args.log_format)
         return 1
     return 0
+
+
+def _report(err: Exception, log_format: str) -> None:
+    if log_format == "json":  # keep stderr one JSON object per line
+        log.error("lmserve: error: %s", err)
+    else:
+        print(f"lmserve: error: {err}", file=sys.stderr)
 
 
 def _make_test_model(args: argparse.Namespace) -> int:

@@ -22,6 +22,12 @@ class ServerConfig:
     drain_timeout_s: float = 30.0
     reflection: bool = True
     warm_up: bool = True
+    log_format: str = "text"  # text | json
+    metrics_port: int = 0  # Prometheus /metrics on host:metrics_port; 0 = off
+    tls_cert: str | None = None  # PEM certificate chain; with tls_key, the port speaks TLS
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # PEM CA; clients must present a certificate it signed
+    auth_token: str | None = field(default=None, repr=False)  # bearer token; None = no auth
 
     def __post_init__(self) -> None:
         checks = {
@@ -32,7 +38,18 @@ class ServerConfig:
             "default_max_new_tokens": 1 <= self.default_max_new_tokens <= self.max_new_tokens_cap,
             "port": 0 <= self.port <= 65535,
             "drain_timeout_s": self.drain_timeout_s >= 0,
+            "log_format": self.log_format in ("text", "json"),
+            "metrics_port": 0 <= self.metrics_port <= 65535,
+            "auth_token": self.auth_token is None or bool(self.auth_token.strip()),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid setting(s): {', '.join(bad)} (see lmserve serve --help)")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together: give both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None

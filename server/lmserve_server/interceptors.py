@@ -1,20 +1,34 @@
-"""One server interceptor that turns exceptions raised by handlers into gRPC statuses.
+"""The server interceptors of the service's calls (health and reflection pass untouched).
 
-An LmserveError becomes its own status code and message; anything else is logged with its
+``ErrorInterceptor`` (innermost) turns exceptions raised by handlers into gRPC statuses: an
+LmserveError becomes its own status code and message; anything else is logged with its
 traceback and becomes INTERNAL, so a caller never sees a bare "Unexpected error".
+``RequestInterceptor`` (outermost) gives each call a request id and records its outcome in
+the metrics and the debug log. The auth interceptor (``security.py``) sits between them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
+import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from lmserve_server.errors import LmserveError
 
+if TYPE_CHECKING:
+    from lmserve_server.metrics import Metrics
+
 log = logging.getLogger(__name__)
+request_log = logging.getLogger("lmserve_server.requests")
+
+REQUEST_ID_KEY = "x-request-id"
+_SANE_ID = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces, bounded
 
 
 async def _abort_for(err: Exception, context: grpc.aio.ServicerContext, method: str) -> None:
@@ -75,3 +89,122 @@ def _wrap_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any
             await _abort_for(err, context, method)
 
     return wrapper
+
+
+class RequestInterceptor(grpc.aio.ServerInterceptor):
+    """The outermost interceptor of the service's calls: gives each one a request id (the
+    caller's ``x-request-id`` metadata, else a new one, sent back in trailing metadata), and
+    when it ends records its status code and latency in ``metrics`` and logs one debug line.
+    Being outermost, it sees every outcome: refusals by the auth and error interceptors too.
+    """
+
+    def __init__(self, service_prefix: str, metrics: Metrics) -> None:
+        self._prefix = service_prefix
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not method.startswith(self._prefix):
+            return handler
+        call = _Call(self._metrics, method.rsplit("/", 1)[-1], _request_id(handler_call_details))
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                call.wrap_unary(handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                call.wrap_stream(handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+def _request_id(details: grpc.HandlerCallDetails) -> str:
+    """The caller's x-request-id when it is a sane one, else a new random id."""
+    for key, value in details.invocation_metadata or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and _SANE_ID.fullmatch(value):
+            return value
+    return uuid.uuid4().hex
+
+
+class _Call:
+    """One call's bookkeeping: its request id, its start, its outcome."""
+
+    def __init__(self, metrics: Metrics, method: str, request_id: str) -> None:
+        self.metrics = metrics
+        self.method = method
+        self.request_id = request_id
+
+    def wrap_unary(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            start = time.perf_counter()
+            context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
+            code, response = grpc.StatusCode.UNKNOWN, None
+            try:
+                response = await behavior(request, context)
+                code = context.code() or grpc.StatusCode.OK
+                return response
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except asyncio.CancelledError:
+                code = _cancelled_code(context)
+                raise
+            finally:
+                self._finish(code, time.perf_counter() - start, response)
+
+        return wrapper
+
+    def wrap_stream(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            start = time.perf_counter()
+            context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
+            code = grpc.StatusCode.UNKNOWN
+            try:
+                async for message in behavior(request, context):
+                    yield message
+                code = context.code() or grpc.StatusCode.OK
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            except (asyncio.CancelledError, GeneratorExit):
+                code = _cancelled_code(context)
+                raise
+            finally:
+                self._finish(code, time.perf_counter() - start, None)
+
+        return wrapper
+
+    def _finish(self, code: grpc.StatusCode, latency_s: float, response: object) -> None:
+        self.metrics.observe_call(self.method, code, latency_s, response)
+        if request_log.isEnabledFor(logging.DEBUG):
+            latency_ms = round(latency_s * 1000.0, 3)
+            request_log.debug(
+                "%s %s in %.1f ms (request_id=%s)",
+                self.method,
+                code.name,
+                latency_ms,
+                self.request_id,
+                extra={
+                    "method": self.method,
+                    "status": code.name,
+                    "latency_ms": latency_ms,
+                    "request_id": self.request_id,
+                },
+            )
+
+
+def _cancelled_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """A call cut short: past its deadline, or cancelled by the caller."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED

@@ -1,0 +1,122 @@
+"""Prometheus metrics of one daemon, in a registry of its own, served on ``--metrics-port``.
+
+``Metrics`` holds the series and the small recording methods the daemon calls: per batch
+(``observe_batch``, from ``Daemon._run_batch``) and per call (``observe_call``, from the
+request interceptor, which sees every outcome including refusals). The queue depth is
+sampled when Prometheus scrapes, through a callback. Several daemons in one process (as in
+the tests) each have their own registry, so their series never clash.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.exposition import start_http_server
+
+from lmserve.v1 import lmserve_pb2
+
+log = logging.getLogger(__name__)
+
+# Seconds: from a millisecond tokenize to a minutes-long generation on a CPU.
+_SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    """The daemon's series; ``serve(host, port)`` exposes them at ``/metrics``."""
+
+    def __init__(self, queue_depth: Callable[[], float]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.queue_depth = Gauge(
+            "lmserve_queue_depth", "Requests waiting for a batch (sampled at scrape)", registry=r
+        )
+        self.queue_depth.set_function(queue_depth)
+        self.batch_size = Histogram(
+            "lmserve_batch_size", "Requests per generate() call", buckets=_BATCH_SIZES, registry=r
+        )
+        self.batch_compute = Histogram(
+            "lmserve_batch_compute_seconds",
+            "Wall time of one batch's generate() call",
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.batch_failures = Counter(
+            "lmserve_batch_failures", "Batches whose generate() call raised", registry=r
+        )
+        self.queue_time = Histogram(
+            "lmserve_queue_seconds",
+            "Time a Generate request waited from submission to the start of its batch",
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.latency = Histogram(
+            "lmserve_request_duration_seconds",
+            "Time from receiving a call to its last response, by method",
+            ["method"],
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.requests = Counter(
+            "lmserve_requests",
+            "Finished calls by method and gRPC status code",
+            ["method", "code"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "lmserve_generated_tokens", "Tokens generated (continuations only)", registry=r
+        )
+        self.model = Info("lmserve_model", "The served model", registry=r)
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    def set_model(self, model: str, device: str, dtype: str) -> None:
+        self.model.info({"model": model, "device": device, "dtype": dtype})
+
+    def observe_batch(self, size: int, compute_s: float, tokens: int, failed: bool) -> None:
+        self.batch_size.observe(size)
+        self.batch_compute.observe(compute_s)
+        if failed:
+            self.batch_failures.inc()
+        else:
+            self.tokens.inc(tokens)
+
+    def observe_call(
+        self, method: str, code: grpc.StatusCode, latency_s: float, response: object = None
+    ) -> None:
+        self.requests.labels(method=method, code=code.name).inc()
+        self.latency.labels(method=method).observe(latency_s)
+        # The servicer reports each request's own queue time in its response.
+        if isinstance(response, lmserve_pb2.GenerateResponse):
+            self.queue_time.observe(response.queue_ms / 1000.0)
+
+    # ---- the HTTP endpoint --------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The port ``/metrics`` is served on; 0 when it is not served."""
+        return int(self._server.server_port) if self._server is not None else 0
+
+    def serve(self, host: str, port: int) -> int:
+        """Serves ``/metrics`` on ``host:port`` from a background thread; returns the port."""
+        try:
+            self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as err:
+            raise OSError(f"--metrics-port {port}: cannot listen on {host}: {err}") from None
+        log.info("metrics on http://%s:%d/metrics", host, self.port)
+        return self.port
+
+    def close(self) -> None:
+        """Stops the HTTP endpoint (blocks up to half a second; call it off the event loop)."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None

@@ -1,0 +1,122 @@
+"""Who may talk to the daemon: TLS / mutual-TLS server credentials and bearer-token auth.
+
+``server_credentials`` reads the PEM files of ``--tls-cert``/``--tls-key`` (and, for mTLS,
+``--tls-client-ca``: clients must then present a certificate signed by it).
+``TokenAuthInterceptor`` refuses every call without ``authorization: Bearer <token>``
+metadata matching the configured token (compared in constant time) with UNAUTHENTICATED;
+health checking and reflection stay open so load balancers and grpcurl work without it.
+``read_token_file`` loads the token for ``--auth-token-file``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import stat
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+# Services anyone may call, token or not.
+OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+_BEARER = "bearer "
+
+
+def _read_pem(path: str, flag: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise OSError(f"{flag} {path}: cannot read it: {err.strerror or err}") from None
+    if b"-----BEGIN " not in data:
+        raise ValueError(f"{flag} {path}: not a PEM file (no -----BEGIN line)")
+    return data
+
+
+def server_credentials(cert: str, key: str, client_ca: str | None) -> grpc.ServerCredentials:
+    """TLS credentials; with ``client_ca``, clients must present a certificate it signed."""
+    pair = [(_read_pem(key, "--tls-key"), _read_pem(cert, "--tls-cert"))]
+    if client_ca is None:
+        return grpc.ssl_server_credentials(pair)
+    return grpc.ssl_server_credentials(
+        pair,
+        root_certificates=_read_pem(client_ca, "--tls-client-ca"),
+        require_client_auth=True,
+    )
+
+
+def read_token_file(path: str) -> str:
+    """The token in ``path`` (surrounding whitespace removed); it must not be empty."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        raise OSError(f"--auth-token-file {path}: cannot read it: {err.strerror or err}") from None
+    if not token:
+        raise ValueError(f"--auth-token-file {path}: the file is empty")
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("--auth-token-file %s can be read by other users; chmod 600 it", path)
+    return token
+
+
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses calls without the right bearer token with UNAUTHENTICATED (see module doc)."""
+
+    def __init__(self, token: str, open_prefixes: tuple[str, ...] = OPEN_PREFIXES) -> None:
+        if not token:
+            raise ValueError("the auth token must not be empty")
+        self._token = token.encode("utf-8")
+        self._open = open_prefixes
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(self._open):
+            return handler
+        problem = self._problem(handler_call_details.invocation_metadata or ())
+        return handler if problem is None else _refusing(handler, problem)
+
+    def _problem(self, metadata: Any) -> str | None:
+        """Why the call's metadata does not authenticate it; None when it does."""
+        values = [value for key, value in metadata if key == "authorization"]
+        if not values:
+            return "missing credentials: send metadata 'authorization: Bearer <token>'"
+        value = values[0]
+        if not isinstance(value, str) or value[: len(_BEARER)].lower() != _BEARER:
+            return "malformed authorization metadata: expected 'Bearer <token>'"
+        offered = value[len(_BEARER) :].strip().encode("utf-8")
+        if len(values) > 1 or not hmac.compare_digest(offered, self._token):
+            return "invalid bearer token"
+        return None
+
+
+def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as ``handler`` that aborts with UNAUTHENTICATED."""
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(code, message)
+
+    async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await context.abort(code, message)
+        yield  # pragma: no cover - makes this an async generator; abort always raises
+
+    serializers = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary, **serializers)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(stream, **serializers)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary, **serializers)
+    return grpc.stream_stream_rpc_method_handler(stream, **serializers)

@@ -1,0 +1,76 @@
+"""Logs: a line per batch at info, a line per call at debug with its request id (which goes
+back to the caller in trailing metadata), and the JSON format."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import grpc
+import pytest
+
+from lmserve.v1 import lmserve_pb2, lmserve_pb2_grpc
+from lmserve_server.logs import JsonFormatter
+from tests.conftest import RunningDaemon
+
+
+def _trailing_id(call: grpc.Call) -> str:
+    return dict(call.trailing_metadata() or ())["x-request-id"]
+
+
+def test_request_id_round_trips_and_each_call_and_batch_is_logged(
+    daemon: RunningDaemon, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="lmserve_server")
+    request = lmserve_pb2.GenerateRequest(prompt="Hello", max_new_tokens=3)
+    with grpc.insecure_channel(daemon.address) as channel:
+        stub = lmserve_pb2_grpc.GeneratorStub(channel)
+        reply, call = stub.Generate.with_call(
+            request, metadata=[("x-request-id", "req-42")], timeout=30
+        )
+        assert _trailing_id(call) == "req-42"
+        _, call = stub.Generate.with_call(request, timeout=30)
+        made_up = _trailing_id(call)
+        assert len(made_up) == 32 and made_up != "req-42"
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Generate(lmserve_pb2.GenerateRequest(prompt=""), timeout=30)
+        failed_id = _trailing_id(err.value)  # type: ignore[arg-type]
+
+    calls = {r.request_id: r for r in caplog.records if r.name == "lmserve_server.requests"}
+    ok = calls["req-42"]
+    assert ok.levelno == logging.DEBUG
+    assert (ok.method, ok.status) == ("Generate", "OK")
+    assert ok.latency_ms > 0 and "req-42" in ok.getMessage()
+    assert calls[made_up].status == "OK"
+    assert (calls[failed_id].status, calls[failed_id].method) == ("INVALID_ARGUMENT", "Generate")
+
+    batches = [r for r in caplog.records if hasattr(r, "batch_size")]
+    assert len(batches) == 2, "the invalid request never reaches a batch"
+    assert all(r.levelno == logging.INFO and r.name == "lmserve_server.app" for r in batches)
+    assert all(r.batch_size == 1 and r.compute_ms > 0 and r.tokens == 3 for r in batches)
+    assert reply.compute_ms == pytest.approx(batches[0].compute_ms, rel=0.5, abs=5)
+
+
+def test_json_formatter_writes_one_object_per_line_with_the_extra_fields() -> None:
+    record = logging.LogRecord(
+        "lmserve_server.app", logging.INFO, __file__, 1, "batch of %d\nran", (3,), None
+    )
+    record.batch_size = 3
+    record.compute_ms = 12.5
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    out = json.loads(line)
+    assert out["level"] == "INFO" and out["logger"] == "lmserve_server.app"
+    assert out["message"] == "batch of 3\nran"
+    assert (out["batch_size"], out["compute_ms"]) == (3, 12.5)
+    assert out["time"].endswith("+00:00")
+    assert not {"args", "msg", "levelno", "pathname"} & set(out)
+
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), None)
+        record.exc_info = sys.exc_info()
+    out = json.loads(JsonFormatter().format(record))
+    assert "RuntimeError: boom" in out["exception"]
