@@ -286,3 +286,35 @@ def test_a_queued_request_expires_at_its_deadline_and_is_never_computed(
     blocker.join()
     assert still_busy, "it must expire while the engine is still busy, not when it frees"
     assert waited < 1.0
+
+
+def test_batch_token_budget_splits_batches_and_refuses_a_request_over_it(
+    make_daemon,  # type: ignore[no-untyped-def]
+) -> None:
+    # "prompt N" is 2 tokens; 2 + 8 new = 10 padded tokens a row; budget 35 -> 3 rows a batch.
+    budgeted: RunningDaemon = make_daemon(max_batch_tokens=35)
+    with Client(budgeted.address) as c:
+        with pytest.raises(lmserve.InvalidArgumentError, match="--max-batch-tokens"):
+            c.generate("Hello", max_new_tokens=40)
+        blocker_ok = c.generate("x", max_new_tokens=2)
+        assert blocker_ok.completion_tokens == 2
+        with ThreadPoolExecutor(7) as pool:
+            blocker = pool.submit(c.generate, "blocker", max_new_tokens=30)
+            deadline = time.monotonic() + 10
+            while not budgeted.daemon.batcher.busy:
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+            rows = [pool.submit(c.generate, f"prompt {i}", max_new_tokens=8) for i in range(6)]
+            sizes = sorted(f.result().batch_size for f in rows)
+            blocker.result()
+    assert sizes == [3] * 6
+
+
+def test_an_oversized_prompt_is_refused_before_tokenizing(make_daemon) -> None:  # type: ignore[no-untyped-def]
+    small: RunningDaemon = make_daemon(max_prompt_chars=100, max_message_bytes=64 * 1024)
+    with Client(small.address) as c:
+        with pytest.raises(lmserve.InvalidArgumentError, match="--max-prompt-chars"):
+            c.generate("x" * 101, max_new_tokens=1)
+        with pytest.raises(lmserve.OverloadedError):  # gRPC's own message-size limit
+            c.generate("x" * 100_000, max_new_tokens=1)
+        assert c.generate("x" * 100, max_new_tokens=1).completion_tokens == 1

@@ -29,7 +29,7 @@ from lmserve_server.interceptors import ErrorInterceptor, RequestInterceptor
 from lmserve_server.metrics import Metrics
 from lmserve_server.security import TokenAuthInterceptor, server_credentials
 from lmserve_server.service import SERVICE_NAME, GeneratorService
-from lmserve_server.types import GenerationOutput, GenerationRequest
+from lmserve_server.types import GenerationOutput, GenerationRequest, padded_tokens
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ class Daemon:
             max_batch_size=config.max_batch_size,
             max_wait_s=config.max_wait_ms / 1000.0,
             max_queue=config.max_queue,
+            batch_cost=padded_tokens,
+            max_batch_cost=config.max_batch_tokens or None,
         )
         self.health: health.aio.HealthServicer | None = None
         self.server: grpc.aio.Server | None = None
@@ -99,7 +101,10 @@ class Daemon:
         if self.config.auth_token is not None:
             interceptors.append(TokenAuthInterceptor(self.config.auth_token))
         interceptors.append(ErrorInterceptor(prefix))
-        self.server = grpc.aio.server(interceptors=interceptors)
+        self.server = grpc.aio.server(
+            interceptors=interceptors,
+            options=[("grpc.max_receive_message_length", self.config.max_message_bytes)],
+        )
         lmserve_pb2_grpc.add_GeneratorServicer_to_server(
             GeneratorService(self.engine, self.batcher, self.config), self.server
         )

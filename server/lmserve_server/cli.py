@@ -85,6 +85,16 @@ def _serve_parser(sub: Any) -> None:
         "how long the oldest waiting request may wait for companions before its batch runs",
     )
     _add(p, "--max-queue", int, 1024, "most requests waiting; more get RESOURCE_EXHAUSTED")
+    _add(
+        p,
+        "--max-batch-tokens",
+        int,
+        0,
+        "most padded tokens in one batch: rows x (longest prompt + largest max_new_tokens); "
+        "bounds a batch's memory; a single request over it is INVALID_ARGUMENT; 0 = no limit",
+    )
+    _add(p, "--max-prompt-chars", int, 100_000, "longest prompt accepted, in characters")
+    _add(p, "--max-message-bytes", int, 4 * 1024 * 1024, "largest gRPC request message accepted")
     _add(p, "--device", str, "auto", "auto (CUDA when available), cpu, cuda or cuda:N")
     _add(
         p,
@@ -172,6 +182,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,
+        max_batch_tokens=args.max_batch_tokens,
+        max_prompt_chars=args.max_prompt_chars,
+        max_message_bytes=args.max_message_bytes,
         default_max_new_tokens=args.default_max_new_tokens,
         max_new_tokens_cap=args.max_new_tokens_cap,
         drain_timeout_s=args.drain_timeout,

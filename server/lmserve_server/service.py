@@ -45,6 +45,8 @@ class GeneratorService(lmserve_pb2_grpc.GeneratorServicer):
             max_stop_strings=config.max_stop_strings,
             max_stop_chars=config.max_stop_chars,
             vocab_size=engine.vocab_size,
+            max_prompt_chars=config.max_prompt_chars,
+            max_batch_tokens=config.max_batch_tokens,
         )
 
     async def Generate(

@@ -7,7 +7,7 @@ knows nothing of gRPC), so both can be tested alone.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 
@@ -66,3 +66,10 @@ class GenerationOutput:
     token_ids: tuple[int, ...]
     text: str
     finish_reason: FinishReason
+
+
+def padded_tokens(batch: Sequence[GenerationRequest]) -> int:
+    """What a batch costs in memory: every row is padded to the longest prompt and runs
+    (in the worst case) to the largest max_new_tokens."""
+    longest = max(len(r.prompt_ids) for r in batch)
+    return len(batch) * (longest + max(r.max_new_tokens for r in batch))

@@ -20,6 +20,8 @@ class RequestLimits:
     max_stop_strings: int = 16
     max_stop_chars: int = 256
     vocab_size: int = 50257
+    max_prompt_chars: int = 100_000
+    max_batch_tokens: int = 0
 
 
 def build_generation_request(
@@ -30,6 +32,11 @@ def build_generation_request(
 ) -> GenerationRequest:
     if not msg.prompt:
         raise InvalidArgumentError("prompt: must not be empty")
+    if len(msg.prompt) > limits.max_prompt_chars:
+        raise InvalidArgumentError(
+            f"prompt: {len(msg.prompt)} characters, at most {limits.max_prompt_chars} allowed "
+            "(--max-prompt-chars)"
+        )
     max_new_tokens = msg.max_new_tokens or limits.default_max_new_tokens
     if max_new_tokens > limits.max_new_tokens_cap:
         raise InvalidArgumentError(
@@ -46,6 +53,11 @@ def build_generation_request(
             f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) = "
             f"{len(prompt_ids) + max_new_tokens} exceeds the model's context of "
             f"{limits.max_context} tokens"
+        )
+    if limits.max_batch_tokens and len(prompt_ids) + max_new_tokens > limits.max_batch_tokens:
+        raise InvalidArgumentError(
+            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+            f"server's batch token budget of {limits.max_batch_tokens} (--max-batch-tokens)"
         )
     return GenerationRequest(
         prompt_ids=tuple(prompt_ids),
