@@ -175,22 +175,38 @@ def test_unit_file_is_a_hardened_notify_service() -> None:
     assert int(unit["TimeoutStopSec"][-1]) > ServerConfig().drain_timeout_s
 
 
-def test_unit_file_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["lmserve.service", "lmserve@.service"])
+def test_unit_file_passes_systemd_analyze_verify(tmp_path: Path, name: str) -> None:
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed")
     # verify checks that ExecStart exists: point it at this checkout's lmserve.
     lmserve = Path(sys.executable).with_name("lmserve")
-    unit = (DEPLOY / "lmserve.service").read_text()
-    (tmp_path / "lmserve.service").write_text(
-        unit.replace("/opt/lmserve/.venv/bin/lmserve", str(lmserve))
-    )
+    unit = (DEPLOY / name).read_text()
+    # A template is verified as one of its instances.
+    target = tmp_path / name.replace("@.", "@1.")
+    target.write_text(unit.replace("/opt/lmserve/.venv/bin/lmserve", str(lmserve)))
     proc = subprocess.run(
-        ["systemd-analyze", "verify", str(tmp_path / "lmserve.service")],
+        ["systemd-analyze", "verify", str(target)],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_the_per_gpu_template_keeps_the_service_s_settings() -> None:
+    def directives(name: str) -> set[str]:
+        lines = (DEPLOY / name).read_text().splitlines()
+        return {line for line in lines if "=" in line and not line.startswith("#")}
+
+    plain, template = directives("lmserve.service"), directives("lmserve@.service")
+    assert plain - template == {
+        "Description=lmserve gRPC language-model daemon",
+        "DynamicUser=yes",
+        "SyslogIdentifier=lmserve",
+    }
+    assert "Environment=CUDA_VISIBLE_DEVICES=%i" in template
+    assert "EnvironmentFile=-/etc/lmserve/lmserve@%i.env" in template
 
 
 def test_env_example_names_only_real_settings() -> None:

@@ -18,6 +18,7 @@ from typing import Any, TypeAlias
 import grpc
 import grpc.aio
 
+from lmserve.balancing import channel_options, resolve_target
 from lmserve.errors import UnavailableError, from_rpc_error
 from lmserve.security import PemSource, channel_credentials, token_metadata
 from lmserve.types import (
@@ -52,7 +53,7 @@ class _Base:
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         timeout: float | None,
         options: Sequence[tuple[str, Any]],
@@ -62,10 +63,12 @@ class _Base:
         tls_cert: PemSource | None = None,
         tls_key: PemSource | None = None,
         token: str | None = None,
+        balance: bool = True,
+        retries: int = 5,
     ) -> None:
-        self.target = target
+        self.target = resolve_target(target)
         self.timeout = timeout
-        self._options = list(options)
+        self._options = channel_options(options, balance=balance, retries=retries)
         self._credentials = channel_credentials(credentials, tls_ca, tls_cert, tls_key)
         self._metadata = token_metadata(metadata, token)
 
@@ -93,12 +96,18 @@ class Client(_Base):
     the channel TLS, verifying the server with that CA; ``tls_cert`` + ``tls_key`` add a
     client certificate (mutual TLS); ``token`` sends ``authorization: Bearer <token>``.
 
+    Replicas (``lmserve.balancing``): ``target`` may also be a DNS name resolving to several
+    replicas (``"dns:///lmserve.default.svc:50051"``), an ``ipv4:a:p,b:p`` list, or a list of
+    ``ip:port`` strings. Calls are spread with gRPC's round_robin, replicas that are not
+    SERVING get none (client-side health checking), and UNAVAILABLE is retried up to
+    ``retries`` attempts. ``balance=False`` leaves gRPC's defaults (pick_first, no retries).
+
     Use it as a context manager, or call ``close()``.
     """
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         timeout: float | None = 60.0,
         options: Sequence[tuple[str, Any]] = (),
@@ -108,6 +117,8 @@ class Client(_Base):
         tls_cert: PemSource | None = None,
         tls_key: PemSource | None = None,
         token: str | None = None,
+        balance: bool = True,
+        retries: int = 5,
     ) -> None:
         super().__init__(
             target,
@@ -119,6 +130,8 @@ class Client(_Base):
             tls_cert=tls_cert,
             tls_key=tls_key,
             token=token,
+            balance=balance,
+            retries=retries,
         )
         credentials = self._credentials
         if credentials is None:
@@ -259,7 +272,7 @@ class AsyncClient(_Base):
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         timeout: float | None = 60.0,
         options: Sequence[tuple[str, Any]] = (),
@@ -269,6 +282,8 @@ class AsyncClient(_Base):
         tls_cert: PemSource | None = None,
         tls_key: PemSource | None = None,
         token: str | None = None,
+        balance: bool = True,
+        retries: int = 5,
     ) -> None:
         super().__init__(
             target,
@@ -280,6 +295,8 @@ class AsyncClient(_Base):
             tls_cert=tls_cert,
             tls_key=tls_key,
             token=token,
+            balance=balance,
+            retries=retries,
         )
         credentials = self._credentials
         if credentials is None:
