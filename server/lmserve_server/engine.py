@@ -171,7 +171,7 @@ class Engine:
                 f"{max_new_tokens} new tokens"
             ) from err
         new_tokens = output[:, prompt_len:].tolist()  # (B, N)
-        return [self._finish_row(row, r) for row, r in zip(new_tokens, requests, strict=True)]
+        return [self.finish_row(row, r) for row, r in zip(new_tokens, requests, strict=True)]
 
     def _left_pad(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(p) for p in prompts)
@@ -182,7 +182,7 @@ class Engine:
             torch.tensor(mask, dtype=torch.long, device=self.input_device),
         )
 
-    def _finish_row(self, tokens: list[int], request: GenerationRequest) -> GenerationOutput:
+    def finish_row(self, tokens: list[int], request: GenerationRequest) -> GenerationOutput:
         """Cuts a row to its own limit, its first EOS, or its first stop string."""
         tokens = tokens[: request.max_new_tokens]
         reason = FinishReason.LENGTH

@@ -53,15 +53,20 @@ class RowStopping(StoppingCriteria):
             if control.cancelled:
                 done[row] = True
         for row, stops in self._stops:
-            if done[row]:
-                continue
-            # A stop string spans at most as many tokens as it has bytes.
-            tail_tokens = max(len(s.encode()) for s in stops)
-            tail = input_ids[row, max(self._prompt_len, input_ids.shape[1] - tail_tokens) :]
-            text = self._tokenizer.decode(tail, skip_special_tokens=True)
-            if any(s in text for s in stops):
-                done[row] = True
+            if not done[row]:
+                row_tokens = input_ids[row, self._prompt_len :].tolist()
+                done[row] = shows_stop(row_tokens, stops, self._tokenizer)
         return done  # type: ignore[return-value]
+
+
+def shows_stop(
+    generated: Sequence[int], stops: Sequence[str], tokenizer: PreTrainedTokenizerBase
+) -> bool:
+    """Whether the end of a row's generated tokens shows one of its stop strings."""
+    # A stop string spans at most as many tokens as it has bytes.
+    tail = generated[-max(len(s.encode()) for s in stops) :]
+    text = tokenizer.decode(list(tail), skip_special_tokens=True)
+    return any(s in text for s in stops)
 
 
 class RowSampler(LogitsProcessor):
@@ -69,7 +74,7 @@ class RowSampler(LogitsProcessor):
 
     def __init__(self, requests: Sequence[GenerationRequest], device: torch.device) -> None:
         self._rows = [
-            (i, r.sampling, _generator(r.sampling, device))
+            (i, r.sampling, row_generator(r.sampling, device))
             for i, r in enumerate(requests)
             if not r.sampling.greedy
         ]
@@ -80,14 +85,20 @@ class RowSampler(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         for row, params, generator in self._rows:
-            probs = _filtered_probs(scores[row], params)  # (V,)
-            token = torch.multinomial(probs, 1, generator=generator)  # (1,)
+            token = sample(scores[row], params, generator)  # (1,)
             scores[row] = float("-inf")
             scores[row, token] = 0.0
         return scores
 
 
-def _generator(params: SamplingParams, device: torch.device) -> torch.Generator:
+def sample(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
+) -> torch.Tensor:
+    """One token id (1,) drawn from a row's logits (V,) with its own settings and generator."""
+    return torch.multinomial(_filtered_probs(logits, params), 1, generator=generator)
+
+
+def row_generator(params: SamplingParams, device: torch.device) -> torch.Generator:
     seed = params.seed if params.seed is not None else random.getrandbits(63)
     return torch.Generator(device=device).manual_seed(seed)
 
