@@ -27,6 +27,7 @@ from lmserve_server.config import ServerConfig
 from lmserve_server.engine import Engine
 from lmserve_server.interceptors import ErrorInterceptor, RequestInterceptor
 from lmserve_server.metrics import Metrics
+from lmserve_server.scheduler import ContinuousScheduler, Scheduler
 from lmserve_server.security import TokenAuthInterceptor, server_credentials
 from lmserve_server.service import SERVICE_NAME, GeneratorService
 from lmserve_server.types import GenerationOutput, GenerationRequest, padded_tokens
@@ -44,14 +45,24 @@ class Daemon:
         # One thread: generate calls run one at a time, off the event loop, so the loop
         # keeps accepting requests while the model works.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmserve-engine")
-        self.batcher: MicroBatcher[GenerationRequest, GenerationOutput] = MicroBatcher(
-            self._run_batch,
-            max_batch_size=config.max_batch_size,
-            max_wait_s=config.max_wait_ms / 1000.0,
-            max_queue=config.max_queue,
-            batch_cost=padded_tokens,
-            max_batch_cost=config.max_batch_tokens or None,
-        )
+        self.batcher: Scheduler
+        if config.scheduler == "continuous":
+            self.batcher = ContinuousScheduler(
+                engine,
+                max_batch_size=config.max_batch_size,
+                max_queue=config.max_queue,
+                max_batch_tokens=config.max_batch_tokens,
+                on_step=self._record_step,
+            )
+        else:
+            self.batcher = MicroBatcher(
+                self._run_batch,
+                max_batch_size=config.max_batch_size,
+                max_wait_s=config.max_wait_ms / 1000.0,
+                max_queue=config.max_queue,
+                batch_cost=padded_tokens,
+                max_batch_cost=config.max_batch_tokens or None,
+            )
         self.health: health.aio.HealthServicer | None = None
         self.server: grpc.aio.Server | None = None
         self.port = 0
@@ -68,6 +79,10 @@ class Daemon:
             return outputs
         finally:
             self._record_batch(len(batch), time.perf_counter() - start, outputs)
+
+    def _record_step(self, rows: int, seconds: float, tokens: int, failed: bool) -> None:
+        # In continuous mode a "batch" is one decode step (called on the decode thread).
+        self.metrics.observe_batch(rows, seconds, tokens, failed=failed)
 
     def _record_batch(
         self, size: int, compute_s: float, outputs: list[GenerationOutput] | None

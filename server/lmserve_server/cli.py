@@ -87,6 +87,15 @@ def _serve_parser(sub: Any) -> None:
     _add(p, "--max-queue", int, 1024, "most requests waiting; more get RESOURCE_EXHAUSTED")
     _add(
         p,
+        "--scheduler",
+        str,
+        "static",
+        "static: one generate() per batch (the design's mode); continuous: iteration-level "
+        "batching, requests join and leave the running batch between decode steps",
+        choices=["static", "continuous"],
+    )
+    _add(
+        p,
         "--max-batch-tokens",
         int,
         0,
@@ -183,6 +192,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,
         max_batch_tokens=args.max_batch_tokens,
+        scheduler=args.scheduler,
         max_prompt_chars=args.max_prompt_chars,
         max_message_bytes=args.max_message_bytes,
         default_max_new_tokens=args.default_max_new_tokens,

@@ -20,6 +20,7 @@ class ServerConfig:
     max_stop_strings: int = 16
     max_stop_chars: int = 256
     max_prompt_chars: int = 100_000  # refused before tokenizing
+    scheduler: str = "static"  # static: one generate per batch | continuous: per decode step
     max_batch_tokens: int = 0  # padded (prompt + max_new_tokens) x rows per batch; 0 = no cap
     max_message_bytes: int = 4 * 1024 * 1024  # gRPC's receive limit for one request
     drain_timeout_s: float = 30.0
@@ -40,6 +41,7 @@ class ServerConfig:
             "max_new_tokens_cap": self.max_new_tokens_cap >= 1,
             "max_prompt_chars": self.max_prompt_chars >= 1,
             "max_batch_tokens": self.max_batch_tokens >= 0,
+            "scheduler": self.scheduler in ("static", "continuous"),
             "max_message_bytes": self.max_message_bytes >= 1024,
             "default_max_new_tokens": 1 <= self.default_max_new_tokens <= self.max_new_tokens_cap,
             "port": 0 <= self.port <= 65535,

@@ -11,10 +11,11 @@ from collections.abc import AsyncIterator
 import grpc
 
 from lmserve.v1 import lmserve_pb2, lmserve_pb2_grpc
-from lmserve_server.batcher import MicroBatcher, Served
+from lmserve_server.batcher import Served
 from lmserve_server.config import ServerConfig
 from lmserve_server.engine import Engine
 from lmserve_server.errors import QueueFullError
+from lmserve_server.scheduler import Scheduler
 from lmserve_server.streaming import TextDeltas
 from lmserve_server.types import FinishReason, GenerationOutput, GenerationRequest, RowControl
 from lmserve_server.validation import RequestLimits, build_generation_request
@@ -32,7 +33,7 @@ class GeneratorService(lmserve_pb2_grpc.GeneratorServicer):
     def __init__(
         self,
         engine: Engine,
-        batcher: MicroBatcher[GenerationRequest, GenerationOutput],
+        batcher: Scheduler,
         config: ServerConfig,
     ) -> None:
         self._engine = engine

@@ -1,0 +1,81 @@
+"""The continuous decode batch alone, on the real checkpoint: rows that join and leave a
+running batch get exactly the tokens the static engine gives them alone."""
+
+from __future__ import annotations
+
+from lmserve_server.continuous import DecodeBatch, Row
+from lmserve_server.engine import Engine
+from lmserve_server.types import FinishReason, RowControl, SamplingParams
+from tests.test_engine import PROMPTS, request
+
+
+def row(engine: Engine, prompt: str, n: int, **kwargs: object) -> Row:
+    return Row(request=request(engine, prompt, n, **kwargs), generator=None)
+
+
+def run_staggered(engine: Engine, rows: list[Row], join_every: int = 3) -> dict[int, list[int]]:
+    """Admits one row every ``join_every`` steps; returns each row's tokens by index."""
+    batch = DecodeBatch(engine)
+    pending = list(enumerate(rows))
+    finished: dict[int, list[int]] = {}
+    index = {id(r): i for i, r in pending}
+    step = 0
+    while pending or len(batch):
+        if pending and step % join_every == 0:
+            _, joining = pending.pop(0)
+            for done in batch.admit([joining]):
+                finished[index[id(done)]] = done.tokens
+        if len(batch):
+            for done in batch.step():
+                finished[index[id(done)]] = done.tokens
+        step += 1
+    return finished
+
+
+def test_rows_joining_and_leaving_get_their_solo_tokens(engine: Engine) -> None:
+    limits = [20, 4, 11, 1, 15, 7, 9, 3]
+    rows = [row(engine, p, n) for p, n in zip(PROMPTS, limits, strict=False)]
+    tokens = run_staggered(engine, rows)
+    for i, (prompt, n) in enumerate(zip(PROMPTS, limits, strict=False)):
+        solo = engine.generate_batch([request(engine, prompt, n)])[0]
+        assert tuple(tokens[i]) == solo.token_ids, prompt
+
+
+def test_a_long_row_leaving_frees_its_padding(engine: Engine) -> None:
+    batch = DecodeBatch(engine)
+    long_prompt = " ".join(["word"] * 60)
+    batch.admit([row(engine, long_prompt, 2), row(engine, "Hi", 10)])
+    before = batch.padded_tokens
+    while len(batch) == 2:
+        batch.step()
+    assert len(batch) == 1
+    assert batch.padded_tokens < before / 4, "the short row must not keep the long one's pads"
+
+
+def test_seeded_sample_matches_the_static_engine(engine: Engine) -> None:
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=42)
+    static = engine.generate_batch([request(engine, "Hello", 12, sampling=seeded)])[0]
+    rows = [row(engine, "The future", 9), row(engine, "Hello", 12, sampling=seeded)]
+    tokens = run_staggered(engine, rows, join_every=2)
+    assert tuple(tokens[1]) == static.token_ids
+
+
+def test_stop_strings_streams_and_cancellation(engine: Engine) -> None:
+    full = engine.generate_batch([request(engine, "Once upon a time", 20)])[0]
+    stop = full.text[len(full.text) // 2 :][:3]
+    streamed: list[int] = []
+    cancelled = RowControl()
+    batch = DecodeBatch(engine)
+    stopping = row(engine, "Once upon a time", 20, stop=(stop,))
+    streaming = row(engine, "Hello", 6, control=RowControl(on_token=streamed.append))
+    leaving = row(engine, "Bye", 50, control=cancelled)
+    done = batch.admit([stopping, streaming, leaving])
+    cancelled.cancel()
+    assert batch.drop_cancelled() == [leaving]
+    while len(batch):
+        done += batch.step()
+    outputs = {id(r): batch.finish(r) for r in done}
+    assert outputs[id(stopping)].finish_reason is FinishReason.STOP
+    assert outputs[id(stopping)].text == full.text[: full.text.index(stop)]
+    assert tuple(streamed) == outputs[id(streaming)].token_ids
+    assert id(leaving) not in outputs
