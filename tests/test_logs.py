@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 
 import grpc
 import pytest
@@ -37,7 +38,14 @@ def test_request_id_round_trips_and_each_call_and_batch_is_logged(
             stub.Generate(lmserve_pb2.GenerateRequest(prompt=""), timeout=30)
         failed_id = _trailing_id(err.value)  # type: ignore[arg-type]
 
-    calls = {r.request_id: r for r in caplog.records if r.name == "lmserve_server.requests"}
+    # The server logs a call once it has ended, which may be just after the client has
+    # its reply: give the daemon's loop a moment.
+    deadline = time.monotonic() + 5
+    while True:
+        calls = {r.request_id: r for r in caplog.records if r.name == "lmserve_server.requests"}
+        if {"req-42", made_up, failed_id} <= calls.keys() or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
     ok = calls["req-42"]
     assert ok.levelno == logging.DEBUG
     assert (ok.method, ok.status) == ("Generate", "OK")

@@ -51,19 +51,29 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or not method.startswith(self._prefix):
             return handler
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        return rewrap(
+            handler,
+            lambda behavior: _wrap_unary(behavior, method),
+            lambda behavior: _wrap_stream(behavior, method),
+        )
+
+
+Wrapper = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def rewrap(
+    handler: grpc.RpcMethodHandler, unary: Wrapper, stream: Wrapper
+) -> grpc.RpcMethodHandler:
+    """``handler`` with its unary-unary or unary-stream behaviour wrapped (others as they are)."""
+    serializers = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **serializers)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream), **serializers)
+    return handler
 
 
 def _wrap_unary(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
@@ -112,19 +122,7 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not method.startswith(self._prefix):
             return handler
         call = _Call(self._metrics, method.rsplit("/", 1)[-1], _request_id(handler_call_details))
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                call.wrap_unary(handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                call.wrap_stream(handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        return rewrap(handler, call.wrap_unary, call.wrap_stream)
 
 
 def _request_id(details: grpc.HandlerCallDetails) -> str:
