@@ -11,8 +11,11 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+import lmserve
 from lmserve import Client
 
 LMSERVE = [sys.executable, "-m", "lmserve_server.cli"]
@@ -37,17 +40,23 @@ def start_daemon(model: Path, *args: str) -> tuple[subprocess.Popen[str], str]:
     raise AssertionError(f"the daemon exited with {proc.wait()} before serving")
 
 
-def test_sigterm_finishes_accepted_requests_and_exits_0(tiny_model_dir: Path) -> None:
+def test_sigterm_drains_under_load_and_exits_0(tiny_model_dir: Path) -> None:
+    """NOT_SERVING at once, new calls UNAVAILABLE, every accepted request finished, exit 0."""
     proc, address = start_daemon(tiny_model_dir, "--max-wait-ms", "5")
     try:
         with Client(address) as client:
             client.wait_ready(timeout=10)
             assert client.tokenize("Hello World") == [15496, 2159]
+        channel = grpc.insecure_channel(address)
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service="lmserve.v1.Generator"), timeout=60
+        )
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         results: list[int] = []
         threads = [
             threading.Thread(
                 target=lambda: results.append(
-                    Client(address, timeout=60).generate("Hi", max_new_tokens=150).completion_tokens
+                    Client(address, timeout=60).generate("Hi", max_new_tokens=300).completion_tokens
                 )
             )
             for _ in range(6)
@@ -56,10 +65,15 @@ def test_sigterm_finishes_accepted_requests_and_exits_0(tiny_model_dir: Path) ->
             t.start()
         time.sleep(0.5)  # let the requests be accepted
         proc.send_signal(signal.SIGTERM)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(lmserve.UnavailableError):
+            Client(address, balance=False).generate("too late", max_new_tokens=1)
+        assert any(t.is_alive() for t in threads), "the drain must happen under load"
         for t in threads:
             t.join(timeout=60)
         assert proc.wait(timeout=60) == 0
-        assert results == [150] * 6
+        assert results == [300] * 6
+        channel.close()
     finally:
         proc.kill()
 
