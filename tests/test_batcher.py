@@ -485,3 +485,31 @@ async def test_a_failing_run_override_fails_its_batch_and_the_loop_goes_on(
         assert "failed a batch" in caplog.text
     finally:
         await asyncio.wait_for(batcher.close(), 2.0)
+
+
+async def test_affinity_batches_the_oldest_with_the_closest_when_more_wait_than_fit(
+    make: Factory,
+) -> None:
+    run = FakeRun(blocked=True)
+    batcher = make(run, max_batch_size=3, max_wait_s=0.01, affinity=float)
+    tasks = submit_all(batcher, [1])
+    await run.wait_batches(1)
+    tasks += submit_all(batcher, [50, 90, 10, 52, 88, 49, 8])
+    await settle()
+    run.gate.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), 2.0)
+    # The oldest (50) goes first with its two closest; then 90 (now oldest) with 88 and 10
+    # (the closest of what is left); then 8. Arrival order inside each batch.
+    assert run.batches == [[1], [50, 52, 49], [90, 10, 88], [8]]
+
+
+async def test_affinity_changes_nothing_while_everything_fits(make: Factory) -> None:
+    run = FakeRun(blocked=True)
+    batcher = make(run, max_batch_size=8, max_wait_s=0.01, affinity=float)
+    tasks = submit_all(batcher, [1])
+    await run.wait_batches(1)
+    tasks += submit_all(batcher, [50, 90, 10])
+    await settle()
+    run.gate.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), 2.0)
+    assert run.batches == [[1], [50, 90, 10]]

@@ -30,7 +30,7 @@ from lmserve_server.metrics import Metrics
 from lmserve_server.scheduler import ContinuousScheduler, Scheduler
 from lmserve_server.security import TokenAuthInterceptor, server_credentials
 from lmserve_server.service import SERVICE_NAME, GeneratorService
-from lmserve_server.types import GenerationOutput, GenerationRequest, padded_tokens
+from lmserve_server.types import GenerationOutput, GenerationRequest, affinity, padded_tokens
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class Daemon:
                 max_queue=config.max_queue,
                 batch_cost=padded_tokens,
                 max_batch_cost=config.max_batch_tokens or None,
+                affinity=affinity if config.group_similar else None,
             )
         self.health: health.aio.HealthServicer | None = None
         self.server: grpc.aio.Server | None = None

@@ -8,6 +8,9 @@ waits until ``max_wait_s`` after the *oldest* waiting item arrived, or until the
 With a ``batch_key``, items whose keys differ never share a batch; each batch is built around
 the oldest waiting item, so nothing starves. With a ``batch_cost`` and ``max_batch_cost`` (e.g.
 padded tokens), a batch also closes when the next waiting item would take it over budget.
+With an ``affinity`` (a number per item), when more items wait than fit, the batch takes the
+oldest and those closest to it, so alike requests share batches; the oldest always goes, so
+nothing waits for ever.
 When ``run_batch`` raises, the batch is split in halves and each half retried, so only an item
 that fails on its own gets the error.
 """
@@ -63,6 +66,7 @@ class MicroBatcher(Generic[T, R]):
         batch_key: Callable[[T], Hashable] | None = None,
         batch_cost: Callable[[Sequence[T]], int] | None = None,
         max_batch_cost: int | None = None,
+        affinity: Callable[[T], float] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_batch_size < 1:
@@ -78,6 +82,7 @@ class MicroBatcher(Generic[T, R]):
         self._batch_key = batch_key
         self._batch_cost = batch_cost
         self._max_batch_cost = max_batch_cost if batch_cost is not None else None
+        self._affinity = affinity
         self._clock = clock
         self._queue: deque[_Pending[T, R]] = deque()
         self._key_counts: dict[Hashable, int] = {}  # waiting items per key
@@ -197,17 +202,29 @@ class MicroBatcher(Generic[T, R]):
         """The next batch: waiting items with ``key`` in arrival order, up to the size limit
         and the cost budget. The oldest always goes in, whatever its cost."""
         batch: list[_Pending[T, R]] = []
-        for pending in self._queue:
+        for pending in self._in_affinity_order(key):
             if len(batch) == self._max_batch_size:
                 break
-            if pending.key != key:
-                continue
             if batch and self._max_batch_cost is not None and self._batch_cost is not None:
                 items = [p.item for p in batch] + [pending.item]
                 if self._batch_cost(items) > self._max_batch_cost:
                     break
             batch.append(pending)
+        if self._affinity is not None:  # back to arrival order
+            position = {id(p): i for i, p in enumerate(self._queue)}
+            batch.sort(key=lambda p: position[id(p)])
         return batch
+
+    def _in_affinity_order(self, key: Hashable) -> list[_Pending[T, R]]:
+        """Waiting items with ``key``: the oldest first, then (with an ``affinity``) the
+        others closest to it, so rows that would pad each other least share a batch; without
+        one, or while they all fit anyway, in arrival order."""
+        same = [p for p in self._queue if p.key == key]
+        if self._affinity is None or len(same) <= self._max_batch_size:
+            return same
+        anchor = self._affinity(same[0].item)
+        rest = sorted(same[1:], key=lambda p: abs(self._affinity(p.item) - anchor))  # type: ignore[misc]
+        return [same[0], *rest]
 
     def _take(self, batch: list[_Pending[T, R]]) -> list[_Pending[T, R]]:
         """Remove ``batch`` from the queue, keeping the order of what stays."""

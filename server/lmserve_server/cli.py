@@ -102,6 +102,14 @@ def _serve_parser(sub: Any) -> None:
         "most padded tokens in one batch: rows x (longest prompt + largest max_new_tokens); "
         "bounds a batch's memory; a single request over it is INVALID_ARGUMENT; 0 = no limit",
     )
+    _add(
+        p,
+        "--group-similar",
+        _bool,
+        True,
+        "static scheduler: when more requests wait than fit in a batch, batch the oldest with "
+        "those closest to it in max_new_tokens and prompt length (the oldest always goes)",
+    )
     _add(p, "--max-prompt-chars", int, 100_000, "longest prompt accepted, in characters")
     _add(p, "--max-message-bytes", int, 4 * 1024 * 1024, "largest gRPC request message accepted")
     _add(p, "--device", str, "auto", "auto (CUDA when available), cpu, cuda or cuda:N")
@@ -193,6 +201,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_queue=args.max_queue,
         max_batch_tokens=args.max_batch_tokens,
         scheduler=args.scheduler,
+        group_similar=args.group_similar,
         max_prompt_chars=args.max_prompt_chars,
         max_message_bytes=args.max_message_bytes,
         default_max_new_tokens=args.default_max_new_tokens,

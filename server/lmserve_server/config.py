@@ -21,6 +21,7 @@ class ServerConfig:
     max_stop_chars: int = 256
     max_prompt_chars: int = 100_000  # refused before tokenizing
     scheduler: str = "static"  # static: one generate per batch | continuous: per decode step
+    group_similar: bool = True  # static: when more wait than fit, batch alike requests
     max_batch_tokens: int = 0  # padded (prompt + max_new_tokens) x rows per batch; 0 = no cap
     max_message_bytes: int = 4 * 1024 * 1024  # gRPC's receive limit for one request
     drain_timeout_s: float = 30.0
