@@ -12,7 +12,8 @@ protobuf::
         print(result.text, result.finish_reason, result.batch_size)
 """
 
-from lmserve.client import USE_CLIENT_DEFAULT, AsyncClient, Client
+from lmserve.aio import AsyncClient
+from lmserve.client import USE_CLIENT_DEFAULT, Client
 from lmserve.errors import (
     DeadlineExceededError,
     InternalError,

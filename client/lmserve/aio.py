@@ -1,0 +1,173 @@
+"""``AsyncClient``: the asyncio twin of ``lmserve.Client`` (same constructor, same
+methods, awaited), for backend services that run on asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Sequence
+from types import TracebackType
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from lmserve.client import USE_CLIENT_DEFAULT, Timeout, _Base
+from lmserve.errors import UnavailableError, from_rpc_error
+from lmserve.security import PemSource
+from lmserve.types import (
+    GenerationResult,
+    ModelInfo,
+    StreamChunk,
+    build_request,
+    chunk_from_proto,
+    model_info_from_proto,
+    result_from_proto,
+)
+from lmserve.v1 import lmserve_pb2, lmserve_pb2_grpc
+
+__all__ = ["AsyncClient"]
+
+
+class AsyncClient(_Base):
+    """The asyncio twin of ``Client``: same constructor, same methods, awaited.
+
+    Build it inside the event loop it will be used on (gRPC's asyncio channel binds to
+    the running loop). Use ``async with``, or ``await close()``.
+    """
+
+    def __init__(
+        self,
+        target: str | Sequence[str],
+        *,
+        timeout: float | None = 60.0,
+        options: Sequence[tuple[str, Any]] = (),
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+        tls_ca: PemSource | None = None,
+        tls_cert: PemSource | None = None,
+        tls_key: PemSource | None = None,
+        token: str | None = None,
+        balance: bool = True,
+        retries: int = 5,
+    ) -> None:
+        super().__init__(
+            target,
+            timeout=timeout,
+            options=options,
+            credentials=credentials,
+            metadata=metadata,
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            token=token,
+            balance=balance,
+            retries=retries,
+        )
+        credentials = self._credentials
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(target, options=self._options)
+        else:
+            self._channel = grpc.aio.secure_channel(target, credentials, options=self._options)
+        self._stub = lmserve_pb2_grpc.GeneratorStub(self._channel)
+
+    async def generate(
+        self,
+        prompt: str,
+        *,
+        max_new_tokens: int = 0,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: str | Iterable[str] = (),
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+    ) -> GenerationResult:
+        """The continuation of ``prompt``, once it is complete (see ``Client.generate``)."""
+        request = build_request(
+            prompt,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop,
+        )
+        try:
+            response = await self._stub.Generate(request, **self._call_kwargs(timeout))
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        return result_from_proto(response)
+
+    async def stream(
+        self,
+        prompt: str,
+        *,
+        max_new_tokens: int = 0,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: str | Iterable[str] = (),
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+    ) -> AsyncIterator[StreamChunk]:
+        """The continuation of ``prompt`` as it is produced (``async for``); the last
+        chunk has a ``finish_reason``. Leaving the loop early cancels the call."""
+        request = build_request(
+            prompt,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop,
+        )
+        call = self._stub.GenerateStream(request, **self._call_kwargs(timeout))
+        try:
+            async for message in call:
+                yield chunk_from_proto(message)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        finally:
+            call.cancel()
+
+    async def tokenize(self, text: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> list[int]:
+        """The token ids of ``text`` under the served model's tokenizer."""
+        try:
+            response = await self._stub.Tokenize(
+                lmserve_pb2.TokenizeRequest(text=text), **self._call_kwargs(timeout)
+            )
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        return list(response.token_ids)
+
+    async def model_info(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> ModelInfo:
+        """The served model and the server's batching settings."""
+        try:
+            response = await self._stub.GetModelInfo(
+                lmserve_pb2.GetModelInfoRequest(), **self._call_kwargs(timeout)
+            )
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        return model_info_from_proto(response)
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Wait until the channel is connected; ``UnavailableError`` after ``timeout`` s."""
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), timeout)
+        except asyncio.TimeoutError:
+            raise UnavailableError(f"{self.target} not ready after {timeout:g}s") from None
+
+    async def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
