@@ -42,6 +42,9 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# The benchmark suite (BENCHMARKS.md): about 16 minutes on a 2-core CPU. ARGS="--only 3"
+# runs one figure, ARGS="--quick" checks the script, and on a GPU host
+# ARGS="--device cuda --dtype float16" runs it in fp16 there.
 bench: $(STAMP) models/gpt2-random
 	$(BIN)/python benchmarks/run.py --model models/gpt2-random $(ARGS)
 

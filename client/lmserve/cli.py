@@ -278,8 +278,9 @@ def _run_info(args: argparse.Namespace) -> int:
 def _registrars() -> list[Registrar]:
     # Commands from other modules are imported here rather than at the top, so that
     # they may import helpers (client_from_args, common_parser) from this module.
+    from lmserve import bench
 
-    return [_add_generate, _add_tokenize, _add_info]
+    return [_add_generate, _add_tokenize, _add_info, bench.add_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,295 @@
+"""Engine performance against the continuous-batching peer, side by side in one run.
+
+    python benchmarks/peer.py --model models/gpt2-random
+
+The workload of the engine-performance issue: 48 requests with 3-150-word prompts and 4-96
+new tokens (seeded, the same for every server), 16 clients in a closed loop; and a uniform
+one: 16 equal requests, 16 clients. The servers, each started, measured and stopped in turn
+(rounds alternate their order, so a slow spell of a shared machine hits all alike):
+
+- lmserve, ``--scheduler static`` (the design's default: one generate per batch),
+- lmserve, ``--scheduler continuous`` (iteration-level batching),
+- a plain static batcher (``static_server.py``: every row runs to its batch's largest
+  max_new_tokens),
+- the peer: ``transformers serve --continuous-batching`` (OpenAI completions over HTTP,
+  driven by a closed-loop client of the same shape).
+
+Every server gets the same prompts and max_new_tokens; throughput counts the tokens each
+server reports it generated. Needs ``pip install 'transformers[serving]'`` for the peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import Setup, daemon, load, say, wait_for_quiet
+
+from lmserve.bench_stats import percentile
+from lmserve.bench_workload import RequestSpec
+
+# Plain English words: prompts that tokenize like text (about 1.3 tokens a word).
+_TEXT = (
+    "the of and to in is was for on that with as by at from his her it an were are which "
+    "this be or has had not but one their new after also who they been its first two more "
+    "time year over other all into only most some city world state would when river house "
+    "music film team game war school party people water system life story"
+)
+WORDS = _TEXT.split()
+
+Measure = Callable[[Sequence[RequestSpec], int], dict[str, float]]
+
+
+def mixed_specs(count: int = 48, seed: int = 0) -> list[RequestSpec]:
+    """Prompts of 3-150 words and 4-96 new tokens, drawn from a seeded generator."""
+    rng = random.Random(seed)
+    return [
+        RequestSpec(" ".join(rng.choices(WORDS, k=rng.randint(3, 150))), rng.randint(4, 96))
+        for _ in range(count)
+    ]
+
+
+def uniform_specs(count: int = 16, words: int = 48, new_tokens: int = 64) -> list[RequestSpec]:
+    rng = random.Random(1)
+    return [RequestSpec(" ".join(rng.choices(WORDS, k=words)), new_tokens) for _ in range(count)]
+
+
+def _summary(latencies: list[float], tokens: int, seconds: float) -> dict[str, float]:
+    return {
+        "tokens_per_s": tokens / seconds,
+        "requests_per_s": len(latencies) / seconds,
+        "p50_ms": percentile(latencies, 50) * 1000,
+        "p99_ms": percentile(latencies, 99) * 1000,
+        "seconds": seconds,
+        "tokens": tokens,
+    }
+
+
+def measure_lmserve(address: str) -> Measure:
+    def run(specs: Sequence[RequestSpec], concurrency: int) -> dict[str, float]:
+        report = load(address, specs, requests=len(specs), concurrency=concurrency).report
+        return {
+            "tokens_per_s": report["throughput"]["tokens_per_s"],
+            "requests_per_s": report["throughput"]["requests_per_s"],
+            "p50_ms": report["latency_ms"]["p50"],
+            "p99_ms": report["latency_ms"]["p99"],
+            "seconds": report["duration_s"],
+            "tokens": report["generated_tokens"],
+        }
+
+    return run
+
+
+def measure_peer(base_url: str, model: str) -> Measure:
+    """A closed loop of ``concurrency`` threads against OpenAI /v1/completions."""
+
+    def run(specs: Sequence[RequestSpec], concurrency: int) -> dict[str, float]:
+        wait_for_quiet()
+        todo = list(specs)
+        lock = threading.Lock()
+        latencies: list[float] = []
+        tokens = [0]
+        errors: list[str] = []
+
+        def worker() -> None:
+            while True:
+                with lock:
+                    if not todo:
+                        return
+                    spec = todo.pop(0)
+                body = {"model": model, "prompt": spec.prompt, "max_tokens": spec.max_new_tokens}
+                request = urllib.request.Request(
+                    f"{base_url}/v1/completions",
+                    data=json.dumps(body).encode(),
+                    headers={"Content-Type": "application/json"},
+                )
+                started = time.perf_counter()
+                try:
+                    with urllib.request.urlopen(request, timeout=900) as reply:
+                        usage = json.load(reply)["usage"]
+                except Exception as err:  # counted, and the figure is refused below
+                    errors.append(repr(err))
+                    continue
+                with lock:
+                    latencies.append(time.perf_counter() - started)
+                    tokens[0] += usage["completion_tokens"]
+
+        threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+        started = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise RuntimeError(f"the peer failed {len(errors)} requests: {errors[:3]}")
+        return _summary(latencies, tokens[0], time.perf_counter() - started)
+
+    return run
+
+
+@contextmanager
+def peer_server(setup: Setup) -> Iterator[str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [
+        os.path.join(os.path.dirname(sys.executable), "transformers"),
+        "serve",
+        setup.model,
+        "--continuous-batching",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--device",
+        setup.device,
+        "--dtype",
+        "float32" if setup.device == "cpu" else "float16",
+    ]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError:
+                assert proc.poll() is None, f"transformers serve exited with {proc.returncode}"
+                assert time.monotonic() < deadline, "transformers serve did not come up"
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def compare(setup: Setup, rounds: int) -> dict[str, Any]:
+    workloads = {"mixed": (mixed_specs(), 16), "uniform": (uniform_specs(), 16)}
+    results: dict[str, dict[str, list[dict[str, float]]]] = {w: {} for w in workloads}
+    servers: list[tuple[str, Callable[[], Any]]] = [
+        ("lmserve static", lambda: daemon(setup)),
+        ("lmserve continuous", lambda: daemon(setup, "--scheduler", "continuous")),
+        ("static batcher", lambda: daemon(setup, static=True)),
+        ("transformers serve CB", lambda: peer_server(setup)),
+    ]
+    for round_ in range(rounds):
+        order = servers if round_ % 2 == 0 else servers[::-1]
+        for name, start in order:
+            with start() as address:
+                if name.startswith("transformers"):
+                    measure = measure_peer(address, setup.model)
+                else:
+                    measure = measure_lmserve(address)
+                measure(uniform_specs(4), 4)  # warm-up, untimed
+                for workload, (specs, concurrency) in workloads.items():
+                    figures = measure(specs, concurrency)
+                    results[workload].setdefault(name, []).append(figures)
+                    say(
+                        f"round {round_ + 1} {workload:>7} {name:>22}: "
+                        f"{figures['tokens_per_s']:6.1f} tok/s {figures['requests_per_s']:5.2f} "
+                        f"req/s p50 {figures['p50_ms']:7.0f} ms p99 {figures['p99_ms']:7.0f} ms"
+                    )
+    return results
+
+
+def grouping(setup: Setup, rounds: int) -> dict[str, dict[str, float]]:
+    """What --group-similar buys the static scheduler: the mixed workload with more clients
+    (16) than batch rows (8), so that batches are chosen from a longer queue."""
+    runs: dict[str, list[dict[str, float]]] = {}
+    variants = [("grouped", "true"), ("arrival order", "false")]
+    for round_ in range(rounds):
+        for name, flag in variants if round_ % 2 == 0 else variants[::-1]:
+            flags = ("--max-batch-size", "8", "--group-similar", flag)
+            with daemon(setup, *flags) as address:
+                measure = measure_lmserve(address)
+                measure(uniform_specs(4), 4)  # warm-up
+                figures = measure(mixed_specs(), 16)
+            runs.setdefault(name, []).append(figures)
+            say(
+                f"round {round_ + 1} static, batch 8, {name:>13}: "
+                f"{figures['tokens_per_s']:6.1f} tok/s p50 {figures['p50_ms']:7.0f} ms "
+                f"p99 {figures['p99_ms']:7.0f} ms"
+            )
+    return {name: median_of(r) for name, r in runs.items()}
+
+
+def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+
+
+def in_process_uniform(setup: Setup) -> float:
+    """tokens/s of one direct generate over the uniform batch: the ceiling for serving it."""
+    from harness import InProcess
+
+    local = InProcess(setup)
+    specs = uniform_specs()
+    local.generate(specs[:4])
+    seconds, rows = local.generate(specs)
+    return sum(len(r) for r in rows) / seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--json", default="bench-results/peer.json")
+    args = parser.parse_args(argv)
+    setup = Setup(model=args.model, device=args.device)
+    results = compare(setup, args.rounds)
+    grouped = grouping(setup, args.rounds)
+    ceiling = in_process_uniform(setup)
+    summary: dict[str, Any] = {
+        "in_process_uniform_tokens_per_s": ceiling,
+        "grouping": grouped,
+        "workloads": {},
+    }
+    say("\nmedians over rounds; ratio = tok/s over the peer's")
+    for workload, by_server in results.items():
+        peer = median_of(by_server["transformers serve CB"])
+        summary["workloads"][workload] = {}
+        for name, runs in by_server.items():
+            m = median_of(runs)
+            m["ratio_to_peer"] = m["tokens_per_s"] / peer["tokens_per_s"]
+            m["p99_vs_peer"] = m["p99_ms"] / peer["p99_ms"]
+            summary["workloads"][workload][name] = m
+            say(
+                f"{workload:>7} {name:>22}: {m['tokens_per_s']:6.1f} tok/s "
+                f"({m['ratio_to_peer']:.2f}x peer), {m['requests_per_s']:.2f} req/s, "
+                f"p50 {m['p50_ms']:.0f} ms, p99 {m['p99_ms']:.0f} ms "
+                f"({m['p99_vs_peer']:.2f}x peer's p99)"
+            )
+    gain = grouped["grouped"]["tokens_per_s"] / grouped["arrival order"]["tokens_per_s"]
+    say(f"--group-similar, batch 8 of 16 clients: {gain:.2f}x the tok/s of arrival order")
+    say(f"in-process generate, uniform batch: {ceiling:.1f} tok/s")
+    for name in ("lmserve static", "lmserve continuous"):
+        uniform = summary["workloads"]["uniform"][name]
+        say(f"uniform {name}: {uniform['tokens_per_s'] / ceiling:.2f} of in-process")
+        uniform["ratio_to_in_process"] = uniform["tokens_per_s"] / ceiling
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"raw": results, "summary": summary}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
