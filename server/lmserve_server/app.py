@@ -38,13 +38,28 @@ _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+def engine_thread() -> ThreadPoolExecutor:
+    """The one thread that makes every torch call of a daemon: loading, warm-up, batches.
+
+    PyTorch gives each OS thread that calls it its own OpenMP team. With two teams (say the
+    model warmed up on one thread and served on another) there are more OpenMP threads than
+    cores, OpenMP stops spinning between parallel regions and every small op of a decode step
+    pays a wake-up: measured here as a slower daemon than the same engine in-process
+    (benchmarks/threads.py).
+    """
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmserve-engine")
+
+
 class Daemon:
-    def __init__(self, config: ServerConfig, engine: Engine) -> None:
+    def __init__(
+        self, config: ServerConfig, engine: Engine, executor: ThreadPoolExecutor | None = None
+    ) -> None:
         self.config = config
         self.engine = engine
-        # One thread: generate calls run one at a time, off the event loop, so the loop
-        # keeps accepting requests while the model works.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmserve-engine")
+        # The engine thread: every torch call runs on it, off the event loop, so the loop
+        # keeps accepting while the model works. Pass the one that loaded and warmed up the
+        # model (see engine_thread()).
+        self._executor = executor or engine_thread()
         self.batcher: Scheduler
         if config.scheduler == "continuous":
             self.batcher = ContinuousScheduler(
@@ -53,6 +68,7 @@ class Daemon:
                 max_queue=config.max_queue,
                 max_batch_tokens=config.max_batch_tokens,
                 on_step=self._record_step,
+                executor=self._executor,
             )
         else:
             self.batcher = MicroBatcher(

@@ -228,21 +228,23 @@ def _auth_token(path: str | None) -> str | None:
 
 async def run_daemon(config: ServerConfig) -> None:
     """Loads and warms the model, serves until SIGTERM/SIGINT, then drains."""
-    from lmserve_server.app import Daemon
+    from lmserve_server.app import Daemon, engine_thread
     from lmserve_server.engine import Engine
 
     # Fed from the loop while the model loads, serves and drains: a stalled loop starves it.
     interval = watchdog_interval()
     watchdog = asyncio.create_task(ping_watchdog(interval)) if interval else None
     try:
-        engine = await asyncio.to_thread(Engine.load, config.engine)
+        # Load, warm up and serve on one thread: see engine_thread() for why.
+        executor = engine_thread()
+        loop = asyncio.get_running_loop()
+        engine = await loop.run_in_executor(executor, Engine.load, config.engine)
         if config.warm_up:
-            await asyncio.to_thread(engine.warm_up)
-        daemon = Daemon(config, engine)
+            await loop.run_in_executor(executor, engine.warm_up)
+        daemon = Daemon(config, engine, executor)
         port = await daemon.start()
         notify(f"READY=1\nSTATUS=serving {engine.name} on {config.host}:{port}")
         stopping = asyncio.Event()
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
         await stopping.wait()

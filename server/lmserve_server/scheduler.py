@@ -16,6 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -65,6 +66,7 @@ class ContinuousScheduler:
         max_queue: int,
         max_batch_tokens: int = 0,
         on_step: StepObserver | None = None,
+        executor: Executor | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._engine = engine
@@ -77,7 +79,9 @@ class ContinuousScheduler:
         self._wake = threading.Condition()
         self._batch = DecodeBatch(engine)
         self._closing = False
-        self._thread: threading.Thread | None = None
+        # The decode loop occupies the daemon's engine thread (one thread for all of torch).
+        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="lmserve-decode")
+        self._running: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -89,10 +93,9 @@ class ContinuousScheduler:
         return len(self._batch) > 0
 
     def start(self) -> None:
-        if self._thread is None:
+        if self._running is None:
             self._loop = asyncio.get_running_loop()
-            self._thread = threading.Thread(target=self._run, name="lmserve-decode", daemon=True)
-            self._thread.start()
+            self._running = self._loop.run_in_executor(self._executor, self._run)
 
     async def submit(self, request: GenerationRequest) -> Served[GenerationOutput]:
         if len(self._inbox) >= self._max_queue:
@@ -123,8 +126,8 @@ class ContinuousScheduler:
                 while self._inbox:
                     self._settle(self._inbox.popleft(), ShuttingDownError("dropped unrun"))
             self._wake.notify()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
+        if self._running is not None:
+            await self._running
 
     # ---- the decode thread ------------------------------------------------------------------
 
