@@ -35,7 +35,9 @@ requests = st.builds(
         },
     ),
     st.text(max_size=60),
-    st.one_of(st.integers(0, 6), st.integers(0, 2**32 - 1)),
+    # Small valid counts, or counts over the cap: a valid 800-token request is no bad input
+    # and would only make the test slow.
+    st.one_of(st.integers(0, 6), st.integers(1025, 2**32 - 1)),
     floats,
     floats,
     st.integers(0, 2**32 - 1),

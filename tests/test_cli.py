@@ -42,7 +42,7 @@ def start_daemon(model: Path, *args: str) -> tuple[subprocess.Popen[str], str]:
 
 def test_sigterm_drains_under_load_and_exits_0(tiny_model_dir: Path) -> None:
     """NOT_SERVING at once, new calls UNAVAILABLE, every accepted request finished, exit 0."""
-    proc, address = start_daemon(tiny_model_dir, "--max-wait-ms", "5")
+    proc, address = start_daemon(tiny_model_dir, "--max-wait-ms", "5", "--drain-timeout", "300")
     try:
         with Client(address) as client:
             client.wait_ready(timeout=10)
@@ -56,7 +56,9 @@ def test_sigterm_drains_under_load_and_exits_0(tiny_model_dir: Path) -> None:
         threads = [
             threading.Thread(
                 target=lambda: results.append(
-                    Client(address, timeout=60).generate("Hi", max_new_tokens=300).completion_tokens
+                    Client(address, timeout=300)
+                    .generate("Hi", max_new_tokens=500)
+                    .completion_tokens
                 )
             )
             for _ in range(6)
@@ -70,9 +72,9 @@ def test_sigterm_drains_under_load_and_exits_0(tiny_model_dir: Path) -> None:
             Client(address, balance=False).generate("too late", max_new_tokens=1)
         assert any(t.is_alive() for t in threads), "the drain must happen under load"
         for t in threads:
-            t.join(timeout=60)
+            t.join(timeout=300)
         assert proc.wait(timeout=60) == 0
-        assert results == [300] * 6
+        assert results == [500] * 6
         channel.close()
     finally:
         proc.kill()
