@@ -35,6 +35,7 @@ from lmserve_server.types import GenerationOutput, GenerationRequest, affinity, 
 log = logging.getLogger(__name__)
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
+_REPLY_FLUSH_S = 2.0
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
@@ -182,8 +183,18 @@ class Daemon:
         log.info("draining (up to %.1f s)", grace)
         assert self.server is not None and self.health is not None, "stop() before start()"
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
-        await self.batcher.close(drain=True)
+        # Accepted requests finish while new ones get UNAVAILABLE from the closed batcher;
+        # only then does the server stop. grpc's own grace would also wait for every health
+        # Watch stream (client-side health checking keeps one open per client), which never
+        # ends by itself, so a drain would always last the whole timeout.
+        closing = asyncio.ensure_future(self.batcher.close(drain=True))
+        try:
+            await asyncio.wait_for(asyncio.shield(closing), timeout=grace)
+        except asyncio.TimeoutError:
+            log.warning("drain timeout (%.1f s) reached; dropping what is still waiting", grace)
+            await self.batcher.close(drain=False)
+            await closing
+        await self.server.stop(_REPLY_FLUSH_S)  # replies already made still go out
         self._executor.shutdown(wait=True)
         await asyncio.to_thread(self.metrics.close)
         log.info("stopped")
