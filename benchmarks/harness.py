@@ -45,6 +45,16 @@ class Setup:
         return [*flags, *self.daemon_flags]
 
 
+_LIVE: set[subprocess.Popen[str]] = set()  # daemons started and not yet stopped
+
+
+def stop_all_daemons() -> None:
+    """SIGTERMs every daemon still running; for a signal handler, where unwinding the
+    stack can't be relied on (an exception raised inside a gRPC callback is swallowed)."""
+    for proc in list(_LIVE):
+        proc.terminate()
+
+
 @contextmanager
 def daemon(setup: Setup, *flags: str, static: bool = False) -> Iterator[str]:
     """A daemon serving ``setup`` on 127.0.0.1:<free port>; yields its address."""
@@ -57,6 +67,7 @@ def daemon(setup: Setup, *flags: str, static: bool = False) -> Iterator[str]:
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
+    _LIVE.add(proc)
     assert proc.stderr is not None
     tail: collections.deque[str] = collections.deque(maxlen=40)
     address = None
@@ -71,6 +82,7 @@ def daemon(setup: Setup, *flags: str, static: bool = False) -> Iterator[str]:
             break
     if address is None or (static and not any("static batching engine" in t for t in tail)):
         proc.kill()
+        _LIVE.discard(proc)
         raise RuntimeError(f"daemon did not start as asked: {' '.join(command)}\n{''.join(tail)}")
     # Keep draining stderr (a log line per batch) so the daemon never blocks on the pipe.
     threading.Thread(target=lambda: tail.extend(proc.stderr or ()), daemon=True).start()
@@ -83,6 +95,7 @@ def daemon(setup: Setup, *flags: str, static: bool = False) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        _LIVE.discard(proc)
 
 
 class InProcess:

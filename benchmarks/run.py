@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from figures import batching, overhead
 from figures_load import mixed, scaling
-from harness import QUICK, QUIET, InProcess, Row, Setup, Sizes, say
+from harness import QUICK, QUIET, InProcess, Row, Setup, Sizes, say, stop_all_daemons
 
 FIGURES = (1, 3, 4, 5)  # figure 2 comes out of figure 1's legs
 
@@ -121,7 +122,15 @@ def _markdown(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM: stop the daemons, then exit at once. Raising SystemExit instead is not
+    enough: raised inside a gRPC callback of the load tester it is swallowed."""
+    stop_all_daemons()
+    os._exit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _terminate)
     args = _parse(argv)
     setup = Setup(args.model, args.device, args.dtype, tuple(shlex.split(args.daemon_flags)))
     sizes = _sizes(args)

@@ -50,7 +50,9 @@ class Progress:
         if self._duration_s is not None and self._total is not None:
             fraction = max(fraction, min(1.0, elapsed / self._duration_s))
         bar = "#" * int(fraction * 24)
-        return f"\r[{bar:<24}] {head}  {rate:6.1f} req/s  {self._errors} errors  {elapsed:5.1f} s"
+        # \r back to the line's start, \x1b[K clears what a longer previous line left.
+        stats = f"{head}  {rate:6.1f} req/s  {self._errors} errors  {elapsed:5.1f} s"
+        return f"\r[{bar:<24}] {stats}\x1b[K"
 
     async def _redraw(self) -> None:
         while True:
