@@ -183,15 +183,19 @@ def peer_server(setup: Setup) -> Iterator[str]:
             proc.kill()
 
 
-def compare(setup: Setup, rounds: int) -> dict[str, Any]:
+PEER = "transformers serve CB"
+
+
+def compare(setup: Setup, rounds: int, only: Sequence[str] = ()) -> dict[str, Any]:
     workloads = {"mixed": (mixed_specs(), 16), "uniform": (uniform_specs(), 16)}
     results: dict[str, dict[str, list[dict[str, float]]]] = {w: {} for w in workloads}
     servers: list[tuple[str, Callable[[], Any]]] = [
         ("lmserve static", lambda: daemon(setup)),
         ("lmserve continuous", lambda: daemon(setup, "--scheduler", "continuous")),
         ("static batcher", lambda: daemon(setup, static=True)),
-        ("transformers serve CB", lambda: peer_server(setup)),
+        (PEER, lambda: peer_server(setup)),
     ]
+    servers = [(name, start) for name, start in servers if not only or name in only]
     for round_ in range(rounds):
         order = servers if round_ % 2 == 0 else servers[::-1]
         for name, start in order:
@@ -254,11 +258,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json", default="bench-results/peer.json")
+    parser.add_argument(
+        "--servers",
+        default="",
+        help="a comma-separated subset of: lmserve static, lmserve continuous, static batcher "
+        "(the peer always runs: every ratio is to it)",
+    )
+    parser.add_argument(
+        "--skip-extras",
+        action="store_true",
+        help="only the side-by-side comparison: no --group-similar legs, no in-process ceiling",
+    )
     args = parser.parse_args(argv)
     setup = Setup(model=args.model, device=args.device)
-    results = compare(setup, args.rounds)
+    only = [n.strip() for n in args.servers.split(",") if n.strip()]
+    results = compare(setup, args.rounds, [*only, PEER] if only else ())
+    if args.skip_extras:
+        return report(args.json, results, None, None)
     grouped = grouping(setup, args.rounds)
     ceiling = in_process_uniform(setup)
+    return report(args.json, results, grouped, ceiling)
+
+
+def report(
+    path: str,
+    results: dict[str, Any],
+    grouped: dict[str, dict[str, float]] | None,
+    ceiling: float | None,
+) -> int:
+    """Prints the medians and ratios and writes them, with every round's figures, as JSON."""
     summary: dict[str, Any] = {
         "in_process_uniform_tokens_per_s": ceiling,
         "grouping": grouped,
@@ -266,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     say("\nmedians over rounds; ratio = tok/s over the peer's")
     for workload, by_server in results.items():
-        peer = median_of(by_server["transformers serve CB"])
+        peer = median_of(by_server[PEER])
         summary["workloads"][workload] = {}
         for name, runs in by_server.items():
             m = median_of(runs)
@@ -279,15 +307,18 @@ def main(argv: list[str] | None = None) -> int:
                 f"p50 {m['p50_ms']:.0f} ms, p99 {m['p99_ms']:.0f} ms "
                 f"({m['p99_vs_peer']:.2f}x peer's p99)"
             )
-    gain = grouped["grouped"]["tokens_per_s"] / grouped["arrival order"]["tokens_per_s"]
-    say(f"--group-similar, batch 8 of 16 clients: {gain:.2f}x the tok/s of arrival order")
-    say(f"in-process generate, uniform batch: {ceiling:.1f} tok/s")
-    for name in ("lmserve static", "lmserve continuous"):
-        uniform = summary["workloads"]["uniform"][name]
-        say(f"uniform {name}: {uniform['tokens_per_s'] / ceiling:.2f} of in-process")
-        uniform["ratio_to_in_process"] = uniform["tokens_per_s"] / ceiling
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"raw": results, "summary": summary}, indent=2))
+    if grouped is not None:
+        gain = grouped["grouped"]["tokens_per_s"] / grouped["arrival order"]["tokens_per_s"]
+        say(f"--group-similar, batch 8 of 16 clients: {gain:.2f}x the tok/s of arrival order")
+    if ceiling is not None:
+        say(f"in-process generate, uniform batch: {ceiling:.1f} tok/s")
+        for name in ("lmserve static", "lmserve continuous"):
+            uniform = summary["workloads"]["uniform"].get(name)
+            if uniform:
+                say(f"uniform {name}: {uniform['tokens_per_s'] / ceiling:.2f} of in-process")
+                uniform["ratio_to_in_process"] = uniform["tokens_per_s"] / ceiling
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({"raw": results, "summary": summary}, indent=2))
     return 0
 
 

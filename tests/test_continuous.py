@@ -3,9 +3,13 @@ running batch get exactly the tokens the static engine gives them alone."""
 
 from __future__ import annotations
 
+import random
+
+import pytest
+
 from lmserve_server.continuous import DecodeBatch, Row
 from lmserve_server.engine import Engine
-from lmserve_server.types import FinishReason, RowControl, SamplingParams
+from lmserve_server.types import FinishReason, GenerationRequest, RowControl, SamplingParams
 from tests.test_engine import PROMPTS, request
 
 
@@ -79,3 +83,37 @@ def test_stop_strings_streams_and_cancellation(engine: Engine) -> None:
     assert outputs[id(stopping)].text == full.text[: full.text.index(stop)]
     assert tuple(streamed) == outputs[id(streaming)].token_ids
     assert id(leaving) not in outputs
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_joins_and_leaves_get_their_solo_tokens(engine: Engine, seed: int) -> None:
+    """Groups of 1-4 rows with 1-120-token prompts join at random steps, so the slot cache
+    grows its slots and columns, shifts its window right for a wider prompt, moves it back
+    to column 0 at the end of its buffers, and fills freed slots with the last row."""
+    rng = random.Random(seed)
+    requests = [
+        GenerationRequest(
+            tuple(rng.randrange(50000) for _ in range(rng.randint(1, 120))), rng.randint(1, 150)
+        )
+        for _ in range(14)
+    ]
+    batch = DecodeBatch(engine, max_rows=2)
+    pending = [Row(request=r, generator=None) for r in requests]
+    index = {id(r): i for i, r in enumerate(pending)}
+    finished: dict[int, list[int]] = {}
+    grew, moved = set(), 0
+    while pending or len(batch):
+        if pending and (not len(batch) or rng.random() < 0.3):
+            count = rng.randint(1, 4)
+            joining, pending = pending[:count], pending[count:]
+            for done in batch.admit(joining):
+                finished[index[id(done)]] = done.tokens
+        if len(batch):
+            end = batch._cache.end
+            for done in batch.step():
+                finished[index[id(done)]] = done.tokens
+            moved += batch._cache.end != end + 1
+        grew.add((batch._cache.slots, batch._cache.capacity))
+    assert len(grew) > 2 and moved, "the run must make the cache grow and move"
+    for i, r in enumerate(requests):
+        assert tuple(finished[i]) == engine.generate_batch([r])[0].token_ids, i

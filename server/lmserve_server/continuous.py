@@ -2,15 +2,16 @@
 that rows join and leave between steps. Synchronous and model-side; ``scheduler.py`` runs it
 on a thread and talks to asyncio.
 
-The running batch is left-aligned like a static batch: every row's KV cache is padded on the
-left to a common length and an attention mask hides the pads, so the model's forward is the
-same as ``generate``'s. Between steps:
+The running batch's KV cache is a ``SlotCache`` (``slots.py``): preallocated buffers that a
+decode step writes in place, one slot per row, one shared write column, each row masked to
+its own columns. Between steps:
 
-- joining rows are prefilled together (one left-padded forward), and their caches are padded
-  to the running batch's length and concatenated to it;
+- joining rows are prefilled in groups of similar prompt length (one left-padded forward per
+  group, logits for the last position only) and their keys and values are written into free
+  slots;
 - finished rows (EOS, their own max_new_tokens, a stop string, a cancelled caller) leave at
-  once (``batch_select_indices``), and the columns that have become padding for every row
-  are cut off, so nobody pays for a row that is gone.
+  once: the last row moves into the freed slot, and the attended window starts at the oldest
+  remaining row's first column, so nobody pays for a row that is gone.
 
 Each row keeps its own settings, as in the static engine: its own sampler and random
 generator (``rows.sample``), stop strings, stream callback and position ids.
@@ -28,7 +29,11 @@ from transformers import DynamicCache
 
 from lmserve_server.engine import Engine
 from lmserve_server.rows import row_generator, sample, shows_stop
+from lmserve_server.slots import SlotCache
 from lmserve_server.types import GenerationOutput, GenerationRequest
+
+# Padding a prefill group may add this share of its real tokens before a new group starts.
+PREFILL_WASTE = 0.25
 
 
 @dataclass(eq=False)
@@ -43,53 +48,52 @@ class DecodeBatch:
     """The running batch. ``admit`` prefills new rows; ``step`` decodes one token for every
     row and returns the rows that finished. Not thread-safe: one thread drives it."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(
+        self, engine: Engine, *, max_rows: int = 0, prefill_waste: float = PREFILL_WASTE
+    ) -> None:
         self._engine = engine
         self._model: Any = engine.model
         self._device = engine.input_device
         self._eos = engine.eos_token_id
-        self.rows: list[Row] = []
-        self._cache: Any = None  # a DynamicCache while rows run
-        self._mask = torch.zeros((0, 0), dtype=torch.long, device=self._device)  # (B, L)
+        self._prefill_waste = prefill_waste
+        self.rows: list[Row] = []  # row i lives in cache slot i
+        config = self._model.config.get_text_config()
+        self._cache = SlotCache(int(config.num_hidden_layers), self._device, max_rows)
         self._last = torch.zeros((0,), dtype=torch.long, device=self._device)  # (B,)
         # transformers 5.x renames forward's past_key_values to cache; take what it has.
         forward_params = inspect.signature(self._model.forward).parameters
         self._cache_arg = "cache" if "cache" in forward_params else "past_key_values"
+        # Prefill needs the last position's logits only; the LM head on every prompt
+        # position would cost a third of the prefill on GPT-2.
+        self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in forward_params else {}
+        attention = getattr(self._model.config, "_attn_implementation", "sdpa")
+        if attention not in ("sdpa", "eager"):
+            raise ValueError(
+                f"--scheduler continuous needs sdpa or eager attention, not {attention!r}"
+            )
+        self._boolean_mask = attention == "sdpa"
 
     def __len__(self) -> int:
         return len(self.rows)
 
     @property
     def padded_tokens(self) -> int:
-        """Rows x cached length: what the batch holds in its KV cache now."""
-        return self._mask.shape[0] * self._mask.shape[1]
+        """Rows x attended columns: what a decode step reads of the KV cache now."""
+        return len(self.rows) * self._cache.window
 
     def admit(self, rows: Sequence[Row]) -> list[Row]:
-        """Prefills ``rows`` in one forward, picks each one's first token and adds them to
-        the running batch. Returns the rows that are already finished."""
-        prompts = [r.request.prompt_ids for r in rows]
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor(
-            [[self._eos] * (width - len(p)) + list(p) for p in prompts], device=self._device
-        )  # (N, T)
-        mask = torch.tensor(
-            [[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self._device
-        )  # (N, T)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (N, T)
-        cache = DynamicCache(config=self._model.config)
-        logits = self._forward(ids, mask, positions, cache)  # (N, V)
-        for row in rows:
-            if not row.request.sampling.greedy:
-                row.generator = row_generator(row.request.sampling, self._device)
-        first = self._pick(logits, rows)  # (N,)
-        self._join(rows, cache, mask, first)
-        return self._collect(first.tolist(), rows)
+        """Prefills ``rows`` (in groups of alike length), picks each one's first token and
+        adds them to the running batch. Returns the rows that are already finished."""
+        finished = []
+        for group in prefill_groups(rows, self._prefill_waste):
+            finished += self._admit_group(group)
+        return finished
 
     def step(self) -> list[Row]:
         """One decode step for every running row; returns the rows that finished."""
-        self._mask = torch.cat([self._mask, self._mask.new_ones((len(self.rows), 1))], dim=1)
-        positions = self._mask.sum(dim=1, keepdim=True) - 1  # (B, 1)
-        logits = self._forward(self._last[:, None], self._mask, positions, self._cache)
+        mask, positions = self._cache.step_inputs()  # (B, 1, 1, W+1), (B, 1)
+        logits = self._forward(self._last[:, None], self._attention(mask), positions, self._cache)
+        self._cache.advance()
         self._last = self._pick(logits, self.rows)  # (B,)
         return self._collect(self._last.tolist(), self.rows)
 
@@ -105,8 +109,35 @@ class DecodeBatch:
 
     # ---- the steps' parts -------------------------------------------------------------------
 
+    def _admit_group(self, rows: Sequence[Row]) -> list[Row]:
+        prompts = [r.request.prompt_ids for r in rows]
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor(
+            [[self._eos] * (width - len(p)) + list(p) for p in prompts], device=self._device
+        )  # (N, T)
+        mask = torch.tensor(
+            [[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self._device
+        )  # (N, T)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (N, T)
+        prefilled: Any = DynamicCache(config=self._model.config)
+        logits = self._forward(ids, mask, positions, prefilled, **self._last_logits_only)
+        for row in rows:
+            if not row.request.sampling.greedy:
+                row.generator = row_generator(row.request.sampling, self._device)
+        first = self._pick(logits, rows)  # (N,)
+        layers = [(layer.keys, layer.values) for layer in prefilled.layers]
+        self._cache.join(layers, [len(p) for p in prompts])
+        self.rows += rows
+        self._last = torch.cat([self._last, first])
+        return self._collect(first.tolist(), rows)
+
     def _forward(
-        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: Any,
+        **extra: Any,
     ) -> torch.Tensor:
         with torch.inference_mode():
             out = self._model(
@@ -115,8 +146,18 @@ class DecodeBatch:
                 position_ids=positions,
                 use_cache=True,
                 **{self._cache_arg: cache},
+                **extra,
             )
         return out.logits[:, -1].float()  # (B, V)
+
+    def _attention(self, allowed: torch.Tensor) -> torch.Tensor:
+        """A 4D mask as the model's attention wants it: boolean for sdpa, additive for eager."""
+        if self._boolean_mask:
+            return allowed
+        blocked = torch.finfo(self._model.dtype).min
+        return torch.zeros(allowed.shape, dtype=self._model.dtype, device=self._device).masked_fill(
+            ~allowed, blocked
+        )
 
     def _pick(self, logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
         """Greedy argmax for every row, then each sampling row draws with its own settings."""
@@ -125,26 +166,6 @@ class DecodeBatch:
             if row.generator is not None:
                 picked[i] = sample(logits[i], row.request.sampling, row.generator)[0]
         return picked
-
-    def _join(
-        self, rows: Sequence[Row], cache: Any, mask: torch.Tensor, first: torch.Tensor
-    ) -> None:
-        if self._cache is None or not self.rows:
-            self._cache, self._mask, self._last = cache, mask, first
-            self.rows = list(rows)
-            return
-        width = max(self._mask.shape[1], mask.shape[1])
-        layers = [
-            (
-                torch.cat([_pad_left(old.keys, width), _pad_left(new.keys, width)]),
-                torch.cat([_pad_left(old.values, width), _pad_left(new.values, width)]),
-            )
-            for old, new in zip(self._cache.layers, cache.layers, strict=True)
-        ]  # each (B + N, H, L, D)
-        self._cache = DynamicCache(ddp_cache_data=layers, config=self._model.config)
-        self._mask = torch.cat([_pad_left_2d(self._mask, width), _pad_left_2d(mask, width)])
-        self._last = torch.cat([self._last, first])
-        self.rows += rows
 
     def _collect(self, tokens: list[int], rows: Sequence[Row]) -> list[Row]:
         """Appends each row's new token, streams it, and removes the rows that are done."""
@@ -165,29 +186,27 @@ class DecodeBatch:
         return done
 
     def _remove(self, gone: Sequence[Row]) -> None:
-        keep = [i for i, row in enumerate(self.rows) if row not in gone]
-        self.rows = [self.rows[i] for i in keep]
-        if not keep:
-            self._cache = None
-            self._mask = self._mask[:0, :0]
-            self._last = self._last[:0]
-            return
-        index = torch.tensor(keep, device=self._device)
-        self._cache.batch_select_indices(index)
-        self._mask, self._last = self._mask[index], self._last[index]
-        # Columns that are now padding for every row cost every step: cut them.
-        start = int(self._mask.argmax(dim=1).min())  # first real column of the longest row
-        if start:
-            for layer in self._cache.layers:
-                layer.keys = layer.keys[:, :, start:]
-                layer.values = layer.values[:, :, start:]
-            self._mask = self._mask[:, start:]
+        slots = [i for i, row in enumerate(self.rows) if row in gone]
+        order = self._cache.remove(slots)
+        self.rows = [self.rows[i] for i in order]
+        self._last = self._last[torch.tensor(order, dtype=torch.long, device=self._device)]
 
 
-def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
-    """(B, H, L, D) -> (B, H, width, D) with zeros on the left."""
-    return torch.nn.functional.pad(t, (0, 0, width - t.shape[2], 0))
-
-
-def _pad_left_2d(mask: torch.Tensor, width: int) -> torch.Tensor:
-    return torch.nn.functional.pad(mask, (width - mask.shape[1], 0))
+def prefill_groups(rows: Sequence[Row], waste: float) -> list[list[Row]]:
+    """Rows by prompt length, longest first, cut into groups whose padding stays within
+    ``waste`` of their real tokens: padding a 10-token prompt to 150 would cost more than
+    a forward of its own."""
+    ordered = sorted(rows, key=lambda r: len(r.request.prompt_ids), reverse=True)
+    groups: list[list[Row]] = []
+    real = 0
+    for row in ordered:
+        length = len(row.request.prompt_ids)
+        if groups:
+            width = len(groups[-1][0].request.prompt_ids)
+            if width * (len(groups[-1]) + 1) <= (1 + waste) * (real + length):
+                groups[-1].append(row)
+                real += length
+                continue
+        groups.append([row])
+        real = length
+    return groups

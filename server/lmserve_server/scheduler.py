@@ -77,7 +77,7 @@ class ContinuousScheduler:
         self._clock = clock
         self._inbox: deque[_Ticket] = deque()
         self._wake = threading.Condition()
-        self._batch = DecodeBatch(engine)
+        self._batch = DecodeBatch(engine, max_rows=max_batch_size)
         self._closing = False
         # The decode loop occupies the daemon's engine thread (one thread for all of torch).
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="lmserve-decode")
@@ -146,7 +146,7 @@ class ContinuousScheduler:
                 failed = [r.ticket for r in self._batch.rows] + [r.ticket for r in joining]
                 for ticket in {id(t): t for t in failed}.values():
                     self._settle(ticket, err)
-                self._batch = DecodeBatch(self._engine)
+                self._batch = DecodeBatch(self._engine, max_rows=self._max_batch_size)
                 if self._on_step:
                     self._on_step(len(failed), 0.0, 0, True)
 
