@@ -25,12 +25,9 @@ def run_staggered(engine: Engine, rows: list[Row], join_every: int = 3) -> dict[
     index = {id(r): i for i, r in pending}
     step = 0
     while pending or len(batch):
-        if pending and step % join_every == 0:
-            _, joining = pending.pop(0)
-            for done in batch.admit([joining]):
-                finished[index[id(done)]] = done.tokens
-        if len(batch):
-            for done in batch.step():
+        joining = [pending.pop(0)[1]] if pending and step % join_every == 0 else []
+        if len(batch) or joining:
+            for done in batch.step(joining):
                 finished[index[id(done)]] = done.tokens
         step += 1
     return finished
@@ -48,7 +45,7 @@ def test_rows_joining_and_leaving_get_their_solo_tokens(engine: Engine) -> None:
 def test_a_long_row_leaving_frees_its_padding(engine: Engine) -> None:
     batch = DecodeBatch(engine)
     long_prompt = " ".join(["word"] * 60)
-    batch.admit([row(engine, long_prompt, 2), row(engine, "Hi", 10)])
+    batch.step([row(engine, long_prompt, 2), row(engine, "Hi", 10)])
     before = batch.padded_tokens
     while len(batch) == 2:
         batch.step()
@@ -73,7 +70,7 @@ def test_stop_strings_streams_and_cancellation(engine: Engine) -> None:
     stopping = row(engine, "Once upon a time", 20, stop=(stop,))
     streaming = row(engine, "Hello", 6, control=RowControl(on_token=streamed.append))
     leaving = row(engine, "Bye", 50, control=cancelled)
-    done = batch.admit([stopping, streaming, leaving])
+    done = batch.step([stopping, streaming, leaving])
     cancelled.cancel()
     assert batch.drop_cancelled() == [leaving]
     while len(batch):
@@ -103,17 +100,34 @@ def test_random_joins_and_leaves_get_their_solo_tokens(engine: Engine, seed: int
     finished: dict[int, list[int]] = {}
     grew, moved = set(), 0
     while pending or len(batch):
+        joining: list[Row] = []
         if pending and (not len(batch) or rng.random() < 0.3):
             count = rng.randint(1, 4)
             joining, pending = pending[:count], pending[count:]
-            for done in batch.admit(joining):
-                finished[index[id(done)]] = done.tokens
-        if len(batch):
-            end = batch._cache.end
-            for done in batch.step():
-                finished[index[id(done)]] = done.tokens
-            moved += batch._cache.end != end + 1
+        running, end = len(batch), batch._cache.end
+        for done in batch.step(joining):
+            finished[index[id(done)]] = done.tokens
+        moved += bool(running) and batch._cache.end != end + 1  # the window was moved
         grew.add((batch._cache.slots, batch._cache.capacity))
     assert len(grew) > 2 and moved, "the run must make the cache grow and move"
     for i, r in enumerate(requests):
         assert tuple(finished[i]) == engine.generate_batch([r])[0].token_ids, i
+
+
+def test_the_window_moves_back_when_it_reaches_the_end_of_the_buffers(engine: Engine) -> None:
+    """A 60-token prompt sizes the buffers; after it leaves, a short row decodes on until
+    its column reaches their end, and its keys move back to column 0 instead of growing."""
+    long_row = row(engine, " ".join(["word"] * 60), 10)
+    short_row = row(engine, "Hi", 150)
+    batch = DecodeBatch(engine)
+    batch.step([long_row])
+    batch.step([short_row])
+    capacity, moves = batch._cache.capacity, 0
+    done: list[Row] = []
+    while len(batch):
+        end = batch._cache.end
+        done += batch.step()
+        moves += batch._cache.end < end
+    assert moves and batch._cache.capacity > capacity, "it moves first, grows later"
+    solo = engine.generate_batch([short_row.request])[0]
+    assert tuple(short_row.tokens) == solo.token_ids

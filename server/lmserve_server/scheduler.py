@@ -169,16 +169,12 @@ class ContinuousScheduler:
 
     def _advance(self, joining: list[Row]) -> None:
         started = time.perf_counter()
-        finished = []
+        rows = len(self._batch)
         if joining:
             now = self._clock()
-            size = len(self._batch) + len(joining)
             for row in joining:
-                row.ticket.admitted, row.ticket.batch_size = now, size
-            finished += self._batch.admit(joining)
-        rows = len(self._batch)
-        if rows:
-            finished += self._batch.step()
+                row.ticket.admitted, row.ticket.batch_size = now, rows + len(joining)
+        finished = self._batch.step(joining)
         self._batch.drop_cancelled()
         for row in finished:
             ticket = row.ticket
@@ -193,8 +189,10 @@ class ContinuousScheduler:
                     done_at - ticket.admitted,
                 ),
             )
-        if self._on_step:  # joining rows made a token in prefill, every running row one more
-            self._on_step(rows, time.perf_counter() - started, len(joining) + rows, False)
+        if self._on_step:  # every running row and every joiner made a token
+            self._on_step(
+                rows + len(joining), time.perf_counter() - started, rows + len(joining), False
+            )
 
     def _settle(self, ticket: _Ticket, outcome: Served[GenerationOutput] | Exception) -> None:
         assert self._loop is not None
