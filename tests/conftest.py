@@ -27,6 +27,20 @@ def engine(tiny_model_dir: Path) -> Engine:
     return Engine.load(EngineConfig(model=str(tiny_model_dir)))
 
 
+@pytest.fixture(scope="session")
+def packed_engine(tiny_model_dir: Path) -> Engine:
+    """The same checkpoint with its linear layers packed (``--pack-weights``)."""
+    return Engine.load(EngineConfig(model=str(tiny_model_dir), pack_weights=True))
+
+
+def engine_for(config: ServerConfig, request: pytest.FixtureRequest) -> Engine:
+    """The session's engine that ``config.engine`` asks for: packed or not."""
+    engine: Engine = request.getfixturevalue(
+        "packed_engine" if config.engine.pack_weights else "engine"
+    )
+    return engine
+
+
 class RunningDaemon:
     """A Daemon serving on 127.0.0.1:<free port> from its own event loop in a thread."""
 
@@ -57,16 +71,17 @@ def daemon_config(tiny_model_dir: Path) -> ServerConfig:
 
 
 @pytest.fixture(scope="module")
-def daemon(daemon_config: ServerConfig, engine: Engine) -> Iterator[RunningDaemon]:
-    running = RunningDaemon(daemon_config, engine)
+def daemon(daemon_config: ServerConfig, request: pytest.FixtureRequest) -> Iterator[RunningDaemon]:
+    running = RunningDaemon(daemon_config, engine_for(daemon_config, request))
     yield running
     running.stop()
 
 
 @pytest.fixture
-def make_daemon(daemon_config: ServerConfig, engine: Engine) -> Iterator[object]:
+def make_daemon(daemon_config: ServerConfig, request: pytest.FixtureRequest) -> Iterator[object]:
     """Starts daemons with changed settings; all are stopped after the test."""
     started: list[RunningDaemon] = []
+    engine = engine_for(daemon_config, request)
 
     def start(**changes: object) -> RunningDaemon:
         running = RunningDaemon(replace(daemon_config, **changes), engine)  # type: ignore[arg-type]

@@ -122,3 +122,19 @@ def test_make_test_model_writes_a_loadable_checkpoint(tmp_path: Path, size: str)
     assert "lmserve serve --model" in out
     names = {p.name for p in (tmp_path / "m").iterdir()}
     assert {"config.json", "model.safetensors", "vocab.json", "merges.txt"} <= names
+
+
+@pytest.mark.parametrize(
+    ("flags", "packed"),
+    [
+        ([], False),
+        (["--scheduler", "continuous"], True),
+        (["--scheduler", "continuous", "--pack-weights", "false"], False),
+        (["--pack-weights", "true"], True),
+    ],
+)
+def test_pack_weights_auto_follows_the_scheduler(flags: list[str], packed: bool) -> None:
+    from lmserve_server.cli import build_parser, config_from_args
+
+    config = config_from_args(build_parser().parse_args(["serve", *flags]))
+    assert config.engine.pack_weights is packed

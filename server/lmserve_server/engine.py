@@ -30,6 +30,7 @@ from transformers import (
 )
 
 from lmserve_server.errors import ModelLoadError, OutOfMemoryError
+from lmserve_server.packing import pack_linears
 from lmserve_server.rows import RowSampler, RowStopping, RowStreamer
 from lmserve_server.types import FinishReason, GenerationOutput, GenerationRequest
 
@@ -43,6 +44,7 @@ class EngineConfig:
     model: str = "gpt2"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float16 | bfloat16 | float32
+    pack_weights: bool = False  # prepack linear weights for oneDNN (float32 on CPU only)
 
 
 def resolve_device(device: str) -> str:
@@ -111,6 +113,8 @@ class Engine:
         if "device_map" not in model_kwargs:
             model.to(torch.device(device))  # type: ignore[arg-type]
         model.eval()
+        if config.pack_weights and not pack_linears(model):
+            log.warning("--pack-weights: only a float32 model on a CPU with oneDNN is packed")
         engine = cls(model, tokenizer, config.model)
         log.info(
             "loaded %s on %s as %s (context %d tokens)",
