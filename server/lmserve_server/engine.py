@@ -114,7 +114,7 @@ class Engine:
             model.to(torch.device(device))  # type: ignore[arg-type]
         model.eval()
         if config.pack_weights and not pack_linears(model):
-            log.warning("--pack-weights: only a float32 model on a CPU with oneDNN is packed")
+            log.info("weights left unpacked: --pack-weights is for float32 on a CPU with oneDNN")
         engine = cls(model, tokenizer, config.model)
         log.info(
             "loaded %s on %s as %s (context %d tokens)",
