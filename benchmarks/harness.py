@@ -101,10 +101,12 @@ def daemon(setup: Setup, *flags: str, static: bool = False) -> Iterator[str]:
 class InProcess:
     """The baseline: the daemon's ``Engine`` called directly, text in and text out."""
 
-    def __init__(self, setup: Setup) -> None:
+    def __init__(self, setup: Setup, *, pack_weights: bool = False) -> None:
         from lmserve_server.engine import Engine, EngineConfig
 
-        config = EngineConfig(model=setup.model, device=setup.device, dtype=setup.dtype)
+        config = EngineConfig(
+            model=setup.model, device=setup.device, dtype=setup.dtype, pack_weights=pack_weights
+        )
         self.engine = Engine.load(config)
         self.engine.warm_up()
 

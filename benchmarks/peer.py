@@ -3,12 +3,14 @@
     python benchmarks/peer.py --model models/gpt2-random
 
 The workload of the engine-performance issue: 48 requests with 3-150-word prompts and 4-96
-new tokens (seeded, the same for every server), 16 clients in a closed loop; and a uniform
-one: 16 equal requests, 16 clients. The servers, each started, measured and stopped in turn
-(rounds alternate their order, so a slow spell of a shared machine hits all alike):
+new tokens (seeded, the same for every server), 16 clients in a closed loop; a uniform one:
+16 equal requests, 16 clients; and a single client sending 6 requests one after another
+(what a quiet server gives one caller). The servers, each started, measured and stopped in
+turn (rounds alternate their order, so a slow spell of a shared machine hits all alike):
 
 - lmserve, ``--scheduler static`` (the design's default: one generate per batch),
-- lmserve, ``--scheduler continuous`` (iteration-level batching),
+- lmserve, ``--scheduler static --pack-weights true`` (the same, linear weights prepacked),
+- lmserve, ``--scheduler continuous`` (iteration-level batching; packs by default),
 - a plain static batcher (``static_server.py``: every row runs to its batch's largest
   max_new_tokens),
 - the peer: ``transformers serve --continuous-batching`` (OpenAI completions over HTTP,
@@ -187,10 +189,15 @@ PEER = "transformers serve CB"
 
 
 def compare(setup: Setup, rounds: int, only: Sequence[str] = ()) -> dict[str, Any]:
-    workloads = {"mixed": (mixed_specs(), 16), "uniform": (uniform_specs(), 16)}
+    workloads = {
+        "mixed": (mixed_specs(), 16),
+        "uniform": (uniform_specs(), 16),
+        "single": (uniform_specs(6, new_tokens=32), 1),
+    }
     results: dict[str, dict[str, list[dict[str, float]]]] = {w: {} for w in workloads}
     servers: list[tuple[str, Callable[[], Any]]] = [
         ("lmserve static", lambda: daemon(setup)),
+        ("lmserve static packed", lambda: daemon(setup, "--pack-weights", "true")),
         ("lmserve continuous", lambda: daemon(setup, "--scheduler", "continuous")),
         ("static batcher", lambda: daemon(setup, static=True)),
         (PEER, lambda: peer_server(setup)),
@@ -241,11 +248,11 @@ def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
     return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
 
 
-def in_process_uniform(setup: Setup) -> float:
+def in_process_uniform(setup: Setup, *, pack_weights: bool) -> float:
     """tokens/s of one direct generate over the uniform batch: the ceiling for serving it."""
     from harness import InProcess
 
-    local = InProcess(setup)
+    local = InProcess(setup, pack_weights=pack_weights)
     specs = uniform_specs()
     local.generate(specs[:4])
     seconds, rows = local.generate(specs)
@@ -276,19 +283,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.skip_extras:
         return report(args.json, results, None, None)
     grouped = grouping(setup, args.rounds)
-    ceiling = in_process_uniform(setup)
-    return report(args.json, results, grouped, ceiling)
+    ceilings = {
+        "unpacked": in_process_uniform(setup, pack_weights=False),
+        "packed": in_process_uniform(setup, pack_weights=True),
+    }
+    return report(args.json, results, grouped, ceilings)
 
 
 def report(
     path: str,
     results: dict[str, Any],
     grouped: dict[str, dict[str, float]] | None,
-    ceiling: float | None,
+    ceilings: dict[str, float] | None,
 ) -> int:
     """Prints the medians and ratios and writes them, with every round's figures, as JSON."""
     summary: dict[str, Any] = {
-        "in_process_uniform_tokens_per_s": ceiling,
+        "in_process_uniform_tokens_per_s": ceilings,
         "grouping": grouped,
         "workloads": {},
     }
@@ -310,13 +320,21 @@ def report(
     if grouped is not None:
         gain = grouped["grouped"]["tokens_per_s"] / grouped["arrival order"]["tokens_per_s"]
         say(f"--group-similar, batch 8 of 16 clients: {gain:.2f}x the tok/s of arrival order")
-    if ceiling is not None:
-        say(f"in-process generate, uniform batch: {ceiling:.1f} tok/s")
-        for name in ("lmserve static", "lmserve continuous"):
+    if ceilings is not None:
+        for weights, ceiling in ceilings.items():
+            say(f"in-process generate, uniform batch, {weights} weights: {ceiling:.1f} tok/s")
+        # Each server against generate() with the weights it serves.
+        serves = {
+            "lmserve static": "unpacked",
+            "lmserve static packed": "packed",
+            "lmserve continuous": "packed",
+        }
+        for name, weights in serves.items():
             uniform = summary["workloads"]["uniform"].get(name)
             if uniform:
-                say(f"uniform {name}: {uniform['tokens_per_s'] / ceiling:.2f} of in-process")
-                uniform["ratio_to_in_process"] = uniform["tokens_per_s"] / ceiling
+                ratio = uniform["tokens_per_s"] / ceilings[weights]
+                uniform["ratio_to_in_process"] = ratio
+                say(f"uniform {name}: {ratio:.2f} of in-process generate ({weights})")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps({"raw": results, "summary": summary}, indent=2))
     return 0
