@@ -101,7 +101,7 @@ def daemon(setup: Setup, *flags: str, static: bool = False) -> Iterator[str]:
 class InProcess:
     """The baseline: the daemon's ``Engine`` called directly, text in and text out."""
 
-    def __init__(self, setup: Setup, *, pack_weights: bool = False) -> None:
+    def __init__(self, setup: Setup, *, pack_weights: bool = True) -> None:
         from lmserve_server.engine import Engine, EngineConfig
 
         config = EngineConfig(

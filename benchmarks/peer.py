@@ -9,8 +9,9 @@ new tokens (seeded, the same for every server), 16 clients in a closed loop; a u
 turn (rounds alternate their order, so a slow spell of a shared machine hits all alike):
 
 - lmserve, ``--scheduler static`` (the design's default: one generate per batch),
-- lmserve, ``--scheduler static --pack-weights true`` (the same, linear weights prepacked),
-- lmserve, ``--scheduler continuous`` (iteration-level batching; packs by default),
+- lmserve, ``--scheduler static --pack-weights false`` (the same, weights as transformers
+  loads them: what packing buys),
+- lmserve, ``--scheduler continuous`` (iteration-level batching),
 - a plain static batcher (``static_server.py``: every row runs to its batch's largest
   max_new_tokens),
 - the peer: ``transformers serve --continuous-batching`` (OpenAI completions over HTTP,
@@ -197,7 +198,7 @@ def compare(setup: Setup, rounds: int, only: Sequence[str] = ()) -> dict[str, An
     results: dict[str, dict[str, list[dict[str, float]]]] = {w: {} for w in workloads}
     servers: list[tuple[str, Callable[[], Any]]] = [
         ("lmserve static", lambda: daemon(setup)),
-        ("lmserve static packed", lambda: daemon(setup, "--pack-weights", "true")),
+        ("lmserve static plain", lambda: daemon(setup, "--pack-weights", "false")),
         ("lmserve continuous", lambda: daemon(setup, "--scheduler", "continuous")),
         ("static batcher", lambda: daemon(setup, static=True)),
         (PEER, lambda: peer_server(setup)),
@@ -284,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         return report(args.json, results, None, None)
     grouped = grouping(setup, args.rounds)
     ceilings = {
-        "unpacked": in_process_uniform(setup, pack_weights=False),
+        "plain": in_process_uniform(setup, pack_weights=False),
         "packed": in_process_uniform(setup, pack_weights=True),
     }
     return report(args.json, results, grouped, ceilings)
@@ -325,8 +326,8 @@ def report(
             say(f"in-process generate, uniform batch, {weights} weights: {ceiling:.1f} tok/s")
         # Each server against generate() with the weights it serves.
         serves = {
-            "lmserve static": "unpacked",
-            "lmserve static packed": "packed",
+            "lmserve static": "packed",
+            "lmserve static plain": "plain",
             "lmserve continuous": "packed",
         }
         for name, weights in serves.items():

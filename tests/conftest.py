@@ -24,19 +24,20 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def engine(tiny_model_dir: Path) -> Engine:
+    """As ``lmserve serve`` loads it: on this CPU, with its linear weights packed."""
     return Engine.load(EngineConfig(model=str(tiny_model_dir)))
 
 
 @pytest.fixture(scope="session")
-def packed_engine(tiny_model_dir: Path) -> Engine:
-    """The same checkpoint with its linear layers packed (``--pack-weights``)."""
-    return Engine.load(EngineConfig(model=str(tiny_model_dir), pack_weights=True))
+def plain_engine(tiny_model_dir: Path) -> Engine:
+    """The same checkpoint with its weights as transformers loads them (--pack-weights false)."""
+    return Engine.load(EngineConfig(model=str(tiny_model_dir), pack_weights=False))
 
 
 def engine_for(config: ServerConfig, request: pytest.FixtureRequest) -> Engine:
-    """The session's engine that ``config.engine`` asks for: packed or not."""
+    """The session's engine that ``config.engine`` asks for: packed or plain."""
     engine: Engine = request.getfixturevalue(
-        "packed_engine" if config.engine.pack_weights else "engine"
+        "engine" if config.engine.pack_weights else "plain_engine"
     )
     return engine
 

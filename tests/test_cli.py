@@ -126,14 +126,9 @@ def test_make_test_model_writes_a_loadable_checkpoint(tmp_path: Path, size: str)
 
 @pytest.mark.parametrize(
     ("flags", "packed"),
-    [
-        ([], False),
-        (["--scheduler", "continuous"], True),
-        (["--scheduler", "continuous", "--pack-weights", "false"], False),
-        (["--pack-weights", "true"], True),
-    ],
+    [([], True), (["--pack-weights", "false"], False), (["--pack-weights", "true"], True)],
 )
-def test_pack_weights_auto_follows_the_scheduler(flags: list[str], packed: bool) -> None:
+def test_pack_weights_is_on_unless_turned_off(flags: list[str], packed: bool) -> None:
     from lmserve_server.cli import build_parser, config_from_args
 
     config = config_from_args(build_parser().parse_args(["serve", *flags]))

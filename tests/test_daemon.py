@@ -25,10 +25,8 @@ from tests.test_engine import PROMPTS
 
 @pytest.fixture(scope="module", params=["static", "continuous"])
 def daemon_config(request: pytest.FixtureRequest, tiny_model_dir: Path) -> ServerConfig:
-    # As `lmserve serve` does by default: continuous serves a model with packed weights.
-    packed = request.param == "continuous"
     return ServerConfig(
-        engine=EngineConfig(model=str(tiny_model_dir), pack_weights=packed),
+        engine=EngineConfig(model=str(tiny_model_dir)),
         port=0,
         max_wait_ms=20,
         max_queue=64,

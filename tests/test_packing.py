@@ -10,8 +10,8 @@ from lmserve_server.packing import PackedLinear, can_pack, pack_linears
 from tests.test_engine import PROMPTS, request
 
 
-def test_every_linear_layer_is_packed(packed_engine: Engine) -> None:
-    model = packed_engine.model
+def test_every_linear_layer_is_packed(engine: Engine) -> None:
+    model = engine.model
     assert can_pack(model)
     layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
     n_layer = model.config.n_layer
@@ -19,25 +19,30 @@ def test_every_linear_layer_is_packed(packed_engine: Engine) -> None:
     assert pack_linears(model) == 0, "packing twice finds nothing left to pack"
 
 
-def test_packed_model_computes_what_the_unpacked_one_does(
-    engine: Engine, packed_engine: Engine
+def test_packed_model_computes_what_the_plain_one_does(
+    engine: Engine, plain_engine: Engine
 ) -> None:
+    assert not any(isinstance(m, PackedLinear) for m in plain_engine.model.modules())
     ids = torch.tensor([engine.tokenize(PROMPTS[2])])
     with torch.inference_mode():
-        plain = engine.model(input_ids=ids).logits
-        packed = packed_engine.model(input_ids=ids).logits
+        packed = engine.model(input_ids=ids).logits
+        plain = plain_engine.model(input_ids=ids).logits
     assert torch.allclose(plain, packed, atol=1e-4, rtol=1e-4)
     prompts = [request(engine, p, 10) for p in PROMPTS]
-    assert packed_engine.generate_batch(prompts) == engine.generate_batch(prompts)
+    assert engine.generate_batch(prompts) == plain_engine.generate_batch(prompts)
 
 
-def test_a_packed_row_is_bitwise_the_same_alone_and_in_a_batch() -> None:
-    """The unpacked CPU matmul takes another path for one row than for several, so a
-    prompt's logits could change in the last bits with its batch; the packed one can't."""
+def test_packed_rows_do_not_depend_on_their_companions() -> None:
+    """From two rows on, a packed row's result is bitwise the same in any batch; one row
+    alone takes the plain matrix-vector path and agrees to rounding."""
     torch.manual_seed(0)
-    layer = PackedLinear(torch.randn(256, 64), torch.randn(256))
+    weight, bias = torch.randn(64, 256), torch.randn(256)  # (in, out), like Conv1D
+    layer = PackedLinear(weight, bias)
     rows = torch.randn(37, 64)
     together = layer(rows)
-    for count in (1, 2, 13, 36):
+    assert torch.allclose(together, rows @ weight + bias, atol=1e-4)
+    for count in (2, 3, 13, 36):
         assert torch.equal(layer(rows[:count]), together[:count]), count
-    assert torch.equal(layer(rows[5:6]), together[5:6])
+    assert torch.equal(layer(rows[5:7]), together[5:7])
+    assert torch.equal(layer(rows[:1]), torch.addmm(bias, rows[:1], weight))
+    assert torch.allclose(layer(rows[:1]), together[:1], atol=1e-4)

@@ -44,7 +44,7 @@ class EngineConfig:
     model: str = "gpt2"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float16 | bfloat16 | float32
-    pack_weights: bool = False  # prepack linear weights for oneDNN (float32 on CPU only)
+    pack_weights: bool = True  # prepack linear weights for oneDNN (float32 on CPU only)
 
 
 def resolve_device(device: str) -> str:
@@ -113,8 +113,8 @@ class Engine:
         if "device_map" not in model_kwargs:
             model.to(torch.device(device))  # type: ignore[arg-type]
         model.eval()
-        if config.pack_weights and not pack_linears(model):
-            log.info("weights left unpacked: --pack-weights is for float32 on a CPU with oneDNN")
+        if config.pack_weights:
+            pack_linears(model)  # float32 on CPU only; anything else is left as it is
         engine = cls(model, tokenizer, config.model)
         log.info(
             "loaded %s on %s as %s (context %d tokens)",

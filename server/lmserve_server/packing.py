@@ -2,16 +2,18 @@
 
 On a CPU, a decode step multiplies a few rows of activations by every weight matrix of the
 model. A plain ``addmm`` repacks each weight matrix into the library's blocked layout on
-every call, so at 8-32 rows it moves the weights through memory more than once and runs at
-half the memory bandwidth. Packing each matrix once at load (``_reorder_linear_weight``,
-the op PyTorch's own compiler uses for CPU linears) makes the GPT-2 layers' matmuls about a
-third faster at decode-step sizes and a fifth faster on prefills; one call with a single
-row is about as fast as before.
+every call, so at 2-256 rows it moves the weights through memory more than once (12 of this
+machine's 31 GB/s at 16 rows). Packing each matrix once at load (``_reorder_linear_weight``,
+the op PyTorch's own compiler uses for CPU linears) makes those calls 20-30% faster. At one
+row the plain call takes a matrix-vector path that the packed one can't beat (it is 30%
+slower there), and from about 500 rows both are compute-bound and equal; so a packed layer
+keeps its plain weight too and uses it for single rows. That costs one more copy of the
+linear weights in memory: the flag is ``--pack-weights``.
 
 Only for float32 models on the CPU, where oneDNN is available; elsewhere ``pack_linears``
-changes nothing. The packed layers compute the same products in a different summation
-order, so results can differ from the unpacked model's in the last bits (as between two
-BLAS libraries), and both schedulers use the same packed model.
+changes nothing. The packed path computes the same products in another summation order, so
+its results can differ from the plain one's in the last bits (as between two BLAS
+libraries); both schedulers use the same packed model.
 """
 
 from __future__ import annotations
@@ -30,20 +32,34 @@ BATCH_HINT = 16
 
 
 class PackedLinear(torch.nn.Module):
-    """``y = x @ W^T + b`` with ``W`` (out, in) prepacked once."""
+    """``y = x @ W + b`` with ``W`` (in, out): prepacked for two rows or more, the plain
+    weight (shared with the original layer, not copied) for one."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    plain_weight: torch.Tensor
+    packed_weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(self, weight_in_out: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), BATCH_HINT)
+        self.in_features, self.out_features = weight_in_out.shape
+        plain = weight_in_out.detach()
+        packed = torch.ops.mkldnn._reorder_linear_weight(plain.t().contiguous(), BATCH_HINT)
+        self.register_buffer("plain_weight", plain, persistent=False)  # (in, out)
         self.register_buffer("packed_weight", packed, persistent=False)
-        bias = None if bias is None else bias.detach().clone()
-        self.register_buffer("bias", bias, persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.mkldnn._linear_pointwise(
-            x.reshape(-1, self.in_features), self.packed_weight, self.bias, "none", [], ""
-        )  # (N, out)
+        rows = x.reshape(-1, self.in_features)  # (N, in)
+        if rows.shape[0] == 1:  # a matrix-vector product: the plain path is faster
+            y = (
+                rows @ self.plain_weight
+                if self.bias is None
+                else torch.addmm(self.bias, rows, self.plain_weight)
+            )
+        else:
+            y = torch.ops.mkldnn._linear_pointwise(
+                rows, self.packed_weight, self.bias, "none", [], ""
+            )  # (N, out)
         return y.view(*x.shape[:-1], self.out_features)
 
 
@@ -69,11 +85,10 @@ def pack_linears(model: Any) -> int:
         if isinstance(module, (torch.nn.Linear, Conv1D))
     ]
     for name, module in targets:
-        if isinstance(module, Conv1D):
-            packed = PackedLinear(module.weight.t(), module.bias)  # Conv1D stores (in, out)
-        else:
-            packed = PackedLinear(module.weight, module.bias)
+        # Conv1D stores its weight (in, out), nn.Linear (out, in).
+        weight = module.weight if isinstance(module, Conv1D) else module.weight.t()
+        packed = PackedLinear(weight, module.bias)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, packed)
-    log.info("packed %d linear layers for oneDNN", len(targets))
+    log.info("packed %d linear layers for oneDNN (--pack-weights)", len(targets))
     return len(targets)
