@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from lmserve.argtypes import non_negative_int, positive_float, positive_int
 from lmserve.bench_load import LoadConfig, RunResult, run_load
 from lmserve.bench_plot import check_available, plot_report
 from lmserve.bench_stats import format_report
@@ -29,36 +30,6 @@ __all__ = ["LoadConfig", "RunResult", "add_parser", "run", "run_bench"]
 def run_bench(config: LoadConfig) -> RunResult:
     """Runs one bench (blocking) and returns its report and per-request records."""
     return asyncio.run(run_load(config))
-
-
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {value!r}")
-    return number
-
-
-def _non_negative_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {value!r}")
-    return number
-
-
-def _positive_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {value!r}")
-    return number
 
 
 def _range(value: str) -> tuple[int, int]:
@@ -99,33 +70,33 @@ def add_parser(
     load.add_argument(
         "--concurrency",
         metavar="N",
-        type=_positive_int,
+        type=positive_int,
         default=8,
         help="closed loop: requests in flight (default: %(default)s); with --rate, how "
         "many warm-up requests go at once",
     )
     load.add_argument(
-        "--rate", metavar="R", type=_positive_float, help="open loop: Poisson arrivals, R req/s"
+        "--rate", metavar="R", type=positive_float, help="open loop: Poisson arrivals, R req/s"
     )
     load.add_argument(
         "--requests",
         metavar="N",
-        type=_positive_int,
+        type=positive_int,
         help=f"stop after N requests (default: {DEFAULT_REQUESTS} unless --duration is set)",
     )
     load.add_argument(
-        "--duration", metavar="S", type=_positive_float, help="stop sending after S seconds"
+        "--duration", metavar="S", type=positive_float, help="stop sending after S seconds"
     )
     load.add_argument(
         "--warmup",
         metavar="N",
-        type=_non_negative_int,
+        type=non_negative_int,
         help="uncounted requests first (default: the concurrency; 1 with --rate)",
     )
     load.add_argument(
         "--seed",
         metavar="N",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=0,
         help="seed of the arrival schedule and the mixed workload (default: 0)",
     )
@@ -143,7 +114,7 @@ def add_parser(
     work.add_argument(
         "--max-new-tokens",
         metavar="N",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=32,
         help="per request, unless the JSONL line says (default: %(default)s; 0: server's)",
     )

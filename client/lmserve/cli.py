@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any, TypeAlias
 
 from lmserve import __version__
+from lmserve.argtypes import non_negative_int
 from lmserve.client import Client
 from lmserve.errors import LmserveError, UnimplementedError
 from lmserve.types import GenerationResult, StreamChunk
@@ -39,16 +40,6 @@ def _timeout(value: str) -> float | None:
     if seconds < 0:
         raise argparse.ArgumentTypeError(f"must not be negative: {value!r}")
     return seconds or None
-
-
-def _non_negative_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {value!r}")
-    return number
 
 
 def common_parser() -> argparse.ArgumentParser:
@@ -125,7 +116,7 @@ def _add_generate(subparsers: Subparsers, common: argparse.ArgumentParser) -> No
     sampling.add_argument(
         "--max-new-tokens",
         metavar="N",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=0,
         help="most tokens to generate (default: 0, the server's default)",
     )
@@ -136,12 +127,12 @@ def _add_generate(subparsers: Subparsers, common: argparse.ArgumentParser) -> No
         "--top-p", metavar="P", type=float, help="nucleus sampling mass, in (0, 1]"
     )
     sampling.add_argument(
-        "--top-k", metavar="K", type=_non_negative_int, help="sample from the K likeliest only"
+        "--top-k", metavar="K", type=non_negative_int, help="sample from the K likeliest only"
     )
     sampling.add_argument(
         "--seed",
         metavar="N",
-        type=_non_negative_int,
+        type=non_negative_int,
         help="sampling seed, for reproducible samples",
     )
     sampling.add_argument(
