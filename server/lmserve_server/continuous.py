@@ -77,14 +77,15 @@ class DecodeBatch:
         decoding = len(self.rows)
         prompts = [r.request.prompt_ids for r in joining]
         step, positions = self._cache.begin_step([len(p) for p in prompts])  # (1, S)
-        ids = torch.cat(
-            [self._last, torch.tensor([t for p in prompts for t in p], dtype=torch.long)]
-        )  # (S,)
+        prompt_ids = torch.tensor(
+            [t for p in prompts for t in p], dtype=torch.long, device=self._device
+        )
+        ids = torch.cat([self._last, prompt_ids])  # (S,)
         # Logits only where a next token is picked: each running row, each prompt's end.
         keep = [*range(decoding), *(offset + length - 1 for _, offset, length in step.joins)]
         with torch.inference_mode():
             out = self._model(
-                input_ids=ids[None].to(self._device),
+                input_ids=ids[None],
                 attention_mask=step.mask,  # 4D: transformers passes it on as it is
                 position_ids=positions,
                 use_cache=True,
