@@ -227,13 +227,6 @@ class SlotCache(Cache):
         self.current = None
         self.end += 1
 
-    def abandon_step(self) -> None:
-        """The step's forward failed: its rows are gone and the slots are reset."""
-        self.current = None
-        self.rows = 0
-        self.row_start = self.row_start[:0]
-        self.start = self.end = 0
-
     def remove(self, slots: list[int]) -> list[int]:
         """Frees ``slots``; each is filled by the last running row. Returns the new order:
         ``order[i]`` is the old slot of the row now in slot i."""
