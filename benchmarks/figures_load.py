@@ -15,6 +15,7 @@ from harness import (
     Sizes,
     daemon,
     fixed_specs,
+    headline,
     load,
     say,
     summary_row,
@@ -46,13 +47,7 @@ def mixed(setup: Setup, sizes: Sizes) -> list[Row]:
                 report = load(
                     address, workload, requests=sizes.mixed_requests, rate=rate, seed=1
                 ).report
-                measured[name] = {
-                    "requests_per_s": report["throughput"]["requests_per_s"],
-                    "tokens_per_s": report["throughput"]["tokens_per_s"],
-                    "p50_ms": report["latency_ms"]["p50"],
-                    "p99_ms": report["latency_ms"]["p99"],
-                    "mean_batch": report["batch_size"]["mean"],
-                }
+                measured[name] = headline(report)
                 m = measured[name]
                 say(
                     f"[4] mixed, {rate:g} req/s offered, {name:>7}: {m['requests_per_s']:.2f} "

@@ -89,13 +89,31 @@ def daemon(setup: Setup, *flags: str, static: bool = False) -> Iterator[str]:
     try:
         yield address
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, grace_s=60)
         _LIVE.discard(proc)
+
+
+def stop_process(proc: subprocess.Popen[Any], *, grace_s: float) -> None:
+    """SIGTERM, then SIGKILL after ``grace_s``; returns once the process is reaped."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def headline(report: dict[str, Any]) -> dict[str, float]:
+    """The figures every comparison prints and saves, out of a load-tester report."""
+    return {
+        "tokens_per_s": report["throughput"]["tokens_per_s"],
+        "requests_per_s": report["throughput"]["requests_per_s"],
+        "p50_ms": report["latency_ms"]["p50"],
+        "p99_ms": report["latency_ms"]["p99"],
+        "mean_batch": report["batch_size"]["mean"],
+        "seconds": report["duration_s"],
+        "tokens": report["generated_tokens"],
+    }
 
 
 class InProcess:

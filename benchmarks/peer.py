@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import random
-import signal
 import socket
 import statistics
 import subprocess
@@ -42,7 +41,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Setup, daemon, load, say, wait_for_quiet
+from harness import Setup, daemon, headline, load, say, stop_process, wait_for_quiet
 
 from lmserve.bench_stats import percentile
 from lmserve.bench_workload import RequestSpec
@@ -86,15 +85,7 @@ def _summary(latencies: list[float], tokens: int, seconds: float) -> dict[str, f
 
 def measure_lmserve(address: str) -> Measure:
     def run(specs: Sequence[RequestSpec], concurrency: int) -> dict[str, float]:
-        report = load(address, specs, requests=len(specs), concurrency=concurrency).report
-        return {
-            "tokens_per_s": report["throughput"]["tokens_per_s"],
-            "requests_per_s": report["throughput"]["requests_per_s"],
-            "p50_ms": report["latency_ms"]["p50"],
-            "p99_ms": report["latency_ms"]["p99"],
-            "seconds": report["duration_s"],
-            "tokens": report["generated_tokens"],
-        }
+        return headline(load(address, specs, requests=len(specs), concurrency=concurrency).report)
 
     return run
 
@@ -179,11 +170,7 @@ def peer_server(setup: Setup) -> Iterator[str]:
                 time.sleep(0.5)
         yield url
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, grace_s=30)
 
 
 PEER = "transformers serve CB"

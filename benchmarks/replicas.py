@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Setup, daemon, fixed_specs, load, say
+from harness import Setup, daemon, fixed_specs, headline, load, say
 
 from lmserve.balancing import resolve_target
 
@@ -55,13 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             report = load(
                 target, specs, requests=args.requests, concurrency=args.concurrency
             ).report
-        results[replicas] = {
-            "tokens_per_s": report["throughput"]["tokens_per_s"],
-            "requests_per_s": report["throughput"]["requests_per_s"],
-            "p50_ms": report["latency_ms"]["p50"],
-            "p99_ms": report["latency_ms"]["p99"],
-            "mean_batch": report["batch_size"]["mean"],
-        }
+        results[replicas] = headline(report)
         m = results[replicas]
         say(
             f"{replicas} replica(s): {m['tokens_per_s']:.1f} tok/s, {m['requests_per_s']:.2f} "
