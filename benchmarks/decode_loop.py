@@ -1,20 +1,23 @@
-"""The continuous scheduler's decode loop alone, in-process: no gRPC, no queue, no client.
+"""The continuous engine's step loop alone, in-process: no gRPC, no queue, no client.
 
     python benchmarks/decode_loop.py --model models/gpt2-random [--plain-weights]
 
-Drives ``DecodeBatch`` the way the scheduler does in a closed loop of ``--clients`` callers:
-every row that finishes is replaced by the next request at the next step. Runs the peer
-benchmark's mixed and uniform workloads (``peer.py``) and prints tok/s, how many steps ran,
-how many of them admitted prompts, and their share of the time: the figures behind the
-engine's changes (what a daemon adds on top is ``peer.py``'s to measure).
+Drives ``ContinuousBatch`` (planner, runner, rows) as the scheduler's engine thread does, in
+a closed loop of ``--clients`` callers: every row that finishes is replaced by the next
+request. Runs the peer benchmark's mixed and uniform workloads (``peer.py``) and prints
+tok/s, and per step the wall time split into the device's part (the model's forward and
+the sampling: ``ModelRunner.last_device_s``) and the host's part (planning, packing the
+inputs, handing tokens to rows, retiring them), overall and for steps of about 16 rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -24,30 +27,59 @@ from peer import mixed_specs, uniform_specs
 from lmserve.bench_workload import RequestSpec
 
 
-def run(engine: object, specs: list[RequestSpec], clients: int) -> dict[str, float]:
-    from lmserve_server.continuous import DecodeBatch, Row
-    from lmserve_server.engine import Engine
-    from lmserve_server.types import GenerationRequest
+@dataclass(eq=False)
+class _Entry:
+    row: object
+
+
+def run(engine: object, specs: list[RequestSpec], clients: int, budget: int) -> dict[str, object]:
+    from lmserve_server.engine.model import Engine
+    from lmserve_server.engine.types import GenerationRequest
+    from lmserve_server.scheduling.continuous_batch import ContinuousBatch
+    from lmserve_server.scheduling.planner import StepPlanner
 
     assert isinstance(engine, Engine)
     todo = collections.deque(
         GenerationRequest(tuple(engine.tokenize(s.prompt)), s.max_new_tokens) for s in specs
     )
-    batch = DecodeBatch(engine, max_rows=clients)
-    figures = collections.Counter[str]()
+    runner = engine.continuous_runner(
+        slots=clients, slot_tokens=engine.max_context, max_step_tokens=budget
+    )
+    batch = ContinuousBatch(runner, StepPlanner(max_rows=clients, max_step_tokens=budget))
+    waiting: collections.deque[_Entry] = collections.deque()
+    steps: list[tuple[int, bool, float, float]] = []  # rows, prefill?, wall s, device s
+    tokens = 0
     started = time.perf_counter()
-    while todo or len(batch):
-        joining = []
-        while todo and len(batch) + len(joining) < clients:  # a finished caller sends again
-            joining.append(Row(request=todo.popleft(), generator=None))
+    while todo or waiting or batch.running:
+        while todo and len(batch.running) + len(waiting) < clients:  # a caller sends again
+            waiting.append(_Entry(engine.new_row(todo.popleft())))
         step_started = time.perf_counter()
-        done = batch.step(joining)
-        kind = "admitting" if joining else "decoding"
-        figures[f"{kind}_steps"] += 1
-        figures[f"{kind}_s"] += time.perf_counter() - step_started
-        figures["tokens"] += sum(len(r.tokens) for r in done)
-    figures["seconds"] = time.perf_counter() - started
-    return dict(figures)
+        work = batch.plan(waiting)  # type: ignore[arg-type]
+        batch.run(work)
+        for ended in batch.retire():
+            tokens += ended.row.generated
+        wall = time.perf_counter() - step_started
+        prefill = any(len(w.chunk.tokens) > 1 for w in work)
+        steps.append((len(work), prefill, wall, runner.last_device_s))
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "tokens": tokens, "steps": steps}
+
+
+def describe(name: str, f: dict[str, object]) -> str:
+    steps: list[tuple[int, bool, float, float]] = f["steps"]  # type: ignore[assignment]
+    decode = [s for s in steps if not s[1]]
+    around16 = [s for s in decode if 12 <= s[0] <= 20] or decode
+    wall = sum(s[2] for s in steps)
+    host = sum(s[2] - s[3] for s in steps)
+    host16 = statistics.mean(s[2] - s[3] for s in around16)
+    wall16 = statistics.mean(s[2] for s in around16)
+    return (
+        f"{name:>7}: {f['tokens'] / f['seconds']:6.1f} tok/s, {f['seconds']:5.2f} s, "
+        f"{len(steps)} steps ({len(steps) - len(decode)} with prefill); host "
+        f"{100 * host / wall:.1f}% of all step time; decode steps of "
+        f"{statistics.mean(s[0] for s in around16):.0f} rows: {1000 * wall16:.1f} ms, of which "
+        f"host {1000 * host16:.2f} ms ({100 * host16 / wall16:.1f}%)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,26 +90,21 @@ def main(argv: list[str] | None = None) -> int:
         "--plain-weights", action="store_true", help="as --pack-weights false does: no packing"
     )
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--max-step-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
 
-    from lmserve_server.engine import Engine, EngineConfig
+    from lmserve_server.config import EngineConfig
+    from lmserve_server.engine.model import Engine
 
     engine = Engine.load(
         EngineConfig(model=args.model, device=args.device, pack_weights=not args.plain_weights)
     )
-    run(engine, mixed_specs()[:4], args.clients)  # warm-up
+    run(engine, mixed_specs()[:4], args.clients, args.max_step_tokens)  # warm-up
     for name, specs in (("mixed", mixed_specs()), ("uniform", uniform_specs())):
         for _ in range(args.repeats):
-            f = run(engine, specs, args.clients)
-            print(
-                f"{name:>7}: {f['tokens'] / f['seconds']:6.1f} tok/s, {f['seconds']:5.2f} s, "
-                f"{f.get('decoding_steps', 0):.0f} decode steps "
-                f"({1000 * f.get('decoding_s', 0) / max(f.get('decoding_steps', 1), 1):.1f} ms "
-                f"each), {f.get('admitting_steps', 0):.0f} admitting steps "
-                f"({f.get('admitting_s', 0):.2f} s)",
-                flush=True,
-            )
+            f = run(engine, specs, args.clients, args.max_step_tokens)
+            print(describe(name, f), flush=True)
     return 0
 
 

@@ -120,7 +120,8 @@ class InProcess:
     """The baseline: the daemon's ``Engine`` called directly, text in and text out."""
 
     def __init__(self, setup: Setup, *, pack_weights: bool = True) -> None:
-        from lmserve_server.engine import Engine, EngineConfig
+        from lmserve_server.config import EngineConfig
+        from lmserve_server.engine.model import Engine
 
         config = EngineConfig(
             model=setup.model, device=setup.device, dtype=setup.dtype, pack_weights=pack_weights
@@ -131,15 +132,18 @@ class InProcess:
     def generate(self, specs: Sequence[RequestSpec]) -> tuple[float, list[tuple[int, ...]]]:
         """One ``generate_batch`` of ``specs``, tokenizing included: seconds, each row's
         new token ids."""
-        from lmserve_server.types import GenerationRequest
+        from lmserve_server.engine.types import GenerationOutput, GenerationRequest
 
         started = time.perf_counter()
-        requests = [
-            GenerationRequest(tuple(self.engine.tokenize(s.prompt)), s.max_new_tokens)
+        rows = [
+            self.engine.new_row(
+                GenerationRequest(tuple(self.engine.tokenize(s.prompt)), s.max_new_tokens)
+            )
             for s in specs
         ]
-        outputs = self.engine.generate_batch(requests)  # .tolist() inside syncs a GPU
-        return time.perf_counter() - started, [o.token_ids for o in outputs]
+        outputs = self.engine.generate_batch(rows)  # .tolist() inside syncs a GPU
+        seconds = time.perf_counter() - started
+        return seconds, [o.token_ids if isinstance(o, GenerationOutput) else () for o in outputs]
 
     def one_by_one(self, specs: Sequence[RequestSpec]) -> tuple[list[float], list[tuple[int, ...]]]:
         """Each spec in a call of its own: the seconds of each call, each row's tokens."""

@@ -12,14 +12,41 @@ from pathlib import Path
 import pytest
 
 from lmserve_server.app import Daemon
-from lmserve_server.config import ServerConfig
-from lmserve_server.engine import Engine, EngineConfig
+from lmserve_server.config import EngineConfig, ServerConfig
+from lmserve_server.engine.model import Engine
 from lmserve_server.testmodel import write_test_model
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_test_model(tmp_path_factory.mktemp("tiny-gpt2"), size="tiny", seed=0)
+
+
+# Every decoder family the engine is tested on, each a tiny random checkpoint with the GPT-2
+# tokenizer; "gpt2-flat" has GPT-2's default weight spread, whose flat logits have near-ties
+# that wide random logits (the tiny GPT-2's 0.2) would hide.
+FAMILIES = ["gpt2", "gpt2-flat", "llama", "qwen2", "gpt_neox", "opt"]
+
+
+@pytest.fixture(scope="session")
+def family_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    dirs = {}
+    for name in FAMILIES:
+        family, _, variant = name.partition("-")
+        dirs[name] = write_test_model(
+            root / name,
+            family=family,
+            seed=1,
+            initializer_range=0.02 if variant == "flat" else None,
+        )
+    return dirs
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def family_engine(request: pytest.FixtureRequest, family_model_dirs: dict[str, Path]) -> Engine:
+    """An engine of each family in turn (the tests using it run once per family)."""
+    return Engine.load(EngineConfig(model=str(family_model_dirs[request.param])))
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Tests for lmserve_server.batcher.MicroBatcher, with trivial fake run_batch functions."""
+"""MicroBatcher (scheduling/batcher.py) alone, with trivial fake run_batch functions."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from lmserve_server.batcher import MicroBatcher, Served
 from lmserve_server.errors import QueueFullError, ShuttingDownError
+from lmserve_server.scheduling.batcher import MicroBatcher, Served
 
 
 class FakeRun:

@@ -1,133 +1,174 @@
-"""The continuous decode batch alone, on the real checkpoint: rows that join and leave a
-running batch get exactly the tokens the static engine gives them alone."""
+"""The continuous engine step by step (``ContinuousBatch`` over a ``ModelRunner``), on real
+checkpoints of every decoder family: rows that join, prefill in chunks and leave a running
+batch get exactly the tokens the static engine gives them alone."""
 
 from __future__ import annotations
 
 import random
+from collections import deque
+from dataclasses import dataclass
 
 import pytest
 
-from lmserve_server.continuous import DecodeBatch, Row
-from lmserve_server.engine import Engine
-from lmserve_server.types import FinishReason, GenerationRequest, RowControl, SamplingParams
-from tests.test_engine import PROMPTS, request
+from lmserve_server.engine.model import Engine
+from lmserve_server.engine.rows import Row
+from lmserve_server.engine.types import (
+    FinishReason,
+    GenerationOutput,
+    GenerationRequest,
+    SamplingParams,
+    TextDelta,
+)
+from lmserve_server.scheduling.continuous_batch import ContinuousBatch
+from lmserve_server.scheduling.planner import StepPlanner
+from tests.test_engine import PROMPTS, request, solo
 
 
-def row(engine: Engine, prompt: str, n: int, **kwargs: object) -> Row:
-    return Row(request=request(engine, prompt, n, **kwargs), generator=None)
+@dataclass(eq=False)
+class Entry:
+    row: Row
 
 
-def run_staggered(engine: Engine, rows: list[Row], join_every: int = 3) -> dict[int, list[int]]:
-    """Admits one row every ``join_every`` steps; returns each row's tokens by index."""
-    batch = DecodeBatch(engine)
-    pending = list(enumerate(rows))
-    finished: dict[int, list[int]] = {}
-    index = {id(r): i for i, r in pending}
-    step = 0
-    while pending or len(batch):
-        joining = [pending.pop(0)[1]] if pending and step % join_every == 0 else []
-        if len(batch) or joining:
-            for done in batch.step(joining):
-                finished[index[id(done)]] = done.tokens
+def batch_of(
+    engine: Engine, *, rows: int = 4, budget: int = 16, slot_tokens: int = 256, fixed: bool = False
+) -> ContinuousBatch[Entry]:
+    runner = engine.continuous_runner(
+        slots=rows, slot_tokens=slot_tokens, max_step_tokens=budget, fixed_shapes=fixed
+    )
+    return ContinuousBatch(runner, StepPlanner(max_rows=rows, max_step_tokens=budget))
+
+
+def run(
+    batch: ContinuousBatch[Entry],
+    rows: list[Row],
+    rng: random.Random | None = None,
+    arrive_every: int = 2,
+) -> list[GenerationOutput]:
+    """Rows arrive one every ``arrive_every`` steps (or, with ``rng``, in random groups at
+    random steps); steps run until every row has ended."""
+    pending, waiting, step = deque(rows), deque[Entry](), 0
+    while pending or waiting or batch.running:
+        if rng is None:
+            if pending and step % arrive_every == 0:
+                waiting.append(Entry(pending.popleft()))
+        elif pending and (not batch.running or rng.random() < 0.3):
+            for _ in range(rng.randint(1, 4)):
+                if pending:
+                    waiting.append(Entry(pending.popleft()))
+        batch.run(batch.plan(waiting))
+        batch.retire()
         step += 1
-    return finished
+    return [r.output() for r in rows]
 
 
-def test_rows_joining_and_leaving_get_their_solo_tokens(engine: Engine) -> None:
-    limits = [20, 4, 11, 1, 15, 7, 9, 3]
-    rows = [row(engine, p, n) for p, n in zip(PROMPTS, limits, strict=False)]
-    tokens = run_staggered(engine, rows)
-    for i, (prompt, n) in enumerate(zip(PROMPTS, limits, strict=False)):
-        solo = engine.generate_batch([request(engine, prompt, n)])[0]
-        assert tuple(tokens[i]) == solo.token_ids, prompt
+def test_rows_joining_and_leaving_get_their_solo_tokens(family_engine: Engine) -> None:
+    engine = family_engine
+    limits = [20, 4, 11, 1, 15, 7, 9, 3, 12, 6]
+    requests = [request(engine, p, n) for p, n in zip(PROMPTS, limits, strict=False)]
+    outputs = run(batch_of(engine), [engine.new_row(r) for r in requests])
+    for r, out in zip(requests, outputs, strict=True):
+        assert out == solo(engine, *_args(engine, r)), engine.decode(r.prompt_ids)
+    assert len({o.token_ids for o in outputs}) > len(outputs) // 2, "a mix-up would show"
 
 
-def test_a_long_row_leaving_frees_its_padding(engine: Engine) -> None:
-    batch = DecodeBatch(engine)
-    long_prompt = " ".join(["word"] * 60)
-    batch.step([row(engine, long_prompt, 2), row(engine, "Hi", 10)])
-    before = batch.padded_tokens
-    while len(batch) == 2:
-        batch.step()
-    assert len(batch) == 1
-    assert batch.padded_tokens < before / 4, "the short row must not keep the long one's pads"
-
-
-def test_seeded_sample_matches_the_static_engine(engine: Engine) -> None:
-    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=42)
-    static = engine.generate_batch([request(engine, "Hello", 12, sampling=seeded)])[0]
-    rows = [row(engine, "The future", 9), row(engine, "Hello", 12, sampling=seeded)]
-    tokens = run_staggered(engine, rows, join_every=2)
-    assert tuple(tokens[1]) == static.token_ids
-
-
-def test_stop_strings_streams_and_cancellation(engine: Engine) -> None:
-    full = engine.generate_batch([request(engine, "Once upon a time", 20)])[0]
-    stop = full.text[len(full.text) // 2 :][:3]
-    streamed: list[int] = []
-    cancelled = RowControl()
-    batch = DecodeBatch(engine)
-    stopping = row(engine, "Once upon a time", 20, stop=(stop,))
-    streaming = row(engine, "Hello", 6, control=RowControl(on_token=streamed.append))
-    leaving = row(engine, "Bye", 50, control=cancelled)
-    done = batch.step([stopping, streaming, leaving])
-    cancelled.cancel()
-    assert batch.drop_cancelled() == [leaving]
-    while len(batch):
-        done += batch.step()
-    outputs = {id(r): batch.finish(r) for r in done}
-    assert outputs[id(stopping)].finish_reason is FinishReason.STOP
-    assert outputs[id(stopping)].text == full.text[: full.text.index(stop)]
-    assert tuple(streamed) == outputs[id(streaming)].token_ids
-    assert id(leaving) not in outputs
+def _args(engine: Engine, r: GenerationRequest) -> tuple[str, int]:
+    return engine.decode(r.prompt_ids), r.max_new_tokens
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_random_joins_and_leaves_get_their_solo_tokens(engine: Engine, seed: int) -> None:
-    """Groups of 1-4 rows with 1-120-token prompts join at random steps, so the slot cache
-    grows its slots and columns, shifts its window right for a wider prompt, moves it back
-    to column 0 at the end of its buffers, and fills freed slots with the last row."""
+def test_random_joins_chunks_and_slots_get_their_solo_tokens(engine: Engine, seed: int) -> None:
+    """Groups of 1-4 rows with 1-120-token prompts arrive at random steps; a 16-token budget
+    splits prompts into chunks beside the decoding rows; rows leave and their slots are taken
+    by later rows, so decoding rows sit in slots with gaps between them."""
     rng = random.Random(seed)
     requests = [
         GenerationRequest(
-            tuple(rng.randrange(50000) for _ in range(rng.randint(1, 120))), rng.randint(1, 150)
+            tuple(rng.randrange(50000) for _ in range(rng.randint(1, 120))), rng.randint(1, 60)
         )
         for _ in range(14)
     ]
-    batch = DecodeBatch(engine, max_rows=2)
-    pending = [Row(request=r, generator=None) for r in requests]
-    index = {id(r): i for i, r in enumerate(pending)}
-    finished: dict[int, list[int]] = {}
-    grew, moved = set(), 0
-    while pending or len(batch):
-        joining: list[Row] = []
-        if pending and (not len(batch) or rng.random() < 0.3):
-            count = rng.randint(1, 4)
-            joining, pending = pending[:count], pending[count:]
-        running, end = len(batch), batch._cache.end
-        for done in batch.step(joining):
-            finished[index[id(done)]] = done.tokens
-        moved += bool(running) and batch._cache.end != end + 1  # the window was moved
-        grew.add((batch._cache.slots, batch._cache.capacity))
-    assert len(grew) > 2 and moved, "the run must make the cache grow and move"
-    for i, r in enumerate(requests):
-        assert tuple(finished[i]) == engine.generate_batch([r])[0].token_ids, i
+    rows = [engine.new_row(r) for r in requests]
+    outputs = run(batch_of(engine, rows=3, budget=16), rows, rng=rng)
+    for r, out in zip(requests, outputs, strict=True):
+        [alone] = engine.generate_batch([engine.new_row(r)])
+        assert out == alone
 
 
-def test_the_window_moves_back_when_it_reaches_the_end_of_the_buffers(engine: Engine) -> None:
-    """A 60-token prompt sizes the buffers; after it leaves, a short row decodes on until
-    its column reaches their end, and its keys move back to column 0 instead of growing."""
-    long_row = row(engine, " ".join(["word"] * 60), 10)
-    short_row = row(engine, "Hi", 150)
-    batch = DecodeBatch(engine)
-    batch.step([long_row])
-    batch.step([short_row])
-    capacity, moves = batch._cache.capacity, 0
-    done: list[Row] = []
-    while len(batch):
-        end = batch._cache.end
-        done += batch.step()
-        moves += batch._cache.end < end
-    assert moves and batch._cache.capacity > capacity, "it moves first, grows later"
-    solo = engine.generate_batch([short_row.request])[0]
-    assert tuple(short_row.tokens) == solo.token_ids
+def test_fixed_shape_steps_pad_to_a_bucket_and_change_no_token(engine: Engine) -> None:
+    """What CUDA graphs need: decode-only steps padded to 1, 2, 4, 8 rows that write to the
+    scratch slot, attention over every slot's whole length; the tokens stay the same."""
+    requests = [request(engine, p, n) for p, n in zip(PROMPTS, [9, 3, 14, 6, 11], strict=False)]
+    plain = run(batch_of(engine, rows=5), [engine.new_row(r) for r in requests])
+    fixed_batch = batch_of(engine, rows=5, fixed=True)
+    shapes: set[int] = set()
+    execute = fixed_batch.runner.execute
+
+    def spy(chunks):  # type: ignore[no-untyped-def]
+        if all(len(c.tokens) == 1 for c in chunks):
+            shapes.add(len(chunks))
+        return execute(chunks)
+
+    fixed_batch.runner.execute = spy  # type: ignore[method-assign]
+    fixed = run(fixed_batch, [engine.new_row(r) for r in requests])
+    assert fixed == plain
+    assert {3, 5} & shapes, "decode-only steps of 3 and 5 rows ran (padded to 4 and 8)"
+
+
+def test_seeded_sampling_matches_the_static_engine(family_engine: Engine) -> None:
+    engine = family_engine
+    kinds = [
+        SamplingParams(temperature=1.0, top_p=0.9, seed=42),
+        SamplingParams(temperature=0.7, top_k=20, seed=7),
+        SamplingParams(),
+        SamplingParams(temperature=1.3, seed=3),
+    ]
+    requests = [request(engine, p, 12, sampling=k) for p, k in zip(PROMPTS, kinds, strict=False)]
+    outputs = run(batch_of(engine), [engine.new_row(r) for r in requests])
+    for r, out in zip(requests, outputs, strict=True):
+        [alone] = engine.generate_batch([engine.new_row(r)])
+        assert out == alone
+
+
+def test_stop_strings_streams_and_cancellation(engine: Engine) -> None:
+    full = solo(engine, "Once upon a time", 20)
+    stop = full.text[len(full.text) // 2 :][:3]
+    streamed: list[TextDelta] = []
+    stopping = engine.new_row(request(engine, "Once upon a time", 20, stop=(stop,)))
+    streaming = engine.new_row(request(engine, "Hello", 6), on_delta=streamed.append)
+    leaving = engine.new_row(request(engine, "Bye", 50))
+    batch = batch_of(engine)
+    waiting = deque(Entry(r) for r in (stopping, streaming, leaving))
+    batch.run(batch.plan(waiting))
+    leaving.cancel()
+    assert [r.row for r in batch.retire()] == [leaving]
+    assert batch.runner.cache.free_slots == 2, "the cancelled row's slot is free at once"
+    while batch.running:
+        batch.run(batch.plan(deque()))
+        batch.retire()
+    assert stopping.output().finish_reason is FinishReason.STOP
+    assert stopping.output().text == full.text[: full.text.index(stop)]
+    out = streaming.output()
+    assert out.text.startswith("".join(d.text for d in streamed))
+    assert (
+        tuple(t for d in streamed for t in d.token_ids)
+        == out.token_ids[: sum(len(d.token_ids) for d in streamed)]
+    )
+    assert leaving.generated == 1
+
+
+def test_a_long_prompt_never_stalls_decoding_rows_for_more_than_a_chunk(engine: Engine) -> None:
+    long_prompt = " ".join(["word"] * 200)
+    batch = batch_of(engine, rows=3, budget=24, slot_tokens=512)
+    decoding = engine.new_row(request(engine, "Hello", 40))
+    waiting = deque([Entry(decoding)])
+    batch.run(batch.plan(waiting))
+    waiting.append(Entry(engine.new_row(request(engine, long_prompt, 5))))
+    steps = 0
+    while batch.running[-1].prefilled < 200:
+        before = decoding.generated
+        work = batch.plan(waiting)
+        assert sum(len(w.chunk.tokens) for w in work) <= 24
+        batch.run(work)
+        assert decoding.generated == before + 1, "the running row got its token this step"
+        steps += 1
+    assert steps == 9  # 200 prompt tokens, 23 a step beside the decoding row

@@ -17,8 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import lmserve
 from lmserve import Client, FinishReason
-from lmserve_server.config import ServerConfig
-from lmserve_server.engine import EngineConfig
+from lmserve_server.config import EngineConfig, ServerConfig
 from tests.conftest import RunningDaemon
 from tests.test_engine import PROMPTS
 
@@ -61,7 +60,7 @@ def occupy_engine(running: RunningDaemon, tokens: int = 150) -> threading.Thread
     )
     thread.start()
     deadline = time.monotonic() + 10
-    while not running.daemon.batcher.busy:
+    while not running.daemon.scheduler.busy:
         assert time.monotonic() < deadline, "the blocking request never started"
         time.sleep(0.001)
     return thread
@@ -77,7 +76,16 @@ def test_model_info(client: Client, daemon: RunningDaemon) -> None:
     assert info.model == daemon.daemon.config.engine.model
     assert (info.device, info.dtype) == ("cpu", "float32")
     assert (info.max_context, info.eos_token_id) == (1024, 50256)
-    assert (info.max_batch_size, info.max_wait_ms) == (32, 20)
+    assert info.max_batch_size == 32
+    assert info.max_new_tokens_cap == 1024 and info.default_max_new_tokens == 64
+    if daemon.daemon.config.scheduler == "static":
+        assert (info.scheduler, info.max_wait_ms) == ("static", 20)
+        assert (info.kv_cache_tokens, info.max_step_tokens, info.max_batch_tokens) == (0, 0, 0)
+        assert info.max_request_tokens == 1024
+    else:  # no waiting to batch; a KV cache of a full context per row
+        assert (info.scheduler, info.max_wait_ms) == ("continuous", None)
+        assert (info.kv_cache_tokens, info.max_request_tokens) == (32 * 1024, 1024)
+        assert info.max_step_tokens == 256
 
 
 def test_generate_returns_the_continuation_and_how_it_was_served(client: Client) -> None:
@@ -190,7 +198,7 @@ def test_stream_with_a_stop_string_never_sends_it(client: Client) -> None:
 
 def wait_idle(running: RunningDaemon, within_s: float) -> float:
     started = time.monotonic()
-    while running.daemon.batcher.busy:
+    while running.daemon.scheduler.busy:
         assert time.monotonic() - started < within_s, "the abandoned row kept the engine busy"
         time.sleep(0.005)
     return time.monotonic() - started
@@ -312,7 +320,7 @@ def test_a_queued_request_expires_at_its_deadline_and_is_never_computed(
         with pytest.raises(lmserve.DeadlineExceededError):
             client.generate("hurried", max_new_tokens=3, timeout=0.3)
         waited = time.monotonic() - started
-        still_busy = daemon.daemon.batcher.busy
+        still_busy = daemon.daemon.scheduler.busy
         assert patient.result().batch_size == 1, "the expired request must not be computed"
     blocker.join()
     assert still_busy, "it must expire while the engine is still busy, not when it frees"
@@ -333,7 +341,7 @@ def test_batch_token_budget_splits_batches_and_refuses_a_request_over_it(
         with ThreadPoolExecutor(7) as pool:
             blocker = pool.submit(c.generate, "blocker", max_new_tokens=30)
             deadline = time.monotonic() + 10
-            while not budgeted.daemon.batcher.busy:
+            while not budgeted.daemon.scheduler.busy:
                 assert time.monotonic() < deadline
                 time.sleep(0.001)
             rows = [pool.submit(c.generate, f"prompt {i}", max_new_tokens=8) for i in range(6)]

@@ -22,7 +22,7 @@ def occupy(running: RunningDaemon, tokens: int = 300, **client_kwargs: object) -
         )
     )
     thread.start()
-    wait_for(lambda: running.daemon.batcher.busy, "the blocking request never started")
+    wait_for(lambda: running.daemon.scheduler.busy, "the blocking request never started")
     return thread
 
 
@@ -47,7 +47,7 @@ def test_metrics_count_calls_batches_tokens_and_queue(make_daemon) -> None:  # t
     blocker = occupy(running, tokens=150)
     with ThreadPoolExecutor(4) as pool:
         results = [pool.submit(client.generate, "Hi", max_new_tokens=3) for _ in range(4)]
-        wait_for(lambda: running.daemon.batcher.queue_depth == 4, "the 4 calls never queued")
+        wait_for(lambda: running.daemon.scheduler.queue_depth == 4, "the 4 calls never queued")
         assert scrape(port)[("lmserve_queue_depth", ())] == 4  # sampled at scrape time
         assert [r.result().batch_size for r in results] == [4] * 4
     blocker.join()
@@ -88,7 +88,7 @@ def test_refusals_are_counted_and_daemons_keep_their_own_series(make_daemon) -> 
     waiting = ThreadPoolExecutor(1).submit(
         Client(first.address, token="t0k").generate, "Hi", max_new_tokens=2
     )
-    wait_for(lambda: first.daemon.batcher.queue_depth == 1, "the second call never queued")
+    wait_for(lambda: first.daemon.scheduler.queue_depth == 1, "the second call never queued")
     with pytest.raises(lmserve.OverloadedError):
         Client(first.address, token="t0k").generate("Hi", max_new_tokens=2)
     with pytest.raises(lmserve.UnauthenticatedError):

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from lmserve_server.engine import Engine
-from lmserve_server.packing import PackedLinear, can_pack, pack_linears
-from tests.test_engine import PROMPTS, request
+from lmserve_server.engine.model import Engine
+from lmserve_server.engine.packing import PackedLinear, can_pack, pack_linears
+from tests.test_engine import PROMPTS, generate, request
 
 
 def test_every_linear_layer_is_packed(engine: Engine) -> None:
@@ -29,7 +29,7 @@ def test_packed_model_computes_what_the_plain_one_does(
         plain = plain_engine.model(input_ids=ids).logits
     assert torch.allclose(plain, packed, atol=1e-4, rtol=1e-4)
     prompts = [request(engine, p, 10) for p in PROMPTS]
-    assert engine.generate_batch(prompts) == plain_engine.generate_batch(prompts)
+    assert generate(engine, prompts) == generate(plain_engine, prompts)
 
 
 def test_packed_rows_do_not_depend_on_their_companions() -> None:

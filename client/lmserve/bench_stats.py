@@ -163,9 +163,13 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [f"target        {report['target']}"]
     model = report.get("model")
     if model:
+        batching = f"max batch {model['max_batch_size']}"
+        if model.get("max_wait_ms") is not None:
+            batching += f", max wait {model['max_wait_ms']:g} ms"
+        if model.get("scheduler"):
+            batching = f"{model['scheduler']} scheduler, {batching}"
         lines.append(
-            f"model         {model['model']} on {model['device']} ({model['dtype']}), "
-            f"max batch {model['max_batch_size']}, max wait {model['max_wait_ms']:g} ms"
+            f"model         {model['model']} on {model['device']} ({model['dtype']}), {batching}"
         )
     lines.append(f"load          {report['load_description']}")
     lines.append(f"workload      {report['workload_description']}")

@@ -101,9 +101,14 @@ class ModelInfo:
     max_context: int
     eos_token_id: int
     max_batch_size: int
-    max_wait_ms: float
+    max_wait_ms: float | None  # static scheduler only
     max_new_tokens_cap: int
     default_max_new_tokens: int
+    scheduler: str = ""  # "static" or "continuous" ("" from servers before it was reported)
+    max_request_tokens: int = 0  # prompt + max_new_tokens of one request, at most
+    kv_cache_tokens: int = 0  # continuous: the preallocated KV cache
+    max_step_tokens: int = 0  # continuous: tokens per step
+    max_batch_tokens: int = 0  # static: padded tokens per batch (0: no limit)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of all fields."""
@@ -173,7 +178,12 @@ def model_info_from_proto(msg: lmserve_pb2.ModelInfo) -> ModelInfo:
         max_context=msg.max_context,
         eos_token_id=msg.eos_token_id,
         max_batch_size=msg.max_batch_size,
-        max_wait_ms=msg.max_wait_ms,
+        max_wait_ms=msg.max_wait_ms if msg.HasField("max_wait_ms") else None,
         max_new_tokens_cap=msg.max_new_tokens_cap,
         default_max_new_tokens=msg.default_max_new_tokens,
+        scheduler=msg.scheduler,
+        max_request_tokens=msg.max_request_tokens,
+        kv_cache_tokens=msg.kv_cache_tokens,
+        max_step_tokens=msg.max_step_tokens,
+        max_batch_tokens=msg.max_batch_tokens,
     )

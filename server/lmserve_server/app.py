@@ -3,7 +3,7 @@ reflection, and drains it on shutdown.
 
 ``Daemon(config, engine).start()`` binds (port 0 picks a free port, as tests do) and returns
 the port; ``stop()`` turns health NOT_SERVING, stops accepting, lets every accepted request
-finish within the drain timeout, then closes the batcher. Around the servicer: the request
+finish within the drain timeout, then closes the scheduler. Around the servicer: the request
 interceptor (request ids, per-call metrics, debug log), the bearer-token check when a token
 is set, and the error interceptor; TLS when a certificate is set; Prometheus ``/metrics``
 when a metrics port is set. Each batch is timed, counted and logged in ``_run_batch``.
@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -22,15 +21,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lmserve.v1 import lmserve_pb2_grpc
-from lmserve_server.batcher import MicroBatcher
 from lmserve_server.config import ServerConfig
-from lmserve_server.engine import Engine
+from lmserve_server.engine.model import Engine
+from lmserve_server.engine.types import GenerationOutput
 from lmserve_server.interceptors import ErrorInterceptor, RequestInterceptor
 from lmserve_server.metrics import Metrics
-from lmserve_server.scheduler import ContinuousScheduler, Scheduler
+from lmserve_server.scheduling.base import Scheduler
+from lmserve_server.scheduling.continuous import ContinuousScheduler
+from lmserve_server.scheduling.static import StaticScheduler
 from lmserve_server.security import TokenAuthInterceptor, server_credentials
 from lmserve_server.service import SERVICE_NAME, GeneratorService
-from lmserve_server.types import GenerationOutput, GenerationRequest, affinity, padded_tokens
 
 log = logging.getLogger(__name__)
 
@@ -61,52 +61,45 @@ class Daemon:
         # keeps accepting while the model works. Pass the one that loaded and warmed up the
         # model (see engine_thread()).
         self._executor = executor or engine_thread()
-        self.batcher: Scheduler
+        self.scheduler: Scheduler
         if config.scheduler == "continuous":
-            self.batcher = ContinuousScheduler(
+            self.scheduler = ContinuousScheduler(
                 engine,
                 max_batch_size=config.max_batch_size,
                 max_queue=config.max_queue,
-                max_batch_tokens=config.max_batch_tokens,
+                max_step_tokens=config.max_step_tokens,
+                kv_cache_tokens=config.kv_cache_tokens,
+                kv_cache_memory=config.kv_cache_memory,
                 on_step=self._record_step,
                 executor=self._executor,
             )
         else:
-            self.batcher = MicroBatcher(
-                self._run_batch,
+            self.scheduler = StaticScheduler(
+                engine,
                 max_batch_size=config.max_batch_size,
                 max_wait_s=config.max_wait_ms / 1000.0,
                 max_queue=config.max_queue,
-                batch_cost=padded_tokens,
-                max_batch_cost=config.max_batch_tokens or None,
-                affinity=affinity if config.group_similar else None,
+                max_batch_tokens=config.max_batch_tokens,
+                group_similar=config.group_similar,
+                on_batch=self._record_batch,
+                executor=self._executor,
             )
         self.health: health.aio.HealthServicer | None = None
         self.server: grpc.aio.Server | None = None
         self.port = 0
         # Always recorded (cheap, and a registry per daemon); served only with a metrics port.
-        self.metrics = Metrics(queue_depth=lambda: self.batcher.queue_depth)
+        self.metrics = Metrics(queue_depth=lambda: self.scheduler.queue_depth)
         self.metrics.set_model(engine.name, engine.device, engine.dtype)
 
-    async def _run_batch(self, batch: list[GenerationRequest]) -> list[GenerationOutput]:
-        loop = asyncio.get_running_loop()
-        start = time.perf_counter()
-        outputs: list[GenerationOutput] | None = None
-        try:
-            outputs = await loop.run_in_executor(self._executor, self.engine.generate_batch, batch)
-            return outputs
-        finally:
-            self._record_batch(len(batch), time.perf_counter() - start, outputs)
-
     def _record_step(self, rows: int, seconds: float, tokens: int, failed: bool) -> None:
-        # In continuous mode a "batch" is one decode step (called on the decode thread).
+        # In continuous mode a "batch" is one step (called on the engine thread).
         self.metrics.observe_batch(rows, seconds, tokens, failed=failed)
 
     def _record_batch(
-        self, size: int, compute_s: float, outputs: list[GenerationOutput] | None
+        self, size: int, compute_s: float, outcomes: list[GenerationOutput | Exception] | None
     ) -> None:
         compute_ms = round(compute_s * 1000.0, 3)
-        if outputs is None:
+        if outcomes is None:
             self.metrics.observe_batch(size, compute_s, 0, failed=True)
             log.warning(
                 "batch of %d failed after %.1f ms",
@@ -115,7 +108,7 @@ class Daemon:
                 extra={"batch_size": size, "compute_ms": compute_ms},
             )
             return
-        tokens = sum(len(o.token_ids) for o in outputs if isinstance(o, GenerationOutput))
+        tokens = sum(len(o.token_ids) for o in outcomes if isinstance(o, GenerationOutput))
         self.metrics.observe_batch(size, compute_s, tokens, failed=False)
         log.info(
             "batch of %d ran in %.1f ms, %d tokens",
@@ -139,7 +132,7 @@ class Daemon:
             options=[("grpc.max_receive_message_length", self.config.max_message_bytes)],
         )
         lmserve_pb2_grpc.add_GeneratorServicer_to_server(
-            GeneratorService(self.engine, self.batcher, self.config), self.server
+            GeneratorService(self.engine, self.scheduler, self.config), self.server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if self.config.reflection:
@@ -149,7 +142,10 @@ class Daemon:
         self.port = self._bind(self.server, address)
         if self.config.metrics_port:
             self.metrics.serve(self.config.host, self.config.metrics_port)
-        self.batcher.start()
+        # The scheduler's buffers (the continuous KV cache) on the engine thread, before
+        # anything is served: one that doesn't fit fails the start, not a request.
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.scheduler.prepare)
+        self.scheduler.start()
         await self.server.start()
         for service in ("", SERVICE_NAME):
             await self.health.set(service, _SERVING)
@@ -187,12 +183,15 @@ class Daemon:
         # only then does the server stop. grpc's own grace would also wait for every health
         # Watch stream (client-side health checking keeps one open per client), which never
         # ends by itself, so a drain would always last the whole timeout.
-        closing = asyncio.ensure_future(self.batcher.close(drain=True))
+        closing = asyncio.ensure_future(self.scheduler.close(drain=True))
         try:
             await asyncio.wait_for(asyncio.shield(closing), timeout=grace)
         except asyncio.TimeoutError:
-            log.warning("drain timeout (%.1f s) reached; dropping what is still waiting", grace)
-            await self.batcher.close(drain=False)
+            log.warning(
+                "drain timeout (%.1f s) reached; stopping the requests still running or waiting",
+                grace,
+            )
+            await self.scheduler.close(drain=False)
             await closing
         await self.server.stop(_REPLY_FLUSH_S)  # replies already made still go out
         self._executor.shutdown(wait=True)

@@ -16,8 +16,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from lmserve_server.config import ServerConfig
-from lmserve_server.engine import EngineConfig
+from lmserve_server.config import EngineConfig, ServerConfig
 from lmserve_server.errors import LmserveError
 from lmserve_server.logs import LOG_FORMATS, configure_logging
 from lmserve_server.security import read_token_file
@@ -99,8 +98,36 @@ def _serve_parser(sub: Any) -> None:
         "--max-batch-tokens",
         int,
         0,
-        "most padded tokens in one batch: rows x (longest prompt + largest max_new_tokens); "
-        "bounds a batch's memory; a single request over it is INVALID_ARGUMENT; 0 = no limit",
+        "static scheduler: most padded tokens in one batch: rows x (longest prompt + largest "
+        "max_new_tokens); bounds a batch's memory; a single request over it is "
+        "INVALID_ARGUMENT; 0 = no limit",
+    )
+    _add(
+        p,
+        "--max-step-tokens",
+        int,
+        256,
+        "continuous scheduler: most tokens through the model in one step; running rows' next "
+        "tokens first, then prompts in chunks, so a long prompt never stalls running rows for "
+        "more than one such step; must exceed --max-batch-size",
+    )
+    _add(
+        p,
+        "--kv-cache-tokens",
+        int,
+        0,
+        "continuous scheduler: the KV cache, allocated once, in tokens; each of the "
+        "--max-batch-size rows holds an equal slot, the longest request it accepts "
+        "(prompt + max_new_tokens); 0 = a full context per row (on CUDA at most "
+        "--kv-cache-memory of the free memory)",
+    )
+    _add(
+        p,
+        "--kv-cache-memory",
+        float,
+        0.5,
+        "continuous scheduler on CUDA with --kv-cache-tokens 0: the share of the device's free "
+        "memory (after loading) the KV cache may take",
     )
     _add(
         p,
@@ -214,6 +241,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,
         max_batch_tokens=args.max_batch_tokens,
+        max_step_tokens=args.max_step_tokens,
+        kv_cache_tokens=args.kv_cache_tokens,
+        kv_cache_memory=args.kv_cache_memory,
         scheduler=args.scheduler,
         group_similar=args.group_similar,
         max_prompt_chars=args.max_prompt_chars,
@@ -243,7 +273,7 @@ def _auth_token(path: str | None) -> str | None:
 async def run_daemon(config: ServerConfig) -> None:
     """Loads and warms the model, serves until SIGTERM/SIGINT, then drains."""
     from lmserve_server.app import Daemon, engine_thread
-    from lmserve_server.engine import Engine
+    from lmserve_server.engine.model import Engine
 
     # Fed from the loop while the model loads, serves and drains: a stalled loop starves it.
     interval = watchdog_interval()

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lmserve_server.engine import EngineConfig
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What to load and where (plain data: no torch here, so ``lmserve --help`` stays fast)."""
+
+    model: str = "gpt2"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | float16 | bfloat16 | float32
+    pack_weights: bool = True  # prepack linear weights for oneDNN (float32 on CPU only)
 
 
 @dataclass(frozen=True)
@@ -22,7 +30,12 @@ class ServerConfig:
     max_prompt_chars: int = 100_000  # refused before tokenizing
     scheduler: str = "static"  # static: one generate per batch | continuous: per decode step
     group_similar: bool = True  # static: when more wait than fit, batch alike requests
-    max_batch_tokens: int = 0  # padded (prompt + max_new_tokens) x rows per batch; 0 = no cap
+    max_batch_tokens: int = (
+        0  # static: padded (prompt + max_new_tokens) x rows per batch; 0 = no cap
+    )
+    max_step_tokens: int = 256  # continuous: tokens through the model per step (prefill chunks)
+    kv_cache_tokens: int = 0  # continuous: KV cache size in tokens; 0 = every row a full context
+    kv_cache_memory: float = 0.5  # continuous on CUDA, with kv_cache_tokens 0: share of free memory
     max_message_bytes: int = 4 * 1024 * 1024  # gRPC's receive limit for one request
     drain_timeout_s: float = 30.0
     reflection: bool = True
@@ -42,6 +55,10 @@ class ServerConfig:
             "max_new_tokens_cap": self.max_new_tokens_cap >= 1,
             "max_prompt_chars": self.max_prompt_chars >= 1,
             "max_batch_tokens": self.max_batch_tokens >= 0,
+            "max_step_tokens": self.scheduler != "continuous"
+            or self.max_step_tokens > self.max_batch_size,
+            "kv_cache_tokens": self.kv_cache_tokens >= 0,
+            "kv_cache_memory": 0.0 < self.kv_cache_memory <= 1.0,
             "scheduler": self.scheduler in ("static", "continuous"),
             "max_message_bytes": self.max_message_bytes >= 1024,
             "default_max_new_tokens": 1 <= self.default_max_new_tokens <= self.max_new_tokens_cap,

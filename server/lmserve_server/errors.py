@@ -1,51 +1,41 @@
-"""The daemon's exception classes, each carrying the gRPC status code it maps to.
+"""The daemon's exception classes: what went wrong, in the daemon's own terms.
 
-Code anywhere in the server raises these; one interceptor (``interceptors.py``) turns them
-into a gRPC status with the exception's message, so no handler needs its own try/except.
+The engine, the schedulers and the validation raise these; nothing here knows gRPC. The edge
+(``interceptors.py``) maps each class to its status code, so no handler needs its own
+try/except and the engine core can be used and tested without a server.
 """
 
 from __future__ import annotations
 
-import grpc
-
 
 class LmserveError(Exception):
-    """Base class: a failure that is reported to the caller with ``code`` and the message."""
-
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    """Base class: a failure reported to the caller with its message."""
 
 
 class InvalidArgumentError(LmserveError):
     """A request field is out of range; the message names the field and the limit."""
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
-
 
 class QueueFullError(LmserveError):
-    """The batching queue holds ``max_queue`` requests already; the caller should back off."""
-
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    """The queue holds ``max_queue`` requests already; the caller should back off."""
 
 
 class ShuttingDownError(LmserveError):
-    """The daemon is draining and accepts no new work."""
-
-    code = grpc.StatusCode.UNAVAILABLE
+    """The daemon is draining and accepts no new work, or stopped before a request ended."""
 
 
 class ModelLoadError(LmserveError):
     """The model or tokenizer could not be loaded; the message says what to do."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
-
 
 class GenerationFailedError(LmserveError):
-    """The model's generate call failed for this request."""
-
-    code = grpc.StatusCode.INTERNAL
+    """The model failed for this request (alone, after its company was retried apart)."""
 
 
 class OutOfMemoryError(LmserveError):
     """The device ran out of memory for this request, even in a batch of its own."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+def queue_full(depth: int, max_queue: int) -> QueueFullError:
+    """The one message for a full queue, wherever it is noticed."""
+    return QueueFullError(f"queue is full: {depth} requests waiting (--max-queue {max_queue})")

@@ -19,7 +19,15 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from lmserve_server.errors import LmserveError
+from lmserve_server.errors import (
+    GenerationFailedError,
+    InvalidArgumentError,
+    LmserveError,
+    ModelLoadError,
+    OutOfMemoryError,
+    QueueFullError,
+    ShuttingDownError,
+)
 
 if TYPE_CHECKING:
     from lmserve_server.metrics import Metrics
@@ -31,9 +39,28 @@ REQUEST_ID_KEY = "x-request-id"
 _SANE_ID = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces, bounded
 
 
+# The one place where the daemon's errors meet gRPC: each class and its status code.
+STATUS_CODES: dict[type[LmserveError], grpc.StatusCode] = {
+    InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
+    QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    OutOfMemoryError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ShuttingDownError: grpc.StatusCode.UNAVAILABLE,
+    ModelLoadError: grpc.StatusCode.FAILED_PRECONDITION,
+    GenerationFailedError: grpc.StatusCode.INTERNAL,
+}
+
+
+def status_code(err: LmserveError) -> grpc.StatusCode:
+    """The status of ``err``: its own class's, else its nearest base class's, else INTERNAL."""
+    for cls in type(err).__mro__:
+        if cls in STATUS_CODES:
+            return STATUS_CODES[cls]
+    return grpc.StatusCode.INTERNAL
+
+
 async def _abort_for(err: Exception, context: grpc.aio.ServicerContext, method: str) -> None:
     if isinstance(err, LmserveError):
-        await context.abort(err.code, str(err))
+        await context.abort(status_code(err), str(err))
     log.exception("%s failed", method, exc_info=err)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}")
 

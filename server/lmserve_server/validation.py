@@ -8,8 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lmserve.v1 import lmserve_pb2
+from lmserve_server.engine.types import GenerationRequest, SamplingParams
 from lmserve_server.errors import InvalidArgumentError
-from lmserve_server.types import GenerationRequest, RowControl, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -21,14 +21,14 @@ class RequestLimits:
     max_stop_chars: int = 256
     vocab_size: int = 50257
     max_prompt_chars: int = 100_000
-    max_batch_tokens: int = 0
+    max_request_tokens: int = 0  # prompt + max_new_tokens the scheduler can hold; 0 = any
+    request_tokens_flag: str = "--max-batch-tokens"  # the setting behind that limit
 
 
 def build_generation_request(
     msg: lmserve_pb2.GenerateRequest,
     tokenize: Callable[[str], list[int]],
     limits: RequestLimits,
-    control: RowControl | None = None,
 ) -> GenerationRequest:
     if not msg.prompt:
         raise InvalidArgumentError("prompt: must not be empty")
@@ -54,17 +54,18 @@ def build_generation_request(
             f"{len(prompt_ids) + max_new_tokens} exceeds the model's context of "
             f"{limits.max_context} tokens"
         )
-    if limits.max_batch_tokens and len(prompt_ids) + max_new_tokens > limits.max_batch_tokens:
+    total = len(prompt_ids) + max_new_tokens
+    if limits.max_request_tokens and total > limits.max_request_tokens:
         raise InvalidArgumentError(
-            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-            f"server's batch token budget of {limits.max_batch_tokens} (--max-batch-tokens)"
+            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
+            f"exceeds the server's limit of {limits.max_request_tokens} tokens per request "
+            f"({limits.request_tokens_flag})"
         )
     return GenerationRequest(
         prompt_ids=tuple(prompt_ids),
         max_new_tokens=max_new_tokens,
         sampling=sampling,
         stop=stop,
-        control=control,
     )
 
 

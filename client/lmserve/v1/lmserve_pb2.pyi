@@ -83,7 +83,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "device", "dtype", "max_context", "eos_token_id", "max_batch_size", "max_wait_ms", "max_new_tokens_cap", "default_max_new_tokens")
+    __slots__ = ("model", "device", "dtype", "max_context", "eos_token_id", "max_batch_size", "max_wait_ms", "max_new_tokens_cap", "default_max_new_tokens", "scheduler", "max_request_tokens", "kv_cache_tokens", "max_step_tokens", "max_batch_tokens")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,11 @@ class ModelInfo(_message.Message):
     MAX_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_CAP_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULER_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     model: str
     device: str
     dtype: str
@@ -102,4 +107,9 @@ class ModelInfo(_message.Message):
     max_wait_ms: float
     max_new_tokens_cap: int
     default_max_new_tokens: int
-    def __init__(self, model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_context: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_wait_ms: _Optional[float] = ..., max_new_tokens_cap: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ...) -> None: ...
+    scheduler: str
+    max_request_tokens: int
+    kv_cache_tokens: int
+    max_step_tokens: int
+    max_batch_tokens: int
+    def __init__(self, model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_context: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_wait_ms: _Optional[float] = ..., max_new_tokens_cap: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., scheduler: _Optional[str] = ..., max_request_tokens: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., max_step_tokens: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ...) -> None: ...

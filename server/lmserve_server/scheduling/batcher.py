@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from lmserve_server.errors import QueueFullError, ShuttingDownError
+from lmserve_server.errors import ShuttingDownError, queue_full
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -58,7 +58,7 @@ class MicroBatcher(Generic[T, R]):
 
     def __init__(
         self,
-        run_batch: Callable[[list[T]], Awaitable[list[R]]],
+        run_batch: Callable[[list[T]], Awaitable[Sequence[R | Exception]]],
         *,
         max_batch_size: int,
         max_wait_s: float,
@@ -119,9 +119,7 @@ class MicroBatcher(Generic[T, R]):
         still waiting takes it out of the queue; cancelling it later just drops the result.
         """
         if (depth := len(self._queue)) >= self._max_queue:
-            raise QueueFullError(
-                f"queue is full: {depth} requests waiting (--max-queue {self._max_queue})"
-            )
+            raise queue_full(depth, self._max_queue)
         if self._closing:
             raise ShuttingDownError("the server is shutting down and accepts no new requests")
         if self._task is None:

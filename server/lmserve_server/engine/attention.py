@@ -1,0 +1,233 @@
+"""The one module that reaches into transformers: a packed step's attention over ``KVCache``.
+
+A continuous step is ONE forward of the model over a packed sequence of tokens: the next
+token of every decoding row and a chunk of every prefilling row's prompt, unpadded. The
+projections and MLPs don't care which row a token belongs to; only attention does. So the
+model is switched to an attention function of ours (``slot_attention``), registered through
+transformers' public ``AttentionInterface``; a step hands it a ``StepAttention`` as the
+``lmserve_step`` keyword, which the model passes down to every attention call. The function
+writes the step's keys and values into the cache at each token's (slot, position) and gives
+every part its own attention: decoding rows together, prefill chunks together (at most two
+SDPA calls per layer, however many rows). Without ``lmserve_step`` (the static scheduler's
+``generate``) it is transformers' own SDPA, unchanged.
+
+What this relies on in transformers (``>=5.0,<6``), each checked by
+``tests/test_transformers_adapter.py`` so that an upgrade that changes one fails there:
+
+- ``AttentionInterface.register`` / ``AttentionMaskInterface.register`` and
+  ``model.set_attn_implementation`` (public);
+- decoder attention modules call the registered function as ``f(module, query, key, value,
+  attention_mask, scaling=..., dropout=..., **kwargs)`` with the forward's extra keyword
+  arguments in ``kwargs``, ``query`` (1, H, S, D) and ``key``/``value`` (1, KV, S, D) after
+  rotary embeddings, and each module has ``layer_idx`` (and ``sliding_window`` if it has one);
+- ``use_cache=False`` leaves keys and values to the attention function alone;
+- a 4-D ``attention_mask`` is passed through as it is (so a placeholder skips mask building);
+- ``logits_to_keep`` takes a tensor of positions;
+- ``transformers.integrations.sdpa_attention.sdpa_attention_forward`` and
+  ``transformers.masking_utils.sdpa_mask`` (internal: the SDPA that ``generate`` runs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from lmserve_server.engine.kv_cache import KVCache
+
+ATTENTION = "lmserve_slots"
+STEP_KEYWORD = "lmserve_step"
+
+
+@dataclass
+class StepAttention:
+    """Where one packed forward's S tokens go and what each attends to; built once per step
+    on the device from the step's uploaded inputs and used by every layer.
+
+    Tokens ``[0, decode_count)`` are single-token rows (decoding, or a one-token prompt):
+    their queries run as one batch over the slots ``[0, decode_span)`` (rows that are not
+    decoding in that span attend to one column and are dropped). The other tokens are
+    prefill chunks, ``prefill_count`` of them, padded to ``prefill_width`` queries each.
+    """
+
+    cache: KVCache
+    token_slots: torch.Tensor  # (S,)
+    token_positions: torch.Tensor  # (S,)
+    decode_count: int
+    decode_slots: torch.Tensor  # (D,)
+    decode_span: int
+    decode_contiguous: bool  # decode_slots == 0..D-1 and decode_span == D
+    decode_window: int  # columns read per decoding row
+    decode_lengths: torch.Tensor  # (decode_span,) tokens in each slot after this step
+    prefill_count: int
+    prefill_slots: torch.Tensor  # (P,)
+    prefill_starts: torch.Tensor  # (P,) position of each chunk's first token
+    prefill_lengths: torch.Tensor  # (P,)
+    prefill_rows: torch.Tensor  # (Tp,) the chunk of each prefill token
+    prefill_columns: torch.Tensor  # (Tp,) its place in the chunk
+    prefill_width: int  # the longest chunk
+    prefill_window: int  # columns read per chunk
+    prefill_fresh: bool  # one chunk, starting at 0: causal over the step's own keys
+    _masks: dict[int | None, tuple[torch.Tensor | None, torch.Tensor | None]] = field(
+        default_factory=dict
+    )
+
+    def attend(
+        self,
+        layer: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scaling: float | None,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        """(1, H, S, D) queries -> (1, S, H, D) outputs; writes the step's keys and values."""
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        # Every token's key and value to its own (slot, position): (S, KV, D) each.
+        keys[self.token_slots, :, self.token_positions] = key[0].transpose(0, 1)
+        values[self.token_slots, :, self.token_positions] = value[0].transpose(0, 1)
+        decode_mask, prefill_mask = self._masks_for(sliding_window)
+        heads, head_dim = query.shape[1], query.shape[3]
+        out = query.new_empty((query.shape[2], heads, head_dim))  # (S, H, D)
+        d = self.decode_count
+        if d:
+            q = query[0, :, :d].transpose(0, 1)  # (D, H, D)
+            if self.decode_contiguous:
+                rows = q.unsqueeze(2)  # (D, H, 1, D)
+            else:
+                rows = q.new_zeros((self.decode_span, heads, 1, head_dim))
+                rows[self.decode_slots] = q.unsqueeze(2)
+            window = slice(0, self.decode_window)
+            span = slice(0, self.decode_span)
+            o = _sdpa(rows, keys[span, :, window], values[span, :, window], decode_mask, scaling)
+            out[:d] = o[:, :, 0] if self.decode_contiguous else o[self.decode_slots, :, 0]
+        if self.prefill_count:
+            q = query[0, :, d:].transpose(0, 1)  # (Tp, H, D)
+            if self.prefill_fresh and prefill_mask is None:
+                o = _sdpa(
+                    q.transpose(0, 1)[None], key[:, :, d:], value[:, :, d:], None, scaling, True
+                )  # (1, H, Tp, D)
+                out[d:] = o[0].transpose(0, 1)
+            else:
+                chunks = q.new_zeros((self.prefill_count, heads, self.prefill_width, head_dim))
+                chunks[self.prefill_rows, :, self.prefill_columns] = q
+                window = slice(0, self.prefill_window)
+                if self.prefill_count == 1:  # a view of its slot, no copy
+                    slot = self.prefill_slots[:1]
+                    k, v = keys[slot, :, window], values[slot, :, window]
+                else:
+                    k = keys.index_select(0, self.prefill_slots)[:, :, window]
+                    v = values.index_select(0, self.prefill_slots)[:, :, window]
+                o = _sdpa(chunks, k, v, prefill_mask, scaling)  # (P, H, C, D)
+                out[d:] = o[self.prefill_rows, :, self.prefill_columns]
+        return out[None]
+
+    def _masks_for(
+        self, sliding_window: int | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(decode mask (span, 1, 1, W), prefill mask (P, 1, C, W) or None): True where a
+        query may attend; built once per step and per sliding window."""
+        if sliding_window not in self._masks:
+            self._masks[sliding_window] = (
+                self._decode_mask(sliding_window) if self.decode_count else None,
+                self._prefill_mask(sliding_window) if self.prefill_count else None,
+            )
+        return self._masks[sliding_window]
+
+    def _decode_mask(self, sliding_window: int | None) -> torch.Tensor:
+        columns = torch.arange(self.decode_window, device=self.decode_lengths.device)
+        lengths = self.decode_lengths[:, None]
+        mask = columns[None, :] < lengths  # (span, W)
+        if sliding_window is not None:
+            mask &= columns[None, :] >= lengths - sliding_window
+        return mask[:, None, None, :]
+
+    def _prefill_mask(self, sliding_window: int | None) -> torch.Tensor | None:
+        if self.prefill_fresh and sliding_window is None:
+            return None  # is_causal over the chunk itself
+        device = self.prefill_starts.device
+        queries = torch.arange(self.prefill_width, device=device)
+        columns = torch.arange(self.prefill_window, device=device)
+        positions = self.prefill_starts[:, None] + queries[None, :]  # (P, C)
+        mask = columns[None, None, :] <= positions[:, :, None]  # (P, C, W)
+        if sliding_window is not None:
+            mask &= columns[None, None, :] > positions[:, :, None] - sliding_window
+        # Padding queries past a chunk's end attend to column 0 only (finite, then dropped).
+        padding = queries[None, :] >= self.prefill_lengths[:, None]  # (P, C)
+        mask |= padding[:, :, None] & (columns == 0)[None, None, :]
+        return mask[:, None]
+
+
+def _sdpa(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scaling: float | None,
+    causal: bool = False,
+) -> torch.Tensor:
+    """SDPA with grouped-query attention folded into the query axis: (B, H, Q, D) queries
+    over (B, KV, W, D) keys. Each key head's query heads become extra query rows, so keys are
+    never repeated and any mask (B, 1, Q, W) still applies (repeated for those rows)."""
+    batch, heads, length, head_dim = query.shape
+    groups = heads // key.shape[1]
+    if groups == 1:
+        return torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, is_causal=causal, scale=scaling
+        )
+    if causal:  # is_causal can't see the folded rows: spell the mask out
+        mask = torch.ones((length, key.shape[2]), dtype=torch.bool, device=query.device).tril(
+            key.shape[2] - length
+        )[None, None]
+    folded = query.reshape(batch, key.shape[1], groups * length, head_dim)
+    if mask is not None:
+        mask = mask.expand(batch, 1, length, mask.shape[-1]).repeat(1, 1, groups, 1)
+    o = torch.nn.functional.scaled_dot_product_attention(
+        folded, key, value, attn_mask=mask, scale=scaling
+    )
+    return o.reshape(batch, heads, length, head_dim)
+
+
+def slot_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The attention of a packed step; transformers' SDPA for any other forward."""
+    step: StepAttention | None = kwargs.pop(STEP_KEYWORD, None)
+    if step is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    layer = int(module.layer_idx)  # type: ignore[arg-type]
+    window = getattr(module, "sliding_window", None)
+    return step.attend(layer, query, key, value, scaling, window), None
+
+
+def install(model: Any) -> None:
+    """Switches ``model`` to ``slot_attention`` (SDPA outside packed steps); idempotent."""
+    current = model.config._attn_implementation
+    if current == ATTENTION:
+        return
+    if current != "sdpa":
+        raise ValueError(
+            f"--scheduler continuous needs a model with SDPA attention; this one uses {current!r}"
+        )
+    AttentionInterface.register(ATTENTION, slot_attention)
+    # generate() builds its padding masks as for SDPA.
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    model.set_attn_implementation(ATTENTION)
+
+
+def mask_placeholder(device: torch.device) -> torch.Tensor:
+    """A 4-D attention mask that transformers passes through unbuilt; a step ignores it."""
+    return torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)

@@ -1,0 +1,116 @@
+"""Loading: a causal LM and its tokenizer from a local directory or the Hugging Face cache,
+on the chosen device and dtype, set up for batched serving (EOS as the pad token)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any
+from urllib.parse import urlsplit
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from lmserve_server.config import EngineConfig
+from lmserve_server.engine.packing import pack_linears
+from lmserve_server.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {device}: CUDA is not available on this machine")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        # fp16 halves memory traffic on a GPU; CPUs have no fast fp16 path, so fp32 there.
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ModelLoadError(f"--dtype {dtype}: choose one of auto, {', '.join(_DTYPES)}") from None
+
+
+def load_model(config: EngineConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Loads as the GPT-2 tutorial does, done right for batched serving: left padding, EOS
+    as the pad token on the tokenizer and the model alike, eval mode."""
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    model_kwargs: dict[str, Any] = {"dtype": dtype}
+    if device.startswith("cuda"):
+        # accelerate places the weights (and shards a model too large for one GPU).
+        model_kwargs["device_map"] = "auto" if device == "cuda" else device
+    try:
+        # The cache first: an offline machine must not spend a minute on Hub retries.
+        local_only = os.path.isdir(config.model) or _in_hub_cache(config.model)
+        if not local_only:
+            _check_hub_reachable(config.model)
+        tokenizer = AutoTokenizer.from_pretrained(
+            config.model, padding_side="left", local_files_only=local_only
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            config.model, local_files_only=local_only, **model_kwargs
+        )
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(_load_failure_message(config.model, err)) from err
+    if tokenizer.eos_token_id is None:
+        raise ModelLoadError(f"model {config.model!r}: its tokenizer has no EOS token")
+    # GPT-2 has no pad token: pad with EOS, on the tokenizer and on the model alike.
+    tokenizer.pad_token = tokenizer.eos_token
+    model.generation_config.pad_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.eos_token_id
+    if "device_map" not in model_kwargs:
+        model.to(torch.device(device))  # type: ignore[arg-type]
+    model.eval()
+    if config.pack_weights:
+        pack_linears(model)  # float32 on CPU only; anything else is left as it is
+    return model, tokenizer
+
+
+def _in_hub_cache(model: str) -> bool:
+    try:
+        AutoConfig.from_pretrained(model, local_files_only=True)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _check_hub_reachable(model: str, timeout_s: float = 3.0) -> None:
+    """Fails at once when the Hub can't be reached, instead of after its retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        raise OSError("it is not in the Hugging Face cache and HF_HUB_OFFLINE is set")
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or 443
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as err:
+        raise OSError(
+            f"it is not in the Hugging Face cache and {host} can't be reached ({err})"
+        ) from err
+
+
+def _load_failure_message(model: str, err: Exception) -> str:
+    if os.path.isdir(model):
+        return f"could not load the model from the directory {model!r}: {err}"
+    return (
+        f"could not load model {model!r}: {err}\n"
+        "If this machine is offline, the weights must already be in the Hugging Face cache "
+        f"(fetch them on a connected machine with `hf download {model}`, then copy "
+        "~/.cache/huggingface) or --model must name a local directory saved with "
+        "save_pretrained. To try lmserve offline: `lmserve make-test-model ./tiny-gpt2` "
+        "then `lmserve serve --model ./tiny-gpt2`."
+    )

@@ -1,0 +1,229 @@
+"""``ContinuousScheduler``: iteration-level batching, requests join and leave between steps.
+
+The asyncio face of ``ContinuousBatch`` (``continuous_batch.py``): callers queue requests
+here and await their results; one loop on the engine thread plans, runs and retires steps of
+the batch, admitting queued requests as KV-cache slots free up. Nobody waits for a batch to
+form or to end.
+
+How a request was served (``Served``): ``batch_size`` is the most rows of a step it was in,
+``queue_s`` from ``submit`` to its first step, ``compute_s`` from there to its result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import torch
+
+from lmserve_server.engine.kv_cache import plan_capacity
+from lmserve_server.engine.model import Engine
+from lmserve_server.engine.rows import DeltaSink, Row
+from lmserve_server.engine.types import GenerationOutput, GenerationRequest
+from lmserve_server.errors import InvalidArgumentError, ShuttingDownError
+from lmserve_server.scheduling.base import Capacity, check_room
+from lmserve_server.scheduling.batcher import Served
+from lmserve_server.scheduling.continuous_batch import ContinuousBatch, Running, StepObserver
+from lmserve_server.scheduling.planner import StepPlanner
+
+log = logging.getLogger(__name__)
+
+STOPPED = "the server shut down before this request finished"
+
+
+@dataclass(eq=False)
+class _Ticket:
+    row: Row
+    future: asyncio.Future[Served[GenerationOutput]]
+    arrived: float
+
+
+class ContinuousScheduler:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_batch_size: int,
+        max_queue: int,
+        max_step_tokens: int,
+        kv_cache_tokens: int = 0,
+        kv_cache_memory: float = 0.0,
+        fixed_shapes: bool = False,
+        on_step: StepObserver | None = None,
+        executor: Executor,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._engine = engine
+        self._max_queue = max_queue
+        self._planner = StepPlanner(max_rows=max_batch_size, max_step_tokens=max_step_tokens)
+        free_bytes = None
+        if engine.input_device.type == "cuda":
+            free_bytes, _ = torch.cuda.mem_get_info(engine.input_device)
+        self._slots, self._slot_tokens = plan_capacity(
+            engine.kv_shape,
+            rows=max_batch_size,
+            context=engine.max_context,
+            tokens=kv_cache_tokens,
+            free_bytes=free_bytes,
+            memory_fraction=kv_cache_memory,
+        )
+        self._max_step_tokens = max_step_tokens
+        self._fixed_shapes = fixed_shapes
+        self._on_step = on_step
+        self._clock = clock
+        self._inbox: deque[_Ticket] = deque()
+        self._wake = threading.Condition()
+        self._closing = False
+        # The step loop occupies the daemon's engine thread (one thread for all of torch).
+        self._executor = executor
+        self._batch: ContinuousBatch[_Ticket] | None = None
+        self._loop_done: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ---- the asyncio side ---------------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._inbox)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._batch and self._batch.running)
+
+    @property
+    def capacity(self) -> Capacity:
+        return Capacity(
+            scheduler="continuous",
+            max_request_tokens=self._slot_tokens,
+            kv_cache_tokens=self._slots * self._slot_tokens,
+            max_step_tokens=self._max_step_tokens,
+            max_batch_tokens=0,
+        )
+
+    @property
+    def kv_cache_used(self) -> float:
+        """The share of the KV cache's slots that running rows hold now."""
+        return len(self._batch.running) / self._slots if self._batch else 0.0
+
+    def start(self) -> None:
+        if self._loop_done is None:
+            self._loop = asyncio.get_running_loop()
+            self._loop_done = self._loop.run_in_executor(self._executor, self._run)
+
+    def check_room(self) -> None:
+        check_room(len(self._inbox), self._max_queue)
+
+    async def submit(
+        self, request: GenerationRequest, on_delta: DeltaSink | None = None
+    ) -> Served[GenerationOutput]:
+        self.check_room()
+        if self._closing or self._loop is None:
+            raise ShuttingDownError("the server is shutting down and accepts no new requests")
+        if request.total_tokens > self._slot_tokens:
+            raise InvalidArgumentError(
+                f"prompt ({len(request.prompt_ids)} tokens) + max_new_tokens "
+                f"({request.max_new_tokens}) exceeds the {self._slot_tokens} tokens a request "
+                "may hold in the KV cache (--kv-cache-tokens / --max-batch-size)"
+            )
+        row = self._engine.new_row(request, on_delta)
+        ticket = _Ticket(row, self._loop.create_future(), self._clock())
+        with self._wake:
+            self._inbox.append(ticket)
+            self._wake.notify()
+        try:
+            return await ticket.future
+        except asyncio.CancelledError:
+            with self._wake:
+                if ticket in self._inbox:
+                    self._inbox.remove(ticket)  # never admitted, never computed
+            row.cancel()  # a running row leaves at the next step
+            raise
+
+    async def close(self, drain: bool = True) -> None:
+        with self._wake:
+            self._closing = True
+            if not drain:
+                while self._inbox:
+                    self._settle(self._inbox.popleft(), ShuttingDownError(STOPPED))
+                for running in self._batch.running if self._batch else ():
+                    running.row.abort(ShuttingDownError(STOPPED))
+            self._wake.notify()
+        if self._loop_done is not None:
+            await self._loop_done
+
+    # ---- the engine thread -------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Allocates the KV cache and the step buffers; call it on the engine thread before
+        ``start`` (a cache that does not fit is then a start-up error, not a request's)."""
+        if self._batch is None:
+            runner = self._engine.continuous_runner(
+                slots=self._slots,
+                slot_tokens=self._slot_tokens,
+                max_step_tokens=self._max_step_tokens,
+                fixed_shapes=self._fixed_shapes,
+            )
+            self._batch = ContinuousBatch(
+                runner, self._planner, on_step=self._on_step, clock=self._clock
+            )
+
+    def _run(self) -> None:
+        try:
+            self.prepare()
+            batch = self._batch
+            assert batch is not None
+            while True:
+                self._settle_retired(batch.retire())
+                with self._wake:
+                    while not self._inbox and not batch.running and not self._closing:
+                        self._wake.wait()
+                    if self._closing and not self._inbox and not batch.running:
+                        return
+                    work = batch.plan(self._inbox)
+                batch.run(work)
+        except BaseException as err:  # a bug: fail everything rather than hang its callers
+            log.exception("the continuous scheduler's loop crashed")
+            with self._wake:
+                self._closing = True
+                running = self._batch.running if self._batch else []
+                failed = [*self._inbox, *(r.entry for r in running)]
+                self._inbox.clear()
+            for ticket in failed:
+                self._settle(ticket, ShuttingDownError(f"the scheduler stopped: {err!r}"))
+            raise
+
+    def _settle_retired(self, ended: list[Running[_Ticket]]) -> None:
+        done_at = self._clock()
+        for running in ended:
+            row = running.row
+            if row.cancelled:
+                continue  # its caller is gone
+            if row.error is not None:
+                self._settle(running.entry, row.error)
+                continue
+            served = Served(
+                row.output(),
+                running.batch_size,
+                running.admitted - running.entry.arrived,
+                done_at - running.admitted,
+            )
+            self._settle(running.entry, served)
+
+    def _settle(self, ticket: _Ticket, outcome: Served[GenerationOutput] | Exception) -> None:
+        assert self._loop is not None
+
+        def settle() -> None:
+            if ticket.future.done():  # its caller went away
+                return
+            if isinstance(outcome, Exception):
+                ticket.future.set_exception(outcome)
+            else:
+                ticket.future.set_result(outcome)
+
+        self._loop.call_soon_threadsafe(settle)

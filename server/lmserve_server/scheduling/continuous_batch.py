@@ -1,0 +1,195 @@
+"""``ContinuousBatch``: the running batch of the continuous scheduler, one step at a time.
+
+Synchronous and single-threaded (the engine thread): ``plan`` asks the ``StepPlanner`` what
+the next step runs and admits waiting entries into free KV-cache slots, ``run`` has the
+``ModelRunner`` execute it and hands every sampled token to its row (``Row.accept``: limits,
+stop strings, streams), ``retire`` frees the slots of the rows that ended. The asyncio side
+(``continuous.py``) only queues entries and settles the retired ones.
+
+Faults stay with their row: when a step fails, its rows are run again in halves (each half
+one forward; nothing has advanced yet, and writing a key again at the same place is
+harmless), so only a row that fails alone gets the error; out of memory frees the device's
+cached blocks first and becomes ``OutOfMemoryError``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+import torch
+
+from lmserve_server.engine.rows import Row
+from lmserve_server.engine.runner import Chunk, ModelRunner
+from lmserve_server.engine.sampling import RowSampling
+from lmserve_server.errors import OutOfMemoryError
+from lmserve_server.scheduling.planner import StepPlanner
+
+log = logging.getLogger(__name__)
+
+
+class Entry(Protocol):
+    """What the batch needs of a queued request: its row."""
+
+    @property
+    def row(self) -> Row: ...
+
+
+E = TypeVar("E", bound=Entry)
+
+
+@dataclass(eq=False)
+class Running(Generic[E]):
+    """An admitted entry: it holds ``slot`` until its row ends."""
+
+    entry: E
+    slot: int
+    admitted: float
+    prefilled: int = 0  # prompt tokens in the cache
+    batch_size: int = 0  # the most rows of a step it was in
+
+    @property
+    def row(self) -> Row:
+        return self.entry.row
+
+    @property
+    def prompt(self) -> tuple[int, ...]:
+        return self.entry.row.request.prompt_ids
+
+    def sampling(self) -> RowSampling:
+        params = self.row.request.sampling
+        return RowSampling(
+            temperature=params.temperature,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            seed=self.row.seed,
+            counter=self.row.generated,
+        )
+
+
+@dataclass(eq=False)
+class Work(Generic[E]):
+    """One row's part of a step, and its outcome."""
+
+    running: Running[E]
+    chunk: Chunk
+    prefill: int = 0  # prompt tokens this chunk adds to the cache
+    token: int | None = None
+    error: Exception | None = None
+
+
+# (rows in the step, its seconds, tokens it produced, whether it failed)
+StepObserver = Callable[[int, float, int, bool], None]
+
+
+class ContinuousBatch(Generic[E]):
+    def __init__(
+        self,
+        runner: ModelRunner,
+        planner: StepPlanner,
+        *,
+        on_step: StepObserver | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.runner = runner
+        self.planner = planner
+        self.running: list[Running[E]] = []
+        self._on_step = on_step
+        self._clock = clock
+
+    def plan(self, waiting: deque[E]) -> list[Work[E]]:
+        """The next step's work; admits entries from the left of ``waiting`` (popped)."""
+        cache = self.runner.cache
+        running = self.running
+        plan = self.planner.plan(
+            [len(r.prompt) - r.prefilled for r in running],
+            [len(e.row.request.prompt_ids) for e in list(waiting)[: cache.free_slots]],
+            cache.free_slots,
+        )
+        now = self._clock()
+        for _ in plan.admit:
+            slot = cache.allocate()
+            assert slot is not None, "the planner admits into free slots only"
+            running.append(Running(waiting.popleft(), slot, now))
+        decoding = sorted(plan.decode, key=lambda i: running[i].slot)  # slots 0, 1, ...: a view
+        work = [self._decode(running[i]) for i in decoding]
+        first_admitted = len(running) - len(plan.admit)
+        chunks = plan.prefill + list(enumerate(plan.admit, start=first_admitted))
+        work += [self._prefill(running[i], n) for i, n in chunks]
+        for w in work:
+            w.running.batch_size = max(w.running.batch_size, len(work))
+        return work
+
+    def run(self, work: list[Work[E]]) -> None:
+        """Executes the step and hands each row its token (or its error)."""
+        if not work:
+            return
+        started = time.perf_counter()
+        self._execute(work)
+        tokens = 0
+        for w in work:
+            if w.error is not None:
+                w.running.row.abort(w.error)
+                continue
+            w.running.prefilled += w.prefill
+            if w.token is not None:
+                tokens += 1
+                try:
+                    w.running.row.accept(w.token)
+                except Exception as err:  # e.g. a stream whose event loop is gone
+                    log.exception("a row failed taking its token")
+                    w.running.row.abort(err)
+        if self._on_step:
+            failed = all(w.error is not None for w in work)
+            self._on_step(len(work), time.perf_counter() - started, tokens, failed)
+
+    def retire(self) -> list[Running[E]]:
+        """Removes the rows that ended, failed, were aborted or cancelled; frees their slots."""
+        ended = [r for r in self.running if r.row.done]
+        if ended:
+            self.running = [r for r in self.running if not r.row.done]
+            for running in ended:
+                self.runner.cache.free(running.slot)
+        return ended
+
+    # ---- a step's parts -----------------------------------------------------------------------
+
+    def _decode(self, running: Running[E]) -> Work[E]:
+        row = running.row
+        position = len(running.prompt) + row.generated - 1  # where its last token goes
+        chunk = Chunk(running.slot, (row.tokens[-1],), position, running.sampling())
+        return Work(running, chunk)
+
+    def _prefill(self, running: Running[E], n: int) -> Work[E]:
+        start = running.prefilled
+        last = start + n == len(running.prompt)
+        sampling = running.sampling() if last else None
+        chunk = Chunk(running.slot, running.prompt[start : start + n], start, sampling)
+        return Work(running, chunk, prefill=n)
+
+    def _execute(self, work: Sequence[Work[E]]) -> None:
+        """Runs ``work`` as one forward; when it fails, each half as its own, down to the
+        rows that fail alone (their ``error`` is set)."""
+        try:
+            tokens = iter(self.runner.execute([w.chunk for w in work]))
+        except Exception as err:
+            if isinstance(err, torch.OutOfMemoryError):
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                err = OutOfMemoryError(f"out of device memory in a step of {len(work)} row(s)")
+            if len(work) == 1:
+                log.warning("a row failed alone in its step: %r", err)
+                work[0].error = err
+                return
+            log.warning("a step of %d rows failed (%r); retrying its halves", len(work), err)
+            half = len(work) // 2
+            self._execute(work[:half])
+            self._execute(work[half:])
+            return
+        for w in work:
+            if w.chunk.sampling is not None:
+                w.token = next(tokens)

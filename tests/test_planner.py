@@ -1,0 +1,102 @@
+"""The continuous scheduler's decisions alone, without a model: the token budget, chunked
+prefill, admission by free KV slots."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lmserve_server.engine.kv_cache import KVCache, KVCacheShape, plan_capacity
+from lmserve_server.scheduling.planner import StepPlanner
+
+
+def test_decoding_rows_go_first_then_prefills_then_admissions() -> None:
+    planner = StepPlanner(max_rows=8, max_step_tokens=16)
+    plan = planner.plan([0, 0, 5, 0], [4, 20, 3], free_slots=4)
+    assert plan.decode == [0, 1, 3]
+    assert plan.prefill == [(2, 5)]
+    assert plan.admit == [4, 4]  # 16 - 3 - 5 = 8 left: 4 for the first, 4 of the second's 20
+    assert plan.tokens == 16
+
+
+def test_a_long_prompt_is_prefilled_a_chunk_per_step_beside_the_decoding_rows() -> None:
+    planner = StepPlanner(max_rows=4, max_step_tokens=10)
+    left, steps = 37, 0
+    plan = planner.plan([0, 0], [left], free_slots=2)
+    assert plan.admit == [8]
+    left -= 8
+    while left:
+        plan = planner.plan([0, 0, left], [], free_slots=1)
+        assert plan.decode == [0, 1], "the running rows decode every step"
+        assert plan.prefill == [(2, min(8, left))]
+        left -= plan.prefill[0][1]
+        steps += 1
+    assert steps == 4
+
+
+def test_admission_waits_for_a_free_slot_and_for_the_row_limit() -> None:
+    planner = StepPlanner(max_rows=3, max_step_tokens=100)
+    assert planner.plan([0], [5, 5, 5], free_slots=1).admit == [5]
+    assert planner.plan([0], [5, 5, 5], free_slots=0).admit == []
+    assert planner.plan([0, 0], [5, 5], free_slots=5).admit == [5]  # 3 rows at most
+
+
+def test_the_budget_must_leave_room_to_prefill() -> None:
+    with pytest.raises(ValueError, match="--max-step-tokens"):
+        StepPlanner(max_rows=32, max_step_tokens=32)
+
+
+@given(
+    running=st.lists(st.integers(0, 300), max_size=12),
+    waiting=st.lists(st.integers(1, 300), max_size=12),
+    free=st.integers(0, 12),
+    budget=st.integers(13, 512),
+)
+def test_a_plan_keeps_every_rule(
+    running: list[int], waiting: list[int], free: int, budget: int
+) -> None:
+    planner = StepPlanner(max_rows=12, max_step_tokens=budget)
+    plan = planner.plan(running, waiting, free_slots=free)
+    assert plan.tokens <= budget
+    assert plan.decode == [i for i, left in enumerate(running) if left == 0]
+    assert all(0 < n <= running[i] for i, n in plan.prefill)
+    assert len(plan.admit) <= min(free, 12 - len(running), len(waiting))
+    assert all(0 < n <= length for n, length in zip(plan.admit, waiting, strict=False))
+    # Work is never left undone while budget remains: the oldest prefill goes whole first.
+    if plan.tokens < budget:
+        assert all(n == running[i] for i, n in plan.prefill)
+        assert all(n == length for n, length in zip(plan.admit, waiting, strict=False))
+
+
+SHAPE = KVCacheShape(layers=2, kv_heads=2, head_dim=4, dtype=torch.float32)
+
+
+def test_slots_come_lowest_first_and_go_back_without_copies() -> None:
+    cache = KVCache(SHAPE, slots=3, slot_tokens=8, device=torch.device("cpu"))
+    assert [cache.allocate() for _ in range(3)] == [0, 1, 2]
+    assert cache.allocate() is None
+    cache.keys[0][1, 0, 0, 0] = 5.0
+    cache.free(1)
+    assert cache.free_slots == 1 and cache.allocate() == 1
+    assert cache.keys[0][1, 0, 0, 0] == 5.0  # nothing was moved or cleared
+    with pytest.raises(ValueError):
+        cache.free(7)
+    cache.free(2)
+    with pytest.raises(ValueError):
+        cache.free(2)
+    assert cache.keys[0].shape == (4, 2, 8, 4), "one scratch slot past the last"
+    assert cache.capacity_tokens == 24
+
+
+def test_capacity_is_a_slot_per_row_of_the_context_or_of_the_budget() -> None:
+    assert plan_capacity(SHAPE, rows=4, context=1024) == (4, 1024)
+    assert plan_capacity(SHAPE, rows=4, context=1024, tokens=2000) == (4, 500)
+    per_token = SHAPE.bytes_per_token  # 2 x 2 layers x 2 heads x 4 x 4 bytes = 128
+    assert per_token == 128
+    assert plan_capacity(
+        SHAPE, rows=4, context=1024, free_bytes=128 * 1000, memory_fraction=0.5
+    ) == (4, 125)
+    with pytest.raises(ValueError, match="--kv-cache-tokens"):
+        plan_capacity(SHAPE, rows=4, context=1024, tokens=3)

@@ -1,0 +1,128 @@
+"""The batched sampler alone, on hand-made logits: per-row filters, counter-based draws
+that ignore the batch's company and padding, and a kernel count that ignores the rows."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lmserve_server.engine.sampling import (
+    RowSampling,
+    filtered_probs,
+    sample,
+    sampling_tensors,
+    uniform,
+)
+
+CPU = torch.device("cpu")
+
+
+def probs_of(logits: list[float], **settings: float) -> torch.Tensor:
+    row = RowSampling(**{"temperature": 1.0, **settings})  # type: ignore[arg-type]
+    return filtered_probs(torch.tensor([logits]), sampling_tensors([row], CPU))[0]
+
+
+def test_top_k_keeps_the_k_most_likely() -> None:
+    probs = probs_of([1.0, 5.0, 3.0, 4.0, 2.0], top_k=2)
+    assert (probs > 0).tolist() == [False, True, False, True, False]
+    assert abs(float(probs.sum()) - 1.0) < 1e-6
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])).tolist()
+    assert (probs_of(logits, top_p=0.7) > 0).tolist() == [True, True, False, False]
+    assert (probs_of(logits, top_p=0.1) > 0).tolist() == [True, False, False, False]
+    assert (probs_of(logits, top_p=1.0) > 0).tolist() == [True] * 4
+
+
+def test_temperature_sharpens_and_flattens() -> None:
+    cold = probs_of([2.0, 1.0, 0.0], temperature=0.1)
+    hot = probs_of([2.0, 1.0, 0.0], temperature=10.0)
+    assert cold[0] > 0.99 and float(hot.max() - hot.min()) < 0.1
+
+
+def test_each_row_filters_with_its_own_settings() -> None:
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0]] * 3)
+    rows = [RowSampling(1.0, top_k=1), RowSampling(1.0, top_k=3), RowSampling(1.0, top_p=1.0)]
+    kept = (filtered_probs(logits, sampling_tensors(rows, CPU)) > 0).sum(dim=1)
+    assert kept.tolist() == [1, 3, 5]
+
+
+def test_uniform_is_a_function_of_seed_and_counter() -> None:
+    draws = [uniform(7, c) for c in range(1000)]
+    assert draws == [uniform(7, c) for c in range(1000)]
+    assert all(0.0 < u <= 1.0 for u in draws)
+    assert len(set(draws)) == 1000 and uniform(8, 0) != uniform(7, 0)
+    assert 0.45 < sum(draws) / len(draws) < 0.55
+
+
+def test_draws_follow_the_filtered_distribution() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    counts: collections.Counter[int] = collections.Counter()
+    for counter in range(4000):
+        row = RowSampling(1.0, seed=3, counter=counter)
+        counts[int(sample(logits, sampling_tensors([row], CPU))[0])] += 1
+    for token, p in enumerate([0.5, 0.3, 0.15, 0.05]):
+        assert abs(counts[token] / 4000 - p) < 0.03, counts
+
+
+def random_rows(n: int, generator: torch.Generator) -> list[RowSampling]:
+    rows = []
+    for i in range(n):
+        kind = i % 4
+        rows.append(
+            RowSampling()
+            if kind == 0
+            else RowSampling(
+                temperature=0.5 + float(torch.rand((), generator=generator)),
+                top_k=[0, 5, 50][i % 3],
+                top_p=[1.0, 0.9, 0.5][i % 3] if kind != 3 else 1.0,
+                seed=i,
+                counter=i * 7,
+            )
+        )
+    return rows
+
+
+@pytest.mark.parametrize("position", [0, 5, 12])
+def test_a_row_s_token_ignores_its_company_and_padding(position: int) -> None:
+    generator = torch.Generator().manual_seed(0)
+    vocab = 1000
+    row = RowSampling(temperature=0.8, top_k=40, top_p=0.9, seed=11, counter=3)
+    row_logits = torch.randn((1, vocab), generator=generator)
+    alone = sample(row_logits, sampling_tensors([row], CPU))[0]
+    company = random_rows(16, generator)
+    logits = torch.randn((17, vocab), generator=generator)
+    logits[position] = row_logits[0]
+    rows = [*company[:position], row, *company[position:]]
+    assert sample(logits, sampling_tensors(rows, CPU))[position] == alone
+    greedy_alone = sample(row_logits, sampling_tensors([RowSampling()], CPU))[0]
+    rows[position] = RowSampling()
+    assert sample(logits, sampling_tensors(rows, CPU))[position] == greedy_alone
+    assert greedy_alone == row_logits.argmax()
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_kernels_of_a_step_do_not_grow_with_the_rows() -> None:
+    generator = torch.Generator().manual_seed(1)
+    counts = []
+    for n in (2, 8, 64):
+        rows = random_rows(n, generator)
+        params = sampling_tensors(rows, CPU)
+        logits = torch.randn((n, 500), generator=generator)
+        with _CountOps() as mode:
+            sample(logits, params)
+        counts.append(mode.ops)
+    assert counts[0] == counts[1] == counts[2], counts
