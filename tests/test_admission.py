@@ -1,0 +1,70 @@
+"""What a daemon admits and when it lets go, over real gRPC: the continuous scheduler's KV
+cache (a request waits while no slot is free, is refused at once if it could never fit),
+and the drain deadline (running requests stop with a clear status, in both schedulers)."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+import lmserve
+from lmserve import Client
+from tests.conftest import RunningDaemon
+from tests.test_engine import PROMPTS
+
+
+def test_a_request_that_could_never_fit_the_kv_cache_is_refused_at_once(make_daemon) -> None:  # type: ignore[no-untyped-def]
+    small: RunningDaemon = make_daemon(
+        scheduler="continuous", max_batch_size=2, kv_cache_tokens=128
+    )
+    with Client(small.address) as client:
+        info = client.model_info()
+        assert (info.kv_cache_tokens, info.max_request_tokens) == (128, 64)
+        with pytest.raises(lmserve.InvalidArgumentError, match="--kv-cache-tokens"):
+            client.generate("Hello", max_new_tokens=64)  # 1 + 64 tokens: one too many
+        assert client.generate("Hello", max_new_tokens=63).completion_tokens == 63
+
+
+def test_requests_wait_for_a_free_slot_then_run(make_daemon) -> None:  # type: ignore[no-untyped-def]
+    small: RunningDaemon = make_daemon(
+        scheduler="continuous", max_batch_size=2, kv_cache_tokens=256
+    )
+    with Client(small.address, timeout=60) as client:
+        alone = [client.generate(p, max_new_tokens=40) for p in PROMPTS[:5]]
+        with ThreadPoolExecutor(5) as pool:
+            together = list(pool.map(lambda p: client.generate(p, max_new_tokens=40), PROMPTS[:5]))
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert max(r.batch_size for r in together) == 2, "never more rows than slots"
+    waited = sorted(r.queue_ms for r in together)
+    # Two slots for five requests: the last ones waited for others to finish.
+    assert waited[-1] > min(r.compute_ms for r in together) / 2
+
+
+@pytest.mark.parametrize("scheduler", ["static", "continuous"])
+def test_at_the_drain_deadline_running_requests_stop_with_a_clear_status(
+    make_daemon,  # type: ignore[no-untyped-def]
+    scheduler: str,
+) -> None:
+    running: RunningDaemon = make_daemon(scheduler=scheduler)
+    # No retries, to see the daemon's own status (the default client would retry it on
+    # another replica: UNAVAILABLE is what a draining replica answers).
+    with (
+        Client(running.address, timeout=120, balance=False) as client,
+        ThreadPoolExecutor(3) as pool,
+    ):
+        calls = [pool.submit(client.generate, p, max_new_tokens=1000) for p in PROMPTS[:2]]
+        deadline = time.monotonic() + 10
+        while not running.daemon.scheduler.busy:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.3)
+        started = time.monotonic()
+        running.call(running.daemon.stop(grace=1.0))
+        stopped_in = time.monotonic() - started
+        for call in calls:
+            with pytest.raises(lmserve.UnavailableError, match="shut down before"):
+                call.result()
+    # 1000 tokens take far longer than the 1 s drain: the rows stopped at the deadline.
+    assert stopped_in < 1.0 + 2.5 + 2.0, stopped_in  # + a step + the reply flush
