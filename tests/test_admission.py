@@ -68,3 +68,24 @@ def test_at_the_drain_deadline_running_requests_stop_with_a_clear_status(
                 call.result()
     # 1000 tokens take far longer than the 1 s drain: the rows stopped at the deadline.
     assert stopped_in < 1.0 + 2.5 + 2.0, stopped_in  # + a step + the reply flush
+
+
+def test_kv_cache_usage_is_exported_while_rows_hold_slots(make_daemon) -> None:  # type: ignore[no-untyped-def]
+    from tests.ops_support import free_port, scrape
+
+    port = free_port()
+    small: RunningDaemon = make_daemon(
+        scheduler="continuous", max_batch_size=4, kv_cache_tokens=4096, metrics_port=port
+    )
+    usage = ("lmserve_kv_cache_usage", ())
+    assert scrape(port)[usage] == 0.0
+    with Client(small.address, timeout=60) as client, ThreadPoolExecutor(1) as pool:
+        long = pool.submit(client.generate, "Hello", max_new_tokens=600)
+        deadline = time.monotonic() + 10
+        while not small.daemon.scheduler.busy:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        held = scrape(port)[usage]
+        long.result()
+    assert held == 0.25, "one row of four slots"
+    assert scrape(port)[usage] == 0.0

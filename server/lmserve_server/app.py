@@ -88,7 +88,10 @@ class Daemon:
         self.server: grpc.aio.Server | None = None
         self.port = 0
         # Always recorded (cheap, and a registry per daemon); served only with a metrics port.
-        self.metrics = Metrics(queue_depth=lambda: self.scheduler.queue_depth)
+        self.metrics = Metrics(
+            queue_depth=lambda: self.scheduler.queue_depth,
+            kv_cache_usage=lambda: self.scheduler.kv_cache_usage,
+        )
         self.metrics.set_model(engine.name, engine.device, engine.dtype)
 
     def _record_step(self, rows: int, seconds: float, tokens: int, failed: bool) -> None:

@@ -30,24 +30,38 @@ _BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 class Metrics:
     """The daemon's series; ``serve(host, port)`` exposes them at ``/metrics``."""
 
-    def __init__(self, queue_depth: Callable[[], float]) -> None:
+    def __init__(
+        self, queue_depth: Callable[[], float], kv_cache_usage: Callable[[], float] | None = None
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.queue_depth = Gauge(
             "lmserve_queue_depth", "Requests waiting for a batch (sampled at scrape)", registry=r
         )
         self.queue_depth.set_function(queue_depth)
+        self.kv_cache_usage = Gauge(
+            "lmserve_kv_cache_usage",
+            "Share of the continuous scheduler's KV cache slots held by running requests "
+            "(sampled at scrape; 0 under the static scheduler, whose cache is per batch)",
+            registry=r,
+        )
+        self.kv_cache_usage.set_function(kv_cache_usage or (lambda: 0.0))
         self.batch_size = Histogram(
-            "lmserve_batch_size", "Requests per generate() call", buckets=_BATCH_SIZES, registry=r
+            "lmserve_batch_size",
+            "Requests per batch: per generate() call (static), per step (continuous)",
+            buckets=_BATCH_SIZES,
+            registry=r,
         )
         self.batch_compute = Histogram(
             "lmserve_batch_compute_seconds",
-            "Wall time of one batch's generate() call",
+            "Wall time of one batch: its generate() call (static), its step (continuous)",
             buckets=_SECONDS,
             registry=r,
         )
         self.batch_failures = Counter(
-            "lmserve_batch_failures", "Batches whose generate() call raised", registry=r
+            "lmserve_batch_failures",
+            "Batches (static) or steps (continuous) that raised; their rows were retried apart",
+            registry=r,
         )
         self.queue_time = Histogram(
             "lmserve_queue_seconds",

@@ -34,6 +34,10 @@ class Scheduler(Protocol):
     @property
     def capacity(self) -> Capacity: ...
 
+    @property
+    def kv_cache_usage(self) -> float:
+        """The share of a preallocated KV cache that running requests hold (0 if none)."""
+
     def prepare(self) -> None:
         """Allocates what the scheduler needs ahead (on the engine thread, before start)."""
 

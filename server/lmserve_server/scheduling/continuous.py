@@ -107,7 +107,7 @@ class ContinuousScheduler:
         )
 
     @property
-    def kv_cache_used(self) -> float:
+    def kv_cache_usage(self) -> float:
         """The share of the KV cache's slots that running rows hold now."""
         return len(self._batch.running) / self._slots if self._batch else 0.0
 

@@ -93,6 +93,10 @@ class StaticScheduler:
             max_batch_tokens=self._max_batch_tokens,
         )
 
+    @property
+    def kv_cache_usage(self) -> float:
+        return 0.0  # generate() makes a cache per batch
+
     def prepare(self) -> None:
         """Nothing to allocate ahead: ``generate`` makes its own cache per batch."""
 
