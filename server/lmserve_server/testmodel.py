@@ -9,7 +9,9 @@ model's speed; the ``tiny`` size is for tests.
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -38,7 +40,29 @@ def write_test_model(path: str | Path, *, size: str = "tiny", seed: int = 0) -> 
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     config = GPT2Config(n_positions=1024, **SIZES[size])  # type: ignore[arg-type]
-    GPT2LMHeadModel(config).save_pretrained(out)
+    # save_pretrained writes the weights through a private temporary file (mode 0600), so a
+    # daemon running as another user (systemd, a container) could not read them. Saved in a
+    # scratch directory first, so that exactly what it wrote gets the usual mode.
+    mode = 0o666 & ~current_umask()
+    with tempfile.TemporaryDirectory(dir=out, prefix=".saving-") as scratch:
+        GPT2LMHeadModel(config).save_pretrained(scratch)
+        for written in Path(scratch).iterdir():
+            written.chmod(mode)
+            os.replace(written, out / written.name)
     for name in TOKENIZER_FILES:
         shutil.copyfile(tokenizer_dir() / name, out / name)
     return out
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it in /proc
+    (os.umask can only read it by setting it, for every thread at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
