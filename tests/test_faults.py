@@ -94,7 +94,7 @@ def test_only_the_failing_request_fails(faulty: RunningDaemon) -> None:
         # A long request runs while the others queue, so they start together (static: one
         # batch; continuous: they join its running batch in one step).
         with ThreadPoolExecutor(len(prompts) + 1) as pool:
-            blocker = pool.submit(client.generate, "blocker", max_new_tokens=60)
+            blocker = pool.submit(client.generate, "blocker", max_new_tokens=200)
             _wait_busy(faulty)
             results = dict(zip(prompts, pool.map(lambda p: call(client, p), prompts), strict=True))
             blocked = blocker.result()
@@ -107,7 +107,7 @@ def test_only_the_failing_request_fails(faulty: RunningDaemon) -> None:
             assert isinstance(result, lmserve.GenerationResult), result
             assert result.token_ids == alone[prompt].token_ids
             assert result.batch_size >= 2, "it ran in company with the faulty ones"
-        assert blocked.token_ids == client.generate("blocker", max_new_tokens=60).token_ids
+        assert blocked.token_ids == client.generate("blocker", max_new_tokens=200).token_ids
         assert client.generate("still serving", max_new_tokens=2).completion_tokens == 2
 
 

@@ -20,7 +20,9 @@ def load(name: str) -> dict[str, Any]:
     return doc
 
 
-@pytest.mark.parametrize("name", ["deployment.yaml", "service.yaml", "pdb.yaml", "pvc.yaml"])
+@pytest.mark.parametrize(
+    "name", ["deployment.yaml", "service.yaml", "pdb.yaml", "pvc.yaml", "fill-hf-cache-job.yaml"]
+)
 def test_manifest_is_valid_against_the_api_schema(name: str) -> None:
     kubernetes_validate.validate(load(name), K8S_VERSION, strict=True)
 
@@ -56,3 +58,49 @@ def test_service_is_headless_and_selects_the_pods() -> None:
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= labels.items()
     assert load("pdb.yaml")["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def _mounts(pod: dict[str, Any], claim: str) -> list[dict[str, Any]]:
+    """The volume mounts of ``pod``'s containers that mount PersistentVolumeClaim ``claim``."""
+    volumes = {
+        v["name"]
+        for v in pod["volumes"]
+        if v.get("persistentVolumeClaim", {}).get("claimName") == claim
+    }
+    return [m for c in pod["containers"] for m in c["volumeMounts"] if m["name"] in volumes]
+
+
+def test_the_cache_volume_is_filled_by_the_job_and_read_by_every_pod() -> None:
+    pvc = load("pvc.yaml")
+    claim = pvc["metadata"]["name"]
+    job_pod = load("fill-hf-cache-job.yaml")["spec"]["template"]["spec"]
+    deployment = load("deployment.yaml")
+    pod = deployment["spec"]["template"]["spec"]
+    # The Job writes it, the replicas (on any node) read it: only ReadWriteMany allows both.
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    (writer,) = _mounts(job_pod, claim)
+    assert not writer.get("readOnly", False)
+    (reader,) = _mounts(pod, claim)
+    assert reader["readOnly"] is True
+    volume = next(v for v in pod["volumes"] if v["name"] == reader["name"])
+    assert volume["persistentVolumeClaim"]["readOnly"] is True
+
+    # It downloads the model the replicas serve, into the HF_HOME they read it from.
+    (download,) = job_pod["containers"]
+    (server,) = pod["containers"]
+    job_env = {e["name"]: e["value"] for e in download["env"]}
+    env = {e["name"]: e["value"] for e in server["env"]}
+    assert download["command"][:2] == ["hf", "download"]
+    assert download["command"][2] == env["LMSERVE_MODEL"]
+    assert job_env["HF_HOME"] == env["HF_HOME"] == writer["mountPath"] == reader["mountPath"]
+    assert download["image"] == server["image"]
+
+
+def test_the_job_s_pod_is_never_taken_for_a_replica() -> None:
+    job_labels = load("fill-hf-cache-job.yaml")["spec"]["template"]["metadata"]["labels"]
+    for selector in (
+        load("service.yaml")["spec"]["selector"],
+        load("pdb.yaml")["spec"]["selector"]["matchLabels"],
+        load("deployment.yaml")["spec"]["selector"]["matchLabels"],
+    ):
+        assert not selector.items() <= job_labels.items(), selector

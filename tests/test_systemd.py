@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -222,3 +223,57 @@ def test_env_example_names_only_real_settings() -> None:
     text = (DEPLOY / "lmserve.env.example").read_text()
     names = set(re.findall(r"^#?([A-Z][A-Z0-9_]+)=", text, flags=re.M))
     assert names and names <= known, names - known
+
+
+# ---- the per-GPU template's static user ------------------------------------------------------
+
+
+def template_user() -> tuple[str, str]:
+    settings = dict(
+        line.split("=", 1)
+        for line in (DEPLOY / "lmserve@.service").read_text().splitlines()
+        if line.startswith(("User=", "Group="))
+    )
+    return settings["User"], settings["Group"]
+
+
+def sysusers_entries() -> list[list[str]]:
+    lines = (DEPLOY / "lmserve.sysusers").read_text().splitlines()
+    return [shlex.split(line) for line in lines if line.strip() and not line.startswith("#")]
+
+
+def test_the_template_s_user_is_declared_in_the_sysusers_file() -> None:
+    user, group = template_user()
+    assert user == group, "'u NAME' makes a group of the same name"
+    # u: a system user and its group; -: any free system id; home: the StateDirectory.
+    assert sysusers_entries() == [
+        ["u", user, "-", "lmserve gRPC daemon", "/var/lib/lmserve", "/usr/sbin/nologin"]
+    ]
+    template = (DEPLOY / "lmserve@.service").read_text()
+    assert "StateDirectory=lmserve" in template
+    assert "useradd" not in template, "the user comes from the sysusers file, not by hand"
+    assert "/etc/sysusers.d/lmserve.conf" in template
+
+
+def test_systemd_sysusers_creates_the_template_s_user(tmp_path: Path) -> None:
+    if shutil.which("systemd-sysusers") is None:
+        pytest.skip("systemd-sysusers is not installed")
+    (tmp_path / "etc").mkdir()
+    # --root: into an empty directory tree, never this machine's /etc.
+    proc = subprocess.run(
+        ["systemd-sysusers", f"--root={tmp_path}", str(DEPLOY / "lmserve.sysusers")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    user, group = template_user()
+
+    def entries(name: str) -> dict[str, list[str]]:
+        lines = (tmp_path / "etc" / name).read_text().splitlines()
+        return {fields[0]: fields for fields in (line.split(":") for line in lines)}
+
+    _, _, uid, gid, _, home, shell = entries("passwd")[user]
+    assert 0 < int(uid) < 1000, "a system user"
+    assert gid == entries("group")[group][2]
+    assert (home, shell) == ("/var/lib/lmserve", "/usr/sbin/nologin")

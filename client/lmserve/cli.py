@@ -1,11 +1,14 @@
-"""``lmserve-client``: the command line of the lmserve client (generate, tokenize, info).
+"""``lmserve-client``: the command line of the lmserve client (generate, tokenize, info,
+health).
 
 Each subcommand is a registrar ``add_parser(subparsers, common)`` that adds its parser
 (with ``parents=[common]`` for ``--target``/``--timeout``) and sets ``handler``, a function
 ``(args) -> exit code``. A command from another module (e.g. ``bench``) is added by
 appending its registrar in ``_registrars()``; it can build its client from ``args.target``
 and ``args.timeout`` (see ``client_from_args``). ``main`` turns ``LmserveError`` into one
-``error: CODE: details`` line and exit code 1, and Ctrl-C into exit code 130.
+``error: CODE: details`` line and exit code 1, and Ctrl-C into exit code 130. With
+``--wait SECONDS`` (every subcommand), ``main`` first waits for the daemon to report SERVING,
+so a command can follow ``lmserve serve &`` at once.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from lmserve import __version__
 from lmserve.argtypes import non_negative_int
 from lmserve.client import Client
 from lmserve.errors import LmserveError, UnimplementedError
+from lmserve.health import SERVICE, SERVING
 from lmserve.types import GenerationResult, StreamChunk
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -40,6 +44,17 @@ def _timeout(value: str) -> float | None:
     if seconds < 0:
         raise argparse.ArgumentTypeError(f"must not be negative: {value!r}")
     return seconds or None
+
+
+def _wait_seconds(value: str) -> float:
+    """``--wait``: seconds, 0 for not waiting."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if not seconds >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must not be negative: {value!r}")
+    return seconds
 
 
 def common_parser() -> argparse.ArgumentParser:
@@ -62,6 +77,15 @@ def common_parser() -> argparse.ArgumentParser:
         default=os.environ.get("LMSERVE_TIMEOUT", str(DEFAULT_TIMEOUT_S)),
         help="deadline of each call in seconds, 0 for none "
         f"(default: $LMSERVE_TIMEOUT, else {DEFAULT_TIMEOUT_S:g})",
+    )
+    group.add_argument(
+        "--wait",
+        metavar="SECONDS",
+        type=_wait_seconds,
+        default=0.0,
+        help="first wait up to SECONDS for the daemon to report SERVING (grpc.health.v1), "
+        "e.g. while it starts and loads its model; then fail with exit code 1 "
+        "(default: 0, no waiting)",
     )
     security = common.add_argument_group("security")
     # Client-side names (LMSERVE_CLIENT_*) so a shell holding the daemon's LMSERVE_TLS_CERT
@@ -263,6 +287,38 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- health -----------------------------------------------------------------------------
+
+
+def _add_health(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "health",
+        parents=[common],
+        help="print the daemon's health status; exit 0 only when SERVING",
+        description="Ask the daemon's grpc.health.v1 service for the status of SERVICE and "
+        "print it (SERVING once the model is loaded and warm, NOT_SERVING while it drains). "
+        "Exit status 0 when SERVING, 1 otherwise, so it serves as a container's health check.",
+        epilog="examples:\n"
+        "  lmserve-client health\n"
+        "  lmserve-client health --wait 120   # e.g. in a start-up script",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--service",
+        metavar="NAME",
+        default=SERVICE,
+        help="the service to ask about; '' for the server as a whole (default: %(default)s)",
+    )
+    parser.set_defaults(handler=_run_health)
+
+
+def _run_health(args: argparse.Namespace) -> int:
+    with client_from_args(args) as client:
+        status = client.health(args.service)
+    print(status)
+    return 0 if status == SERVING else 1
+
+
 # --- main -------------------------------------------------------------------------------
 
 
@@ -271,14 +327,15 @@ def _registrars() -> list[Registrar]:
     # they may import helpers (client_from_args, common_parser) from this module.
     from lmserve import bench
 
-    return [_add_generate, _add_tokenize, _add_info, bench.add_parser]
+    return [_add_generate, _add_tokenize, _add_info, _add_health, bench.add_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``lmserve-client`` parser with every registered subcommand."""
     parser = argparse.ArgumentParser(
         prog="lmserve-client",
-        description="Talk to an lmserve daemon: generate text, tokenize, show the model.",
+        description="Talk to an lmserve daemon: generate text, tokenize, show the model, "
+        "check its health.",
         epilog="Run 'lmserve-client COMMAND --help' for a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -296,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Handler = args.handler
     try:
+        if args.wait > 0:
+            with client_from_args(args) as client:
+                client.wait_serving(args.wait)
         return handler(args)
     except LmserveError as e:
         print(f"error: {e}", file=sys.stderr)

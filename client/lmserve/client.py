@@ -18,7 +18,8 @@ from typing import Any, TypeAlias
 import grpc
 import grpc.aio
 
-from lmserve.balancing import channel_options, resolve_target
+from lmserve import health
+from lmserve.balancing import SERVICE, channel_options, resolve_target
 from lmserve.errors import UnavailableError, from_rpc_error
 from lmserve.security import PemSource, channel_credentials, token_metadata
 from lmserve.types import (
@@ -68,6 +69,7 @@ class _Base:
     ) -> None:
         self.target = resolve_target(target)
         self.timeout = timeout
+        self._user_options = list(options)
         self._options = channel_options(options, balance=balance, retries=retries)
         self._credentials = channel_credentials(credentials, tls_ca, tls_cert, tls_key)
         self._metadata = token_metadata(metadata, token)
@@ -133,12 +135,13 @@ class Client(_Base):
             balance=balance,
             retries=retries,
         )
-        credentials = self._credentials
-        if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=self._options)
-        else:
-            self._channel = grpc.secure_channel(target, credentials, options=self._options)
+        self._channel = self._open_channel(self._options)
         self._stub = lmserve_pb2_grpc.GeneratorStub(self._channel)
+
+    def _open_channel(self, options: Sequence[tuple[str, Any]]) -> grpc.Channel:
+        if self._credentials is None:
+            return grpc.insecure_channel(self.target, options=options)
+        return grpc.secure_channel(self.target, self._credentials, options=options)
 
     def generate(
         self,
@@ -232,6 +235,33 @@ class Client(_Base):
         except grpc.RpcError as e:
             raise from_rpc_error(e) from e
         return model_info_from_proto(response)
+
+    def health(self, service: str = SERVICE, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> str:
+        """The daemon's ``grpc.health.v1`` status of ``service`` by name: ``"SERVING"``
+        once the model is loaded and warm, ``"NOT_SERVING"`` while it drains; a failed check
+        raises (``UnavailableError`` when nobody listens)."""
+        with self._health_channel() as channel:
+            try:
+                return health.check(channel, service, **self._call_kwargs(timeout))
+            except grpc.RpcError as e:
+                raise from_rpc_error(e) from e
+
+    def wait_serving(self, timeout: float, *, service: str = SERVICE) -> None:
+        """Block until the daemon reports ``service`` SERVING (polling its health, also
+        while its port is still closed); ``UnavailableError`` after ``timeout`` s."""
+        with self._health_channel() as channel:
+            health.wait_until_serving(
+                channel,
+                timeout,
+                service=service,
+                target=self.target,
+                metadata=self._metadata or None,
+            )
+
+    def _health_channel(self) -> grpc.Channel:
+        # Not the calls' channel: its client-side health checking would show a daemon that
+        # is not SERVING as UNAVAILABLE, and its reconnect backoff grows to minutes.
+        return self._open_channel([*self._user_options, *health.WAIT_CHANNEL_OPTIONS])
 
     def wait_ready(self, timeout: float) -> None:
         """Block until the channel is connected; ``UnavailableError`` after ``timeout`` s.

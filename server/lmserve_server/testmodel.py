@@ -15,7 +15,9 @@ parallel residuals (GPT-NeoX), learned positions with an offset (OPT).
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -86,7 +88,15 @@ def write_test_model(
     if initializer_range is not None:
         settings["initializer_range"] = initializer_range
     config = AutoConfig.for_model(family, **settings)
-    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    # save_pretrained writes the weights through a private temporary file (mode 0600), so a
+    # daemon running as another user (systemd, a container) could not read them. Saved in a
+    # scratch directory first, so that exactly what it wrote gets the usual mode.
+    mode = 0o666 & ~current_umask()
+    with tempfile.TemporaryDirectory(dir=out, prefix=".saving-") as scratch:
+        AutoModelForCausalLM.from_config(config).save_pretrained(scratch)
+        for written in Path(scratch).iterdir():
+            written.chmod(mode)
+            os.replace(written, out / written.name)
     for name in TOKENIZER_FILES:
         shutil.copyfile(tokenizer_dir() / name, out / name)
     if family != "gpt2":  # else AutoTokenizer would look for the family's own tokenizer
@@ -94,3 +104,17 @@ def write_test_model(
             json.dumps({"tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024})
         )
     return out
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it in /proc
+    (os.umask can only read it by setting it, for every thread at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
