@@ -482,6 +482,7 @@ def test_cli_generate_json(target: str, capsys: pytest.CaptureFixture[str]) -> N
         "batch_size": 4,
         "queue_ms": 1.5,
         "compute_ms": 12.25,
+        "logprobs": [],
     }
 
 

@@ -64,17 +64,25 @@ def test_draws_follow_the_filtered_distribution() -> None:
     counts: collections.Counter[int] = collections.Counter()
     for counter in range(4000):
         row = RowSampling(1.0, seed=3, counter=counter)
-        counts[int(sample(logits, sampling_tensors([row], CPU))[0])] += 1
+        counts[int(sample(logits, sampling_tensors([row], CPU)).tokens[0])] += 1
     for token, p in enumerate([0.5, 0.3, 0.15, 0.05]):
         assert abs(counts[token] / 4000 - p) < 0.03, counts
 
 
 def random_rows(n: int, generator: torch.Generator) -> list[RowSampling]:
+    """Greedy rows and sampling rows with every option: top-k, top-p, penalties over a
+    history, logit bias, suppressed tokens, logprobs."""
     rows = []
     for i in range(n):
         kind = i % 4
+        history = ([3, 5, 7, i], [9, 9, 2 * i])
         rows.append(
-            RowSampling()
+            RowSampling(
+                repetition_penalty=1.3,
+                history=history,
+                logprobs=2,
+                logit_bias=((1, 2.0),),
+            )
             if kind == 0
             else RowSampling(
                 temperature=0.5 + float(torch.rand((), generator=generator)),
@@ -82,6 +90,11 @@ def random_rows(n: int, generator: torch.Generator) -> list[RowSampling]:
                 top_p=[1.0, 0.9, 0.5][i % 3] if kind != 3 else 1.0,
                 seed=i,
                 counter=i * 7,
+                frequency_penalty=0.5 * (i % 2),
+                presence_penalty=0.3,
+                history=history,
+                suppress=(0, 4) if i % 2 else (),
+                logprobs=[None, 5, 0][i % 3],
             )
         )
     return rows
@@ -93,15 +106,15 @@ def test_a_row_s_token_ignores_its_company_and_padding(position: int) -> None:
     vocab = 1000
     row = RowSampling(temperature=0.8, top_k=40, top_p=0.9, seed=11, counter=3)
     row_logits = torch.randn((1, vocab), generator=generator)
-    alone = sample(row_logits, sampling_tensors([row], CPU))[0]
-    company = random_rows(16, generator)
+    alone = sample(row_logits, sampling_tensors([row], CPU)).tokens[0]
+    company = random_rows(16, generator)  # every option, none of which may leak into `row`
     logits = torch.randn((17, vocab), generator=generator)
     logits[position] = row_logits[0]
     rows = [*company[:position], row, *company[position:]]
-    assert sample(logits, sampling_tensors(rows, CPU))[position] == alone
-    greedy_alone = sample(row_logits, sampling_tensors([RowSampling()], CPU))[0]
+    assert sample(logits, sampling_tensors(rows, CPU)).tokens[position] == alone
+    greedy_alone = sample(row_logits, sampling_tensors([RowSampling()], CPU)).tokens[0]
     rows[position] = RowSampling()
-    assert sample(logits, sampling_tensors(rows, CPU))[position] == greedy_alone
+    assert sample(logits, sampling_tensors(rows, CPU)).tokens[position] == greedy_alone
     assert greedy_alone == row_logits.argmax()
 
 
@@ -116,9 +129,11 @@ class _CountOps(TorchDispatchMode):
 
 
 def test_the_kernels_of_a_step_do_not_grow_with_the_rows() -> None:
+    """Every option in use (penalties, bias, suppression, logprobs, top-k, top-p), from 4
+    rows to 64: the same kernels."""
     generator = torch.Generator().manual_seed(1)
     counts = []
-    for n in (2, 8, 64):
+    for n in (4, 8, 64):
         rows = random_rows(n, generator)
         params = sampling_tensors(rows, CPU)
         logits = torch.randn((n, 500), generator=generator)
@@ -126,3 +141,38 @@ def test_the_kernels_of_a_step_do_not_grow_with_the_rows() -> None:
             sample(logits, params)
         counts.append(mode.ops)
     assert counts[0] == counts[1] == counts[2], counts
+
+
+def test_penalties_bias_and_suppression_change_only_their_row() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5, 1.0, 3.0]] * 4)
+    rows = [
+        RowSampling(),
+        RowSampling(repetition_penalty=2.0, history=([4, 1], [])),
+        RowSampling(frequency_penalty=1.0, presence_penalty=0.5, history=([0], [4, 4, 3])),
+        RowSampling(logit_bias=((1, 10.0),), suppress=(4,)),
+    ]
+    params = sampling_tensors(rows, CPU)
+    from lmserve_server.engine.sampling import _penalised
+
+    edited = logits.index_put(
+        (params.edit_rows, params.edit_tokens), params.edit_values.float(), accumulate=True
+    )
+    scores = _penalised(edited, params)
+    assert scores[0].tolist() == [2.0, -1.0, 0.5, 1.0, 3.0]
+    assert scores[1].tolist() == [2.0, -2.0, 0.5, 1.0, 1.5]  # seen: 4 (/2) and 1 (*2)
+    # generated 4 twice and 3 once: 4 - 2*1 - 0.5, 3 - 1 - 0.5; the prompt's 0 untouched
+    assert scores[2].tolist() == [2.0, -1.0, 0.5, -0.5, 0.5]
+    assert scores[3].tolist() == [2.0, 9.0, 0.5, 1.0, float("-inf")]
+    assert sample(logits, params).tokens.tolist() == [4, 0, 0, 1]
+
+
+def test_logprobs_are_of_the_distribution_drawn_from() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 2))
+    rows = [RowSampling(logprobs=2), RowSampling(temperature=1.0, top_k=2, seed=1, logprobs=3)]
+    out = sample(logits, sampling_tensors(rows, CPU))
+    assert out.top_ids is not None and out.top_logprobs is not None and out.logprobs is not None
+    greedy, sampled = out.top_logprobs.exp().tolist()
+    assert [round(p, 4) for p in greedy[:2]] == [0.5, 0.3]
+    # top-k 2 renormalises to 0.625 / 0.375, and the others can't be drawn
+    assert [round(p, 4) for p in sampled] == [0.625, 0.375, 0.0]
+    assert out.tokens[0] == 0 and round(float(out.logprobs[0].exp()), 4) == 0.5

@@ -28,7 +28,14 @@ from lmserve.errors import (
     UnimplementedError,
     from_rpc_error,
 )
-from lmserve.types import FinishReason, GenerationResult, ModelInfo, StreamChunk
+from lmserve.types import (
+    FinishReason,
+    GenerateOptions,
+    GenerationResult,
+    ModelInfo,
+    StreamChunk,
+    TokenLogprob,
+)
 
 __version__ = "0.1.0"
 
@@ -38,6 +45,7 @@ __all__ = [
     "Client",
     "DeadlineExceededError",
     "FinishReason",
+    "GenerateOptions",
     "GenerationResult",
     "InternalError",
     "InvalidArgumentError",
@@ -48,6 +56,7 @@ __all__ = [
     "PermissionDeniedError",
     "RequestCancelledError",
     "StreamChunk",
+    "TokenLogprob",
     "UnauthenticatedError",
     "UnavailableError",
     "UnimplementedError",

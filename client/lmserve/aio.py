@@ -4,9 +4,9 @@ methods, awaited), for backend services that run on asyncio."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
@@ -15,6 +15,7 @@ from lmserve.client import USE_CLIENT_DEFAULT, Timeout, _Base
 from lmserve.errors import UnavailableError, from_rpc_error
 from lmserve.security import PemSource
 from lmserve.types import (
+    GenerateOptions,
     GenerationResult,
     ModelInfo,
     StreamChunk,
@@ -24,6 +25,9 @@ from lmserve.types import (
     result_from_proto,
 )
 from lmserve.v1 import lmserve_pb2, lmserve_pb2_grpc
+
+if TYPE_CHECKING:  # typed keyword arguments; typing_extensions is not needed at run time
+    from typing_extensions import Unpack
 
 __all__ = ["AsyncClient"]
 
@@ -72,26 +76,13 @@ class AsyncClient(_Base):
 
     async def generate(
         self,
-        prompt: str,
+        prompt: str | Sequence[int],
         *,
-        max_new_tokens: int = 0,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        stop: str | Iterable[str] = (),
         timeout: Timeout = USE_CLIENT_DEFAULT,
+        **options: Unpack[GenerateOptions],
     ) -> GenerationResult:
         """The continuation of ``prompt``, once it is complete (see ``Client.generate``)."""
-        request = build_request(
-            prompt,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            stop=stop,
-        )
+        request = build_request(prompt, **options)
         try:
             response = await self._stub.Generate(request, **self._call_kwargs(timeout))
         except grpc.RpcError as e:
@@ -100,27 +91,14 @@ class AsyncClient(_Base):
 
     async def stream(
         self,
-        prompt: str,
+        prompt: str | Sequence[int],
         *,
-        max_new_tokens: int = 0,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        stop: str | Iterable[str] = (),
         timeout: Timeout = USE_CLIENT_DEFAULT,
+        **options: Unpack[GenerateOptions],
     ) -> AsyncIterator[StreamChunk]:
         """The continuation of ``prompt`` as it is produced (``async for``); the last
         chunk has a ``finish_reason``. Leaving the loop early cancels the call."""
-        request = build_request(
-            prompt,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            stop=stop,
-        )
+        request = build_request(prompt, **options)
         call = self._stub.GenerateStream(request, **self._call_kwargs(timeout))
         try:
             async for message in call:

@@ -98,10 +98,8 @@ class _Runner:
         spec = self.config.workload.spec(index)
         record = RequestRecord(index, due - t0)
         self.max_lag_s = max(self.max_lag_s, time.perf_counter() - due)
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": spec.max_new_tokens,
-            "temperature": self.config.temperature,
-        }
+        kwargs: dict[str, Any] = {"temperature": self.config.temperature}
+        kwargs.update(spec.generate_options())
         try:
             if self.config.stream:
                 await self._stream(spec.prompt, kwargs, record, due)
@@ -125,7 +123,11 @@ class _Runner:
             progress.add(record)
 
     async def _stream(
-        self, prompt: str, kwargs: dict[str, Any], record: RequestRecord, due: float
+        self,
+        prompt: str | tuple[int, ...],
+        kwargs: dict[str, Any],
+        record: RequestRecord,
+        due: float,
     ) -> None:
         last: float | None = None
         async for chunk in self.client.stream(prompt, **kwargs):
@@ -140,6 +142,11 @@ class _Runner:
                 record.itl_s.extend([(now - last) / max(count, 1)] * max(count, 1))
             last = now
             record.completion_tokens += count
+            if chunk.finish_reason is not None:  # the last chunk says how it was served
+                record.prompt_tokens = chunk.prompt_tokens
+                record.batch_size = chunk.batch_size
+                record.queue_ms = chunk.queue_ms
+                record.compute_ms = chunk.compute_ms
 
     async def phase(
         self,

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmserve.types import GenerateOptions
+
 # Common English words, each a single GPT-2 token with its leading space (checked against
 # the GPT-2 tokenizer in tests/test_bench.py).
 _WORDS_TEXT = """
@@ -45,10 +47,15 @@ WORDS: tuple[str, ...] = tuple(_WORDS_TEXT.split())
 
 @dataclass(frozen=True)
 class RequestSpec:
-    """One request of a workload. ``max_new_tokens`` 0 means the server's default."""
+    """One request of a workload. ``max_new_tokens`` 0 means the server's default; the
+    prompt is text or token ids; ``options`` are more ``GenerateOptions`` (a JSONL line's)."""
 
-    prompt: str
+    prompt: str | tuple[int, ...]
     max_new_tokens: int
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def generate_options(self) -> dict[str, Any]:
+        return {"max_new_tokens": self.max_new_tokens, **dict(self.options)}
 
 
 class Workload:
@@ -98,7 +105,9 @@ class ListWorkload(Workload):
 
 def load_prompts_file(path: str | Path, default_max_new_tokens: int) -> ListWorkload:
     """A workload from ``path``: JSONL when it ends in ``.jsonl``/``.ndjson`` (objects with
-    ``prompt`` and optionally ``max_new_tokens``), else one prompt per non-empty line."""
+    ``prompt`` or ``prompt_token_ids``, optionally ``max_new_tokens`` and any other
+    ``GenerateOptions``: ``{"prompt": "Hi", "logprobs": 5, "logit_bias": {"50256": -100}}``),
+    else one prompt per non-empty line."""
     file = Path(path)
     lines = file.read_text(encoding="utf-8").splitlines()
     specs: list[RequestSpec] = []
@@ -113,13 +122,45 @@ def load_prompts_file(path: str | Path, default_max_new_tokens: int) -> ListWork
             obj = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"{file}:{number}: not JSON: {err.msg}") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"]:
-            raise ValueError(f"{file}:{number}: expected an object with a non-empty 'prompt'")
-        tokens = obj.get("max_new_tokens", default_max_new_tokens)
-        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
-            raise ValueError(f"{file}:{number}: max_new_tokens must be a non-negative integer")
-        specs.append(RequestSpec(obj["prompt"], tokens))
+        try:
+            specs.append(_spec_of(obj, default_max_new_tokens))
+        except ValueError as err:
+            raise ValueError(f"{file}:{number}: {err}") from None
     return ListWorkload(specs, source=str(file))
+
+
+def _spec_of(obj: Any, default_max_new_tokens: int) -> RequestSpec:
+    """A JSONL line's request; the server checks the options' values."""
+    if not isinstance(obj, dict):
+        raise ValueError("expected an object with a 'prompt' or 'prompt_token_ids'")
+    fields = dict(obj)
+    prompt: str | tuple[int, ...] | None = fields.pop("prompt", None)
+    ids = fields.pop("prompt_token_ids", None)
+    if ids is not None:
+        if prompt is not None or not _int_list(ids):
+            raise ValueError("'prompt_token_ids' must be a list of token ids, without 'prompt'")
+        prompt = tuple(ids)
+    if not prompt or not isinstance(prompt, (str, tuple)):
+        raise ValueError("expected an object with a non-empty 'prompt' or 'prompt_token_ids'")
+    tokens = fields.pop("max_new_tokens", default_max_new_tokens)
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+        raise ValueError("max_new_tokens must be a non-negative integer")
+    unknown = set(fields) - set(GenerateOptions.__annotations__)
+    if unknown:
+        raise ValueError(f"unknown field(s): {', '.join(sorted(unknown))}")
+    if isinstance(fields.get("logit_bias"), dict):  # JSON object keys are strings
+        try:
+            fields["logit_bias"] = {int(k): float(v) for k, v in fields["logit_bias"].items()}
+        except (TypeError, ValueError):
+            raise ValueError("logit_bias must map token ids to numbers") from None
+    for name in ("stop", "stop_token_ids"):
+        if isinstance(fields.get(name), list):
+            fields[name] = tuple(fields[name])
+    return RequestSpec(prompt, tokens, tuple(sorted(fields.items())))
+
+
+def _int_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(t, int) for t in value)
 
 
 class MixedWorkload(Workload):

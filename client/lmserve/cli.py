@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any, TypeAlias
 
 from lmserve import __version__
-from lmserve.argtypes import non_negative_int
+from lmserve.argtypes import logit_bias, non_negative_int, token_ids
 from lmserve.client import Client
 from lmserve.errors import LmserveError, UnimplementedError
 from lmserve.health import SERVICE, SERVING
@@ -131,11 +131,15 @@ def _add_generate(subparsers: Subparsers, common: argparse.ArgumentParser) -> No
             "examples:\n"
             "  lmserve-client generate 'Once upon a time' --max-new-tokens 32\n"
             "  lmserve-client generate 'def fib(n):' --stream --stop $'\\n\\n'\n"
-            "  echo 'Hello' | lmserve-client generate - --temperature 0.8 --seed 1 --json"
+            "  echo 'Hello' | lmserve-client generate - --temperature 0.8 --seed 1 --json\n"
+            "  lmserve-client generate --token-ids 15496,2159 --logprobs 5 --json\n"
+            "  lmserve-client generate 'Say yes' --logit-bias 3763=5 --repetition-penalty 1.3"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("prompt", metavar="PROMPT", help="the text to continue; - reads stdin")
+    parser.add_argument(
+        "prompt", metavar="PROMPT", nargs="?", help="the text to continue; - reads stdin"
+    )
     sampling = parser.add_argument_group("generation")
     sampling.add_argument(
         "--max-new-tokens",
@@ -166,6 +170,52 @@ def _add_generate(subparsers: Subparsers, common: argparse.ArgumentParser) -> No
         default=[],
         help="end when S is produced; the text is cut before it (repeatable)",
     )
+    sampling.add_argument(
+        "--token-ids",
+        metavar="IDS",
+        type=token_ids,
+        help="the prompt as token ids (15496,2159) instead of PROMPT",
+    )
+    sampling.add_argument(
+        "--stop-token-id",
+        metavar="ID",
+        type=non_negative_int,
+        action="append",
+        default=[],
+        help="end at this token, which is not returned (repeatable)",
+    )
+    sampling.add_argument(
+        "--min-new-tokens",
+        metavar="N",
+        type=non_negative_int,
+        help="no end-of-sequence or stop token before N tokens",
+    )
+    sampling.add_argument(
+        "--repetition-penalty",
+        metavar="R",
+        type=float,
+        help="> 0: divides the positive logits (multiplies the negative) of seen tokens",
+    )
+    sampling.add_argument(
+        "--presence-penalty", metavar="P", type=float, help="in [-2, 2], once per seen token"
+    )
+    sampling.add_argument(
+        "--frequency-penalty", metavar="F", type=float, help="in [-2, 2], per occurrence"
+    )
+    sampling.add_argument(
+        "--logit-bias",
+        metavar="ID=B",
+        type=logit_bias,
+        action="append",
+        default=[],
+        help="add B (in [-100, 100]) to token ID's logit (repeatable)",
+    )
+    sampling.add_argument(
+        "--logprobs",
+        metavar="N",
+        type=non_negative_int,
+        help="return each token's logprob and its N likeliest alternatives (--json shows them)",
+    )
     output = parser.add_argument_group("output")
     output.add_argument("--stream", action="store_true", help="print the text as it is produced")
     output.add_argument(
@@ -177,7 +227,12 @@ def _add_generate(subparsers: Subparsers, common: argparse.ArgumentParser) -> No
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if (args.prompt is None) == (args.token_ids is None):
+        print("lmserve-client generate: give PROMPT or --token-ids (one of them)", file=sys.stderr)
+        return 2
+    prompt: str | list[int] = args.token_ids or (
+        sys.stdin.read() if args.prompt == "-" else args.prompt
+    )
     sampling: dict[str, Any] = {
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
@@ -185,6 +240,13 @@ def _run_generate(args: argparse.Namespace) -> int:
         "top_k": args.top_k,
         "seed": args.seed,
         "stop": args.stop,
+        "stop_token_ids": args.stop_token_id,
+        "min_new_tokens": args.min_new_tokens,
+        "repetition_penalty": args.repetition_penalty,
+        "presence_penalty": args.presence_penalty,
+        "frequency_penalty": args.frequency_penalty,
+        "logit_bias": dict(args.logit_bias),
+        "logprobs": args.logprobs,
     }
     with client_from_args(args) as client:
         if not args.stream:

@@ -11,9 +11,9 @@ how they wait.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from types import TracebackType
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 import grpc.aio
@@ -23,6 +23,7 @@ from lmserve.balancing import SERVICE, channel_options, resolve_target
 from lmserve.errors import UnavailableError, from_rpc_error
 from lmserve.security import PemSource, channel_credentials, token_metadata
 from lmserve.types import (
+    GenerateOptions,
     GenerationResult,
     ModelInfo,
     StreamChunk,
@@ -32,6 +33,9 @@ from lmserve.types import (
     result_from_proto,
 )
 from lmserve.v1 import lmserve_pb2, lmserve_pb2_grpc
+
+if TYPE_CHECKING:  # typed keyword arguments; typing_extensions is not needed at run time
+    from typing_extensions import Unpack
 
 __all__ = ["USE_CLIENT_DEFAULT", "Client", "UseClientDefault"]
 
@@ -145,30 +149,17 @@ class Client(_Base):
 
     def generate(
         self,
-        prompt: str,
+        prompt: str | Sequence[int],
         *,
-        max_new_tokens: int = 0,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        stop: str | Iterable[str] = (),
         timeout: Timeout = USE_CLIENT_DEFAULT,
+        **options: Unpack[GenerateOptions],
     ) -> GenerationResult:
-        """The continuation of ``prompt``, once it is complete.
+        """The continuation of ``prompt`` (text, or token ids), once it is complete.
 
-        ``max_new_tokens=0`` means the server's default; sampling arguments left at None
-        are not sent (greedy decoding unless ``temperature`` > 0).
+        ``options`` are ``GenerateOptions``: ``max_new_tokens=0`` means the server's default;
+        arguments left at None are not sent (greedy decoding unless ``temperature`` > 0).
         """
-        request = build_request(
-            prompt,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            stop=stop,
-        )
+        request = build_request(prompt, **options)
         try:
             response = self._stub.Generate(request, **self._call_kwargs(timeout))
         except grpc.RpcError as e:
@@ -177,29 +168,16 @@ class Client(_Base):
 
     def stream(
         self,
-        prompt: str,
+        prompt: str | Sequence[int],
         *,
-        max_new_tokens: int = 0,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        stop: str | Iterable[str] = (),
         timeout: Timeout = USE_CLIENT_DEFAULT,
+        **options: Unpack[GenerateOptions],
     ) -> Iterator[StreamChunk]:
         """The continuation of ``prompt`` as it is produced; the last chunk has a
         ``finish_reason``. The call starts on the first ``next()``; errors are raised from
         the iteration. Leaving the loop early cancels the call on the server.
         """
-        request = build_request(
-            prompt,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            stop=stop,
-        )
+        request = build_request(prompt, **options)
         return self._stream(request, timeout)
 
     def _stream(

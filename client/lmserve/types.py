@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TypedDict
 
 from lmserve.v1 import lmserve_pb2
 
@@ -52,13 +52,46 @@ def _jsonable(obj: Any) -> dict[str, Any]:
     return out
 
 
+class GenerateOptions(TypedDict, total=False):
+    """How to continue a prompt: the keyword arguments of ``generate`` and ``stream``.
+
+    Unset (or None) optional fields are not sent, so the server's defaults apply.
+    """
+
+    max_new_tokens: int  # 0: the server's default
+    temperature: float | None  # unset or 0: greedy
+    top_p: float | None  # nucleus sampling, in (0, 1]
+    top_k: int | None  # keep the k most likely; 0: no limit
+    seed: int | None  # the same seed, the same sample
+    stop: str | Iterable[str]  # end before any of these strings (a str is one string)
+    stop_token_ids: Iterable[int]  # end at any of these tokens (finish reason STOP)
+    min_new_tokens: int | None  # no end token before this many tokens
+    repetition_penalty: float | None  # > 0, transformers' meaning; 1 changes nothing
+    presence_penalty: float | None  # in [-2, 2], OpenAI's meaning
+    frequency_penalty: float | None  # in [-2, 2], OpenAI's meaning
+    logit_bias: Mapping[int, float] | None  # token id -> added to its logit, [-100, 100]
+    logprobs: int | None  # 0-20: each token's logprob and this many top alternatives
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability and the ``top`` alternatives at its step as
+    (token id, logprob), most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerationResult:
     """A finished continuation and how the server served it.
 
-    ``text`` is the continuation only (not the prompt). ``batch_size`` is the number of
-    rows in the micro-batch this request ran in; ``queue_ms`` the time it waited in the
-    server's queue; ``compute_ms`` the wall time of that batch's generate call.
+    ``text`` is the continuation only (not the prompt). ``batch_size`` is the most requests
+    (this one included) in one forward pass of the model this request took part in;
+    ``queue_ms`` the time from the server accepting it to its first forward pass;
+    ``compute_ms`` from there to its result. ``logprobs`` has one entry per token when the
+    request asked for them.
     """
 
     text: str
@@ -69,6 +102,7 @@ class GenerationResult:
     batch_size: int
     queue_ms: float
     compute_ms: float
+    logprobs: tuple[TokenLogprob, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (lists for ids, the finish reason as its string)."""
@@ -77,14 +111,23 @@ class GenerationResult:
 
 @dataclasses.dataclass(frozen=True)
 class StreamChunk:
-    """The text and token ids produced since the previous chunk of a stream.
+    """The text and token ids produced since the previous chunk of a stream (with their
+    logprobs when asked for).
 
-    ``finish_reason`` is None on every chunk but the last.
+    ``finish_reason`` is None on every chunk but the last, which also says how the request
+    was served (``prompt_tokens`` ... ``compute_ms``, as in ``GenerationResult``; 0 on the
+    other chunks).
     """
 
     text: str
     token_ids: tuple[int, ...]
     finish_reason: FinishReason | None
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    batch_size: int = 0
+    queue_ms: float = 0.0
+    compute_ms: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (lists for ids, the finish reason as its string or None)."""
@@ -115,33 +158,48 @@ class ModelInfo:
         return _jsonable(self)
 
 
-def build_request(
-    prompt: str,
-    *,
-    max_new_tokens: int = 0,
-    temperature: float | None = None,
-    top_p: float | None = None,
-    top_k: int | None = None,
-    seed: int | None = None,
-    stop: str | Iterable[str] = (),
-) -> lmserve_pb2.GenerateRequest:
-    """The ``GenerateRequest`` for these arguments.
+def build_request(prompt: str | Sequence[int], **options: Any) -> lmserve_pb2.GenerateRequest:
+    """The ``GenerateRequest`` for ``prompt`` (text, or token ids) and ``GenerateOptions``.
 
-    The optional sampling fields are set only when given (not None), so the server can
-    tell "unset" from an explicit value such as ``temperature=0.0``. A bare string for
-    ``stop`` is one stop string, not a sequence of one-character ones.
+    Optional fields are set only when given (not None), so the server can tell "unset" from
+    an explicit value such as ``temperature=0.0``. A bare string for ``stop`` is one stop
+    string, not a sequence of one-character ones.
     """
-    stops = [stop] if isinstance(stop, str) else list(stop)
-    request = lmserve_pb2.GenerateRequest(prompt=prompt, max_new_tokens=max_new_tokens, stop=stops)
-    if temperature is not None:
-        request.temperature = temperature
-    if top_p is not None:
-        request.top_p = top_p
-    if top_k is not None:
-        request.top_k = top_k
-    if seed is not None:
-        request.seed = seed
+    unknown = set(options) - set(GenerateOptions.__annotations__)
+    if unknown:
+        raise TypeError(f"unknown generate option(s): {', '.join(sorted(unknown))}")
+    stop = options.get("stop", ())
+    request = lmserve_pb2.GenerateRequest(
+        max_new_tokens=options.get("max_new_tokens", 0),
+        stop=[stop] if isinstance(stop, str) else list(stop),
+        stop_token_ids=list(options.get("stop_token_ids", ())),
+        logit_bias=dict(options.get("logit_bias") or {}),
+    )
+    if isinstance(prompt, str):
+        request.prompt = prompt
+    else:
+        request.prompt_token_ids.extend(prompt)
+    for name in (
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "min_new_tokens",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+        "logprobs",
+    ):
+        if options.get(name) is not None:
+            setattr(request, name, options[name])
     return request
+
+
+def _logprobs_from_proto(messages: Iterable[lmserve_pb2.TokenLogprob]) -> tuple[TokenLogprob, ...]:
+    return tuple(
+        TokenLogprob(m.token_id, m.logprob, tuple((t.token_id, t.logprob) for t in m.top))
+        for m in messages
+    )
 
 
 def result_from_proto(msg: lmserve_pb2.GenerateResponse) -> GenerationResult:
@@ -155,6 +213,7 @@ def result_from_proto(msg: lmserve_pb2.GenerateResponse) -> GenerationResult:
         batch_size=msg.batch_size,
         queue_ms=msg.queue_ms,
         compute_ms=msg.compute_ms,
+        logprobs=_logprobs_from_proto(msg.logprobs),
     )
 
 
@@ -166,6 +225,12 @@ def chunk_from_proto(msg: lmserve_pb2.GenerateStreamResponse) -> StreamChunk:
         text=msg.text,
         token_ids=tuple(msg.token_ids),
         finish_reason=None if reason is FinishReason.UNSPECIFIED else reason,
+        logprobs=_logprobs_from_proto(msg.logprobs),
+        prompt_tokens=msg.prompt_tokens,
+        completion_tokens=msg.completion_tokens,
+        batch_size=msg.batch_size,
+        queue_ms=msg.queue_ms,
+        compute_ms=msg.compute_ms,
     )
 
 

@@ -6,14 +6,21 @@ Errors are raised as LmserveError subclasses; the interceptor turns them into st
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import grpc
 
 from lmserve.v1 import lmserve_pb2, lmserve_pb2_grpc
 from lmserve_server.config import ServerConfig
 from lmserve_server.engine.model import Engine
-from lmserve_server.engine.types import FinishReason, GenerationOutput, GenerationRequest, TextDelta
+from lmserve_server.engine.types import (
+    FinishReason,
+    GenerationOutput,
+    GenerationRequest,
+    TextDelta,
+    TokenLogprob,
+)
 from lmserve_server.scheduling.base import Scheduler
 from lmserve_server.scheduling.batcher import Served
 from lmserve_server.validation import RequestLimits, build_generation_request
@@ -73,12 +80,19 @@ class GeneratorService(lmserve_pb2_grpc.GeneratorServicer):
             while (delta := await deltas.get()) is not None:
                 sent_chars += len(delta.text)
                 sent_tokens += len(delta.token_ids)
-                yield lmserve_pb2.GenerateStreamResponse(text=delta.text, token_ids=delta.token_ids)
-            output = (await result).value
+                yield lmserve_pb2.GenerateStreamResponse(
+                    text=delta.text,
+                    token_ids=delta.token_ids,
+                    logprobs=_logprobs(delta.logprobs),
+                )
+            served = await result
+            output = served.value
             yield lmserve_pb2.GenerateStreamResponse(
                 text=output.text[sent_chars:],
                 token_ids=output.token_ids[sent_tokens:],
                 finish_reason=_FINISH_REASONS[output.finish_reason],
+                logprobs=_logprobs(output.logprobs[sent_tokens:]),
+                **_usage(gen_request, served),
             )
         finally:
             if not result.done():  # the client went away: stop spending work on its row
@@ -125,10 +139,29 @@ def _to_response(
     return lmserve_pb2.GenerateResponse(
         text=output.text,
         token_ids=output.token_ids,
-        prompt_tokens=len(request.prompt_ids),
-        completion_tokens=len(output.token_ids),
         finish_reason=_FINISH_REASONS[output.finish_reason],
-        batch_size=served.batch_size,
-        queue_ms=served.queue_s * 1000.0,
-        compute_ms=served.compute_s * 1000.0,
+        logprobs=_logprobs(output.logprobs),
+        **_usage(request, served),
     )
+
+
+def _usage(request: GenerationRequest, served: Served[GenerationOutput]) -> dict[str, Any]:
+    """How a request was served: the fields a unary response and a stream's last share."""
+    return {
+        "prompt_tokens": len(request.prompt_ids),
+        "completion_tokens": len(served.value.token_ids),
+        "batch_size": served.batch_size,
+        "queue_ms": served.queue_s * 1000.0,
+        "compute_ms": served.compute_s * 1000.0,
+    }
+
+
+def _logprobs(logprobs: Sequence[TokenLogprob]) -> list[lmserve_pb2.TokenLogprob]:
+    return [
+        lmserve_pb2.TokenLogprob(
+            token_id=lp.token_id,
+            logprob=lp.logprob,
+            top=[lmserve_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
+        )
+        for lp in logprobs
+    ]

@@ -4,7 +4,7 @@ names the field and its limit."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from lmserve.v1 import lmserve_pb2
@@ -23,6 +23,9 @@ class RequestLimits:
     max_prompt_chars: int = 100_000
     max_request_tokens: int = 0  # prompt + max_new_tokens the scheduler can hold; 0 = any
     request_tokens_flag: str = "--max-batch-tokens"  # the setting behind that limit
+    max_stop_token_ids: int = 64
+    max_logit_bias: int = 300  # entries, as OpenAI allows
+    max_logprobs: int = 20
 
 
 def build_generation_request(
@@ -30,13 +33,21 @@ def build_generation_request(
     tokenize: Callable[[str], list[int]],
     limits: RequestLimits,
 ) -> GenerationRequest:
-    if not msg.prompt:
-        raise InvalidArgumentError("prompt: must not be empty")
+    if msg.prompt and msg.prompt_token_ids:
+        raise InvalidArgumentError("prompt, prompt_token_ids: set exactly one of them, not both")
+    if not msg.prompt and not msg.prompt_token_ids:
+        raise InvalidArgumentError("prompt: must not be empty (or give prompt_token_ids)")
     if len(msg.prompt) > limits.max_prompt_chars:
         raise InvalidArgumentError(
             f"prompt: {len(msg.prompt)} characters, at most {limits.max_prompt_chars} allowed "
             "(--max-prompt-chars)"
         )
+    if len(msg.prompt_token_ids) > limits.max_context:
+        raise InvalidArgumentError(
+            f"prompt_token_ids: {len(msg.prompt_token_ids)} tokens, more than the model's "
+            f"context of {limits.max_context}"
+        )
+    _token_ids("prompt_token_ids", msg.prompt_token_ids, limits)
     max_new_tokens = msg.max_new_tokens or limits.default_max_new_tokens
     if max_new_tokens > limits.max_new_tokens_cap:
         raise InvalidArgumentError(
@@ -45,7 +56,21 @@ def build_generation_request(
         )
     sampling = _sampling(msg, limits)
     stop = _stop_strings(msg, limits)
-    prompt_ids = tokenize(msg.prompt)
+    if len(msg.stop_token_ids) > limits.max_stop_token_ids:
+        raise InvalidArgumentError(
+            f"stop_token_ids: {len(msg.stop_token_ids)} ids, at most "
+            f"{limits.max_stop_token_ids} allowed"
+        )
+    _token_ids("stop_token_ids", msg.stop_token_ids, limits)
+    min_new_tokens = msg.min_new_tokens if msg.HasField("min_new_tokens") else 0
+    if min_new_tokens > max_new_tokens:
+        raise InvalidArgumentError(
+            f"min_new_tokens: {min_new_tokens} exceeds max_new_tokens ({max_new_tokens})"
+        )
+    logprobs = msg.logprobs if msg.HasField("logprobs") else None
+    if logprobs is not None and logprobs > limits.max_logprobs:
+        raise InvalidArgumentError(f"logprobs: {logprobs} must be in [0, {limits.max_logprobs}]")
+    prompt_ids = list(msg.prompt_token_ids) or tokenize(msg.prompt)
     if not prompt_ids:
         raise InvalidArgumentError("prompt: tokenizes to no tokens")
     if len(prompt_ids) + max_new_tokens > limits.max_context:
@@ -66,7 +91,19 @@ def build_generation_request(
         max_new_tokens=max_new_tokens,
         sampling=sampling,
         stop=stop,
+        stop_token_ids=tuple(msg.stop_token_ids),
+        min_new_tokens=min_new_tokens,
+        logprobs=logprobs,
     )
+
+
+def _token_ids(field: str, ids: Sequence[int], limits: RequestLimits) -> None:
+    bad = [t for t in ids if t >= limits.vocab_size]
+    if bad:
+        raise InvalidArgumentError(
+            f"{field}: {bad[0]} is not a token id of the model (vocabulary of "
+            f"{limits.vocab_size}: 0 to {limits.vocab_size - 1})"
+        )
 
 
 def _sampling(msg: lmserve_pb2.GenerateRequest, limits: RequestLimits) -> SamplingParams:
@@ -82,7 +119,42 @@ def _sampling(msg: lmserve_pb2.GenerateRequest, limits: RequestLimits) -> Sampli
             f"top_k: {top_k} exceeds the vocabulary size {limits.vocab_size} (0 means no limit)"
         )
     seed = msg.seed if msg.HasField("seed") else None
-    return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    repetition = msg.repetition_penalty if msg.HasField("repetition_penalty") else 1.0
+    if not math.isfinite(repetition) or repetition <= 0:
+        raise InvalidArgumentError(
+            f"repetition_penalty: {repetition} must be > 0 (1 changes nothing)"
+        )
+    presence = _in_range("presence_penalty", msg, -2.0, 2.0, 0.0)
+    frequency = _in_range("frequency_penalty", msg, -2.0, 2.0, 0.0)
+    if len(msg.logit_bias) > limits.max_logit_bias:
+        raise InvalidArgumentError(
+            f"logit_bias: {len(msg.logit_bias)} entries, at most {limits.max_logit_bias} allowed"
+        )
+    _token_ids("logit_bias", sorted(msg.logit_bias), limits)
+    for token, bias in msg.logit_bias.items():
+        if not (math.isfinite(bias) and -100.0 <= bias <= 100.0):
+            raise InvalidArgumentError(
+                f"logit_bias: {bias} for token {token} must be in [-100, 100]"
+            )
+    return SamplingParams(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        repetition_penalty=repetition,
+        presence_penalty=presence,
+        frequency_penalty=frequency,
+        logit_bias=tuple(sorted(msg.logit_bias.items())),
+    )
+
+
+def _in_range(
+    field: str, msg: lmserve_pb2.GenerateRequest, low: float, high: float, default: float
+) -> float:
+    value: float = getattr(msg, field) if msg.HasField(field) else default
+    if not (math.isfinite(value) and low <= value <= high):
+        raise InvalidArgumentError(f"{field}: {value} must be in [{low:g}, {high:g}]")
+    return value
 
 
 def _stop_strings(msg: lmserve_pb2.GenerateRequest, limits: RequestLimits) -> tuple[str, ...]:

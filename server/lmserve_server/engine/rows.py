@@ -8,8 +8,12 @@ it and says whether the row has ended. Here, and nowhere else, live:
 - cancellation (the caller went away) and abortion (the daemon stopped it, with an error);
 - its stream: text deltas that never split a character nor show a possible stop string, so
   that they concatenate to exactly the unary text, sent as they settle;
-- its sampling seed, fixed at creation, so that a batch retried after a fault (or a request
-  sent again with the same seed) draws the same tokens.
+- its sampling settings for the next token (``sampling``): its seed, fixed at creation, so
+  that a batch retried after a fault (or a request sent again with the same seed) draws the
+  same tokens; its end tokens suppressed until ``min_new_tokens``; its penalty history;
+- its end tokens: the model's (finish reason EOS) and its own ``stop_token_ids`` (STOP),
+  neither part of its output;
+- the logprobs of its tokens, when asked.
 
 A row outlives a failed batch: its tokens so far stay, a retry continues after them, and its
 stream never sends a token twice.
@@ -26,11 +30,13 @@ from lmserve_server.engine.detokenizer import (
     find_stop,
     stop_prefix_length,
 )
+from lmserve_server.engine.sampling import RowSampling
 from lmserve_server.engine.types import (
     FinishReason,
     GenerationOutput,
     GenerationRequest,
     TextDelta,
+    TokenLogprob,
 )
 
 DeltaSink = Callable[[TextDelta], object]
@@ -50,6 +56,7 @@ class Row:
     ) -> None:
         self.request = request
         self.tokens: list[int] = []  # generated so far, end-of-sequence tokens excluded
+        self.logprobs: list[TokenLogprob] = []  # one per token, when the request asks
         self.finish_reason: FinishReason | None = None
         self.error: Exception | None = None
         self.cancelled = False
@@ -57,12 +64,32 @@ class Row:
         self.seed: int = seed if seed is not None else random.getrandbits(63)
         self._decode = decode
         self._end_token_ids = end_token_ids
+        self._stop_token_ids = frozenset(request.stop_token_ids) - end_token_ids
+        self._suppressed = tuple(sorted(end_token_ids | self._stop_token_ids))
         self._on_delta = on_delta
         # Text is followed token by token only when a stream or a stop string needs it.
         self._text = IncrementalDetokenizer(decode) if on_delta or request.stop else None
         self._stop_at: int | None = None  # where the text is cut, before a stop string
         self._sent_chars = 0
         self._sent_tokens = 0
+
+    def sampling(self) -> RowSampling:
+        """The settings for the row's next token."""
+        params, request = self.request.sampling, self.request
+        return RowSampling(
+            temperature=params.temperature,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            seed=self.seed,
+            counter=len(self.tokens),
+            repetition_penalty=params.repetition_penalty,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            logit_bias=params.logit_bias,
+            suppress=self._suppressed if len(self.tokens) < request.min_new_tokens else (),
+            history=(request.prompt_ids, self.tokens) if params.penalised else ((), ()),
+            logprobs=request.logprobs,
+        )
 
     # ---- state ------------------------------------------------------------------------------
 
@@ -75,6 +102,18 @@ class Row:
     def generated(self) -> int:
         return len(self.tokens)
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Whether the argmax of the raw logits is all the row needs."""
+        request = self.request
+        return (
+            request.sampling.greedy
+            and not request.sampling.penalised
+            and not request.sampling.logit_bias
+            and request.min_new_tokens == 0
+            and request.logprobs is None
+        )
+
     def cancel(self) -> None:
         """Its caller has gone away: the row stops at the next step, nobody gets a result."""
         self.cancelled = True
@@ -86,14 +125,20 @@ class Row:
 
     # ---- a new token ------------------------------------------------------------------------
 
-    def accept(self, token: int) -> bool:
-        """Takes the token chosen for this row; returns whether the row has ended."""
+    def accept(self, token: int, logprob: TokenLogprob | None = None) -> bool:
+        """Takes the token chosen for this row (with its logprob when the row asked for
+        them); returns whether the row has ended."""
         if self.done:
             return True
         if token in self._end_token_ids:
             self.finish_reason = FinishReason.EOS
             return True
+        if token in self._stop_token_ids:
+            self.finish_reason = FinishReason.STOP
+            return True
         self.tokens.append(token)
+        if logprob is not None and self.request.logprobs is not None:
+            self.logprobs.append(logprob)
         if self._text is not None:
             settled_before = len(self._text.text)
             if self._text.push(token) and self.request.stop:
@@ -115,7 +160,11 @@ class Row:
         safe = len(text) - stop_prefix_length(text, self.request.stop)
         if safe <= self._sent_chars:
             return
-        delta = TextDelta(text[self._sent_chars : safe], tuple(self.tokens[self._sent_tokens :]))
+        delta = TextDelta(
+            text[self._sent_chars : safe],
+            tuple(self.tokens[self._sent_tokens :]),
+            tuple(self.logprobs[self._sent_tokens :]),
+        )
         self._sent_chars, self._sent_tokens = safe, len(self.tokens)
         self._on_delta(delta)
 
@@ -135,4 +184,5 @@ class Row:
             token_ids=tuple(self.tokens),
             text=text,
             finish_reason=self.finish_reason or FinishReason.LENGTH,
+            logprobs=tuple(self.logprobs),
         )

@@ -26,12 +26,8 @@ import torch
 
 from lmserve_server.engine.attention import STEP_KEYWORD, StepAttention, install, mask_placeholder
 from lmserve_server.engine.kv_cache import KVCache
-from lmserve_server.engine.sampling import (
-    RowSampling,
-    host_columns,
-    sample,
-    tensors_from_columns,
-)
+from lmserve_server.engine.sampling import RowSampling, columns_of, sample, tensors_from, unpack
+from lmserve_server.engine.types import TokenLogprob
 
 _GREEDY = RowSampling()
 
@@ -52,31 +48,40 @@ def bucket(rows: int) -> int:
     return 1 << max(rows - 1, 0).bit_length()
 
 
-class _Columns:
-    """Fills the step's host buffer: integer columns one after another, then the float
-    columns (as float64 bits) right after them, so one copy moves them all."""
+@dataclass(frozen=True)
+class SampledToken:
+    """A chunk's new token, with its logprob when the row asked for them."""
 
-    def __init__(self, host: torch.Tensor) -> None:
-        self._ints = host.numpy()
-        self._at = 0
-        self.placed: dict[str, tuple[int, int]] = {}
-        self.floats = (0, 0)
+    token: int
+    logprob: TokenLogprob | None = None
 
-    def put(self, name: str, values: Sequence[int]) -> None:
-        n = len(values)
-        self._ints[self._at : self._at + n] = values
-        self.placed[name] = (self._at, n)
-        self._at += n
 
-    def put_floats(self, values: Sequence[float]) -> None:
-        n = len(values)
-        self._ints[self._at : self._at + n].view("float64")[:] = values
-        self.floats = (self._at, n)
-        self._at += n
+class _Inputs:
+    """A step's inputs by name: integer columns, and float columns (sent as float64 bits)."""
+
+    def __init__(self) -> None:
+        self.ints: dict[str, Sequence[int]] = {}
+        self.floats: dict[str, Sequence[float]] = {}
 
     @property
-    def used(self) -> int:
-        return self._at
+    def size(self) -> int:
+        return sum(map(len, self.ints.values())) + sum(map(len, self.floats.values()))
+
+    def write(self, host: torch.Tensor) -> dict[str, tuple[int, int, bool]]:
+        """Writes every column into ``host`` (int64), side by side; returns where each went
+        as (start, length, is_float)."""
+        buffer = host.numpy()
+        placed = {}
+        at = 0
+        for name, values in self.ints.items():
+            buffer[at : at + len(values)] = values
+            placed[name] = (at, len(values), False)
+            at += len(values)
+        for name, floats in self.floats.items():
+            buffer[at : at + len(floats)].view("float64")[:] = floats
+            placed[name] = (at, len(floats), True)
+            at += len(floats)
+        return placed
 
 
 class _DeviceTimer:
@@ -125,24 +130,27 @@ class ModelRunner:
         self.device = cache.device
         self.max_step_tokens = max_step_tokens
         self.fixed_shapes = fixed_shapes
-        # The persistent buffers: every integer and float input of a step, side by side.
+        self._pinned = self.device.type == "cuda"
+        # The persistent buffers: every input of a step side by side, grown (rarely: long
+        # penalty histories) when a step needs more.
         rows = max(max_step_tokens, 2 * (cache.slots + 1))  # a padded bucket included
-        capacity = 16 * rows  # every column of a step is at most `rows` long; 13 of them
-        pinned = self.device.type == "cuda"
-        self._host = torch.zeros(capacity, dtype=torch.long, pin_memory=pinned)
+        self._allocate(16 * rows)
+        self._mask = mask_placeholder(self.device)
+        self._device_timer = _DeviceTimer(self.device)
+        self.last_device_s = 0.0  # the last step's model and sampling time on the device
+
+    def _allocate(self, size: int) -> None:
+        self._host = torch.zeros(size, dtype=torch.long, pin_memory=self._pinned)
         self._on_device = (
             self._host
             if self.device.type == "cpu"
             else torch.zeros_like(self._host, device=self.device)
         )
-        self._host_tokens = torch.zeros(rows, dtype=torch.long, pin_memory=pinned)
-        self._mask = mask_placeholder(self.device)
-        self._device_timer = _DeviceTimer(self.device)
-        self.last_device_s = 0.0  # the last step's model and sampling time on the device
+        self._host_out = torch.zeros(size, dtype=torch.float64, pin_memory=self._pinned)
 
-    def execute(self, chunks: Sequence[Chunk]) -> list[int]:
-        """Runs the step; returns the sampled token of each chunk that has ``sampling``, in
-        the order of ``chunks``."""
+    def execute(self, chunks: Sequence[Chunk]) -> list[SampledToken]:
+        """Runs the step; returns the new token of each chunk that has ``sampling``, in the
+        order of ``chunks``."""
         decode = [c for c in chunks if len(c.tokens) == 1]
         prefill = [c for c in chunks if len(c.tokens) > 1]
         padded = self.fixed_shapes and not prefill
@@ -152,27 +160,34 @@ class ModelRunner:
         ordered = decode + prefill  # the packed order: single tokens first
         sampled = [i for i, c in enumerate(ordered) if c.sampling is not None or padded]
         settings = [ordered[i].sampling or _GREEDY for i in sampled]
-        columns, build_attention = self._layout(decode, prefill, ordered, sampled, settings)
-        inputs = self._upload(columns)
+        inputs, build_attention = self._layout(decode, prefill, ordered, sampled)
+        sampling = columns_of(settings)
+        inputs.ints.update(sampling.ints)
+        inputs.floats.update(sampling.floats)
+        views = self._upload(inputs)
         every_token_sampled = len(sampled) == len(ordered) and not prefill
         self._device_timer.start()
         with torch.inference_mode():
             out = self._model(
-                input_ids=inputs["ids"][None],
-                position_ids=inputs["positions"][None],
+                input_ids=views["ids"][None],
+                position_ids=views["positions"][None],
                 attention_mask=self._mask,
                 use_cache=False,
-                logits_to_keep=0 if every_token_sampled else inputs["keep"],
-                **{STEP_KEYWORD: build_attention(inputs)},
+                logits_to_keep=0 if every_token_sampled else views["keep"],
+                **{STEP_KEYWORD: build_attention(views)},
             )
-            params = tensors_from_columns(settings, inputs["top_k"], inputs["floats"])
-            tokens = sample(out.logits[0], params)  # (R,)
+            chosen = sample(out.logits[0], tensors_from(sampling, views))  # (R, ...)
         self._device_timer.stop()
-        chosen = self._download(tokens)
+        picked = self._download(chosen.packed())
         self.last_device_s = self._device_timer.seconds()
-        by_place = dict(zip(sampled, chosen, strict=True))
+        by_place = dict(zip(sampled, picked, strict=True))
         place = {id(c): i for i, c in enumerate(ordered)}
-        return [by_place[place[id(c)]] for c in chunks if c.sampling is not None]
+        results = []
+        for c in chunks:
+            if c.sampling is not None:
+                token, logprob = unpack(by_place[place[id(c)]], c.sampling.logprobs)
+                results.append(SampledToken(token, logprob))
+        return results
 
     # ---- the step's inputs ------------------------------------------------------------------
 
@@ -182,19 +197,17 @@ class ModelRunner:
         prefill: list[Chunk],
         ordered: list[Chunk],
         sampled: list[int],
-        settings: list[RowSampling],
-    ) -> tuple[_Columns, Callable[[dict[str, torch.Tensor]], StepAttention]]:
-        """Writes the step's inputs into the host buffer; returns where each column is and
-        how to build the ``StepAttention`` from their device copies."""
+    ) -> tuple[_Inputs, Callable[[dict[str, torch.Tensor]], StepAttention]]:
+        """The step's inputs, and how to build the ``StepAttention`` from their device
+        copies."""
         cache = self.cache
-        columns = _Columns(self._host)
-        columns.put("ids", [t for c in ordered for t in c.tokens])
-        columns.put("positions", [c.start + i for c in ordered for i in range(len(c.tokens))])
-        columns.put("slots", [c.slot for c in ordered for _ in c.tokens])
+        inputs = _Inputs()
+        columns = inputs.ints
+        columns["ids"] = [t for c in ordered for t in c.tokens]
+        columns["positions"] = [c.start + i for c in ordered for i in range(len(c.tokens))]
+        columns["slots"] = [c.slot for c in ordered for _ in c.tokens]
         last_token = list(accumulate(len(c.tokens) for c in ordered))
-        columns.put("keep", [last_token[i] - 1 for i in sampled])
-        top_k, floats = host_columns(settings)
-        columns.put("top_k", top_k)
+        columns["keep"] = [last_token[i] - 1 for i in sampled]
 
         # Single-token rows attend as one batch over the slots [0, span).
         if self.fixed_shapes:
@@ -205,61 +218,62 @@ class ModelRunner:
         lengths = [1] * span
         for c in decode:
             lengths[c.slot] = c.start + 1
-        columns.put("decode_slots", [c.slot for c in decode])
-        columns.put("decode_lengths", lengths)
+        columns["decode_slots"] = [c.slot for c in decode]
+        columns["decode_lengths"] = lengths
         contiguous = span == len(decode) and all(c.slot == i for i, c in enumerate(decode))
 
-        columns.put("prefill_slots", [c.slot for c in prefill])
-        columns.put("prefill_starts", [c.start for c in prefill])
-        columns.put("prefill_lengths", [len(c.tokens) for c in prefill])
-        columns.put("prefill_rows", [p for p, c in enumerate(prefill) for _ in c.tokens])
-        columns.put("prefill_columns", [i for c in prefill for i in range(len(c.tokens))])
-        columns.put_floats(floats)
+        columns["prefill_slots"] = [c.slot for c in prefill]
+        columns["prefill_starts"] = [c.start for c in prefill]
+        columns["prefill_lengths"] = [len(c.tokens) for c in prefill]
+        columns["prefill_rows"] = [p for p, c in enumerate(prefill) for _ in c.tokens]
+        columns["prefill_columns"] = [i for c in prefill for i in range(len(c.tokens))]
         width = max((len(c.tokens) for c in prefill), default=0)
         prefill_window = max((c.start + len(c.tokens) for c in prefill), default=0)
         fresh = len(prefill) == 1 and prefill[0].start == 0
 
-        def build(inputs: dict[str, torch.Tensor]) -> StepAttention:
+        def build(views: dict[str, torch.Tensor]) -> StepAttention:
             return StepAttention(
                 cache=cache,
-                token_slots=inputs["slots"],
-                token_positions=inputs["positions"],
+                token_slots=views["slots"],
+                token_positions=views["positions"],
                 decode_count=len(decode),
-                decode_slots=inputs["decode_slots"],
+                decode_slots=views["decode_slots"],
                 decode_span=span,
                 decode_contiguous=contiguous,
                 decode_window=window,
-                decode_lengths=inputs["decode_lengths"],
+                decode_lengths=views["decode_lengths"],
                 prefill_count=len(prefill),
-                prefill_slots=inputs["prefill_slots"],
-                prefill_starts=inputs["prefill_starts"],
-                prefill_lengths=inputs["prefill_lengths"],
-                prefill_rows=inputs["prefill_rows"],
-                prefill_columns=inputs["prefill_columns"],
+                prefill_slots=views["prefill_slots"],
+                prefill_starts=views["prefill_starts"],
+                prefill_lengths=views["prefill_lengths"],
+                prefill_rows=views["prefill_rows"],
+                prefill_columns=views["prefill_columns"],
                 prefill_width=width,
                 prefill_window=prefill_window,
                 prefill_fresh=fresh,
             )
 
-        return columns, build
+        return inputs, build
 
-    def _upload(self, columns: _Columns) -> dict[str, torch.Tensor]:
+    def _upload(self, inputs: _Inputs) -> dict[str, torch.Tensor]:
         """The one host-to-device copy of the step; returns the columns' device views."""
-        used = columns.used
+        if inputs.size > self._host.numel():
+            self._allocate(2 * inputs.size)
+        placed = inputs.write(self._host)
+        used = inputs.size
         if self._on_device is not self._host:
             self._on_device[:used].copy_(self._host[:used], non_blocking=True)
-        views = {
-            name: self._on_device[start : start + n] for name, (start, n) in columns.placed.items()
-        }
-        start, n = columns.floats
-        views["floats"] = self._on_device[start : start + n].view(torch.float64)
+        views = {}
+        for name, (start, n, is_float) in placed.items():
+            view = self._on_device[start : start + n]
+            views[name] = view.view(torch.float64) if is_float else view
         return views
 
-    def _download(self, tokens: torch.Tensor) -> list[int]:
-        """The one device-to-host copy of the step: its sampled tokens."""
+    def _download(self, packed: torch.Tensor) -> list[list[float]]:
+        """The one device-to-host copy of the step: its sampled tokens (and logprobs)."""
         if self.device.type == "cpu":
-            return list(tokens.tolist())
-        n = tokens.shape[0]
-        self._host_tokens[:n].copy_(tokens, non_blocking=True)
+            return list(packed.tolist())
+        out = self._host_out[: packed.numel()].view(packed.shape)
+        out.copy_(packed, non_blocking=True)
         torch.cuda.current_stream(self.device).synchronize()
-        return list(self._host_tokens[:n].tolist())
+        return list(out.tolist())

@@ -1,20 +1,32 @@
 """Batched sampling: the next token of every row at once, each with its own settings.
 
-Temperature, top-k and top-p are per-row tensors over the whole batch, so a step costs the
-same handful of kernels however many rows sample; greedy rows take the argmax, untouched.
-Randomness is counter-based: a sampling row draws ONE uniform number per token, a hash of
-its seed and of how many tokens it has generated (``uniform``), computed on the host and
-uploaded with the step's inputs, then inverts the cumulative distribution of its own
-filtered probabilities with it. A seeded row's tokens so depend on its seed, its position
-and its own logits only: never on its company, on bucket padding, or on a retry.
+Every setting is a per-row tensor over the whole batch, so a step costs the same handful of
+kernels however many rows use it (a feature no row uses costs nothing). In order:
+
+1. logit bias and suppressed tokens (end tokens under ``min_new_tokens``): one scatter-add of
+   (row, token, value) triples;
+2. penalties over each row's history: counts of its generated tokens and a mask of every
+   token it has seen (prompt included), one scatter each; repetition (transformers'),
+   presence and frequency (OpenAI's);
+3. greedy rows take the argmax of that;
+4. sampling rows divide by their temperature, keep their top-k and top-p (nucleus), and
+   draw by inverting the cumulative distribution with ONE uniform number each: a hash of
+   the row's seed and of how many tokens it has generated (``uniform``), computed on the
+   host and uploaded with the step's inputs. A seeded row's tokens so depend on its seed,
+   its position and its own logits only: never on its company, on bucket padding, or on a
+   retry;
+5. log-probabilities, when a row asks for them, from the distribution the token was drawn
+   from (a greedy row's: the penalised logits').
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from lmserve_server.engine.types import TokenLogprob
 
 _MASK64 = (1 << 64) - 1
 
@@ -34,105 +46,262 @@ def uniform(seed: int, counter: int) -> float:
 
 @dataclass(frozen=True)
 class RowSampling:
-    """One row's settings for one token: ``counter`` is how many tokens it has generated."""
+    """One row's settings for one token: ``counter`` is how many tokens it has generated;
+    ``history`` its prompt and generated tokens (read when it has a penalty)."""
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
     counter: int = 0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    suppress: tuple[int, ...] = ()  # tokens this step may not choose
+    history: tuple[Sequence[int], Sequence[int]] = ((), ())
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def penalised(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+
+@dataclass
+class SamplingColumns:
+    """A batch's settings as flat columns, as the runner uploads them, and the batch-level
+    flags (read on the host, so that nothing waits for the device)."""
+
+    ints: dict[str, list[int]] = field(default_factory=dict)
+    floats: dict[str, list[float]] = field(default_factory=dict)
+    rows: int = 0
+    any_sampling: bool = False
+    max_top_k: int = 0
+    any_top_p: bool = False
+    any_edits: bool = False
+    any_penalty: bool = False
+    max_logprobs: int | None = None  # None: no row asks
+
+
+def columns_of(rows: Sequence[RowSampling]) -> SamplingColumns:
+    sampling = [r for r in rows if not r.greedy]
+    penalised = [(i, r) for i, r in enumerate(rows) if r.penalised]
+    edits = [
+        (i, token, value)
+        for i, r in enumerate(rows)
+        for token, value in (*r.logit_bias, *((t, float("-inf")) for t in r.suppress))
+    ]
+    history = [
+        (i, token, generated)
+        for i, r in penalised
+        for generated, tokens in enumerate(r.history)
+        for token in tokens
+    ]
+    asked = [r.logprobs for r in rows if r.logprobs is not None]
+    return SamplingColumns(
+        ints={
+            "top_k": [r.top_k if not r.greedy else 0 for r in rows],
+            "edit_rows": [i for i, _, _ in edits],
+            "edit_tokens": [t for _, t, _ in edits],
+            "history_rows": [i for i, _, _ in history],
+            "history_tokens": [t for _, t, _ in history],
+            "history_generated": [g for _, _, g in history],
+        },
+        floats={
+            "temperature": [r.temperature for r in rows],
+            "top_p": [r.top_p if not r.greedy else 1.0 for r in rows],
+            "uniform": [uniform(r.seed, r.counter) if not r.greedy else 1.0 for r in rows],
+            "repetition": [r.repetition_penalty for r in rows],
+            "presence": [r.presence_penalty for r in rows],
+            "frequency": [r.frequency_penalty for r in rows],
+            "edit_values": [v for _, _, v in edits],
+        },
+        rows=len(rows),
+        any_sampling=bool(sampling),
+        max_top_k=max((r.top_k for r in sampling), default=0),
+        any_top_p=any(r.top_p < 1.0 for r in sampling),
+        any_edits=bool(edits),
+        any_penalty=bool(penalised),
+        max_logprobs=max(asked) if asked else None,
+    )
+
 
 @dataclass
 class SamplingTensors:
-    """The batch's settings as tensors (R rows), and which filters any row uses."""
+    """The batch's settings as tensors on the model's device (R rows)."""
 
+    columns: SamplingColumns
     temperature: torch.Tensor  # (R,) float32; 1 for greedy rows (unused there)
+    greedy: torch.Tensor  # (R,) bool
     top_k: torch.Tensor  # (R,) int64; 0 = no limit
     top_p: torch.Tensor  # (R,) float32; 1 = no limit
     uniform: torch.Tensor  # (R,) float64 in (0, 1]
-    greedy: torch.Tensor  # (R,) bool
-    any_sampling: bool
-    max_top_k: int  # 0 when no row limits top-k
-    any_top_p: bool
+    repetition: torch.Tensor  # (R,) float32
+    presence: torch.Tensor  # (R,) float32
+    frequency: torch.Tensor  # (R,) float32
+    edit_rows: torch.Tensor  # (E,)
+    edit_tokens: torch.Tensor  # (E,)
+    edit_values: torch.Tensor  # (E,) float64
+    history_rows: torch.Tensor  # (H,)
+    history_tokens: torch.Tensor  # (H,)
+    history_generated: torch.Tensor  # (H,) 1 for a generated token, 0 for a prompt token
 
 
-def host_columns(rows: Sequence[RowSampling]) -> tuple[list[int], list[float]]:
-    """The settings as the runner uploads them: a (top_k) int column and (temperature,
-    top_p, uniform) float columns, R values each; greedy rows have temperature 0."""
-    ints = [r.top_k if not r.greedy else 0 for r in rows]
-    floats = (
-        [r.temperature for r in rows]
-        + [r.top_p if not r.greedy else 1.0 for r in rows]
-        + [uniform(r.seed, r.counter) if not r.greedy else 1.0 for r in rows]
-    )
-    return ints, floats
-
-
-def tensors_from_columns(
-    rows: Sequence[RowSampling], top_k: torch.Tensor, floats: torch.Tensor
-) -> SamplingTensors:
-    """``SamplingTensors`` over uploaded columns (``host_columns``' layout); the batch-level
-    flags come from the host-side ``rows``, so nothing waits for the device."""
-    n = len(rows)
-    temperature = floats[:n].float()
-    greedy = temperature == 0.0
+def tensors_from(columns: SamplingColumns, views: dict[str, torch.Tensor]) -> SamplingTensors:
+    """``SamplingTensors`` over device views of the uploaded columns (``views[name]``: ints
+    as int64, floats as float64)."""
+    raw_temperature = views["temperature"].float()
+    greedy = raw_temperature == 0.0
     return SamplingTensors(
-        temperature=temperature.masked_fill(greedy, 1.0),
-        top_k=top_k,
-        top_p=floats[n : 2 * n].float(),
-        uniform=floats[2 * n : 3 * n],
+        columns=columns,
+        temperature=raw_temperature.masked_fill(greedy, 1.0),
         greedy=greedy,
-        any_sampling=any(not r.greedy for r in rows),
-        max_top_k=max((r.top_k for r in rows if not r.greedy), default=0),
-        any_top_p=any(r.top_p < 1.0 for r in rows if not r.greedy),
+        top_k=views["top_k"],
+        top_p=views["top_p"].float(),
+        uniform=views["uniform"],
+        repetition=views["repetition"].float(),
+        presence=views["presence"].float(),
+        frequency=views["frequency"].float(),
+        edit_rows=views["edit_rows"],
+        edit_tokens=views["edit_tokens"],
+        edit_values=views["edit_values"],
+        history_rows=views["history_rows"],
+        history_tokens=views["history_tokens"],
+        history_generated=views["history_generated"],
     )
 
 
 def sampling_tensors(rows: Sequence[RowSampling], device: torch.device) -> SamplingTensors:
-    """``SamplingTensors`` for ``rows``, uploaded on their own (the static path's way)."""
-    ints, floats = host_columns(rows)
-    return tensors_from_columns(
-        rows,
-        torch.tensor(ints, dtype=torch.long).to(device, non_blocking=True),
-        torch.tensor(floats, dtype=torch.float64).to(device, non_blocking=True),
+    """``SamplingTensors`` for ``rows``, each column uploaded on its own (the static path's
+    way; the continuous runner uploads them with the rest of its step)."""
+    columns = columns_of(rows)
+    views = {
+        name: torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+        for name, values in columns.ints.items()
+    }
+    views.update(
+        {
+            name: torch.tensor(values, dtype=torch.float64).to(device, non_blocking=True)
+            for name, values in columns.floats.items()
+        }
     )
+    return tensors_from(columns, views)
 
 
-def sample(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
-    """The next token (R,) of each row from its logits (R, V)."""
-    greedy_tokens = logits.argmax(dim=-1)
-    if not params.any_sampling:
-        return greedy_tokens
-    probs = filtered_probs(logits, params)
-    # Inverse transform sampling: the first token whose cumulative probability reaches u.
-    cdf = probs.cumsum(dim=-1, dtype=torch.float64)  # (R, V)
-    target = params.uniform[:, None] * cdf[:, -1:]
-    drawn = torch.searchsorted(cdf, target).squeeze(1).clamp_(max=logits.shape[-1] - 1)
-    return torch.where(params.greedy, greedy_tokens, drawn)
+@dataclass
+class Sampled:
+    """A step's choices: ``tokens`` (R,), and with logprobs asked, each token's logprob (R,)
+    and the top alternatives' ids and logprobs (R, N)."""
+
+    tokens: torch.Tensor
+    logprobs: torch.Tensor | None = None
+    top_ids: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
+
+    def packed(self) -> torch.Tensor:
+        """Everything in one (R, 2 + 2N) float64 tensor, for ONE device-to-host copy (token
+        ids are exact in float64)."""
+        parts = [self.tokens.double()[:, None]]
+        if self.logprobs is not None and self.top_ids is not None:
+            assert self.top_logprobs is not None
+            parts += [self.logprobs.double()[:, None], self.top_ids.double(), self.top_logprobs]
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+def unpack(values: Sequence[float], logprobs: int | None) -> tuple[int, TokenLogprob | None]:
+    """A row of ``Sampled.packed()`` (token, logprob, N top ids, N top logprobs) as the
+    token and, when the row asked for ``logprobs``, its ``TokenLogprob``."""
+    token = int(values[0])
+    if logprobs is None:
+        return token, None
+    n = (len(values) - 2) // 2
+    top = tuple((int(values[2 + i]), float(values[2 + n + i])) for i in range(min(logprobs, n)))
+    return token, TokenLogprob(token, float(values[1]), top)
+
+
+def sample(logits: torch.Tensor, params: SamplingTensors) -> Sampled:
+    """The next token of each row from its logits (R, V)."""
+    columns = params.columns
+    scores = logits.float()
+    if columns.any_edits:
+        scores = scores.index_put(
+            (params.edit_rows, params.edit_tokens), params.edit_values.float(), accumulate=True
+        )
+    if columns.any_penalty:
+        scores = _penalised(scores, params)
+    greedy_tokens = scores.argmax(dim=-1)
+    if not columns.any_sampling and columns.max_logprobs is None:
+        return Sampled(greedy_tokens)
+    # Shift by the max first: a tiny temperature then gives a one-hot, never inf - inf = NaN.
+    scaled = (scores - scores.max(dim=-1, keepdim=True).values) / params.temperature[:, None]
+    scaled = _filtered(scaled, params)
+    tokens = greedy_tokens
+    if columns.any_sampling:
+        probs = torch.softmax(scaled, dim=-1)
+        # Inverse transform sampling: the first token whose cumulative probability reaches u.
+        cdf = probs.cumsum(dim=-1, dtype=torch.float64)  # (R, V)
+        target = params.uniform[:, None] * cdf[:, -1:]
+        drawn = torch.searchsorted(cdf, target).squeeze(1).clamp_(max=logits.shape[-1] - 1)
+        tokens = torch.where(params.greedy, greedy_tokens, drawn)
+    if columns.max_logprobs is None:
+        return Sampled(tokens)
+    logprobs = torch.log_softmax(scaled, dim=-1)  # a greedy row's: temperature 1, unfiltered
+    top = torch.topk(logprobs, max(columns.max_logprobs, 1), dim=-1)
+    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
+    n = columns.max_logprobs
+    return Sampled(tokens, chosen, top.indices[:, :n], top.values[:, :n].double())
 
 
 def filtered_probs(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
     """Next-token probabilities (R, V) after each row's temperature, top-k and top-p."""
-    # Shift by the max first: a tiny temperature then gives a one-hot, never inf - inf = NaN.
-    scaled = logits.float()
-    scaled = (scaled - scaled.max(dim=-1, keepdim=True).values) / params.temperature[:, None]
-    if params.max_top_k:
-        kth = torch.topk(scaled, min(params.max_top_k, scaled.shape[-1]), dim=-1).values
+    scores = logits.float()
+    scaled = (scores - scores.max(dim=-1, keepdim=True).values) / params.temperature[:, None]
+    return torch.softmax(_filtered(scaled, params), dim=-1)
+
+
+def _penalised(scores: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
+    """Repetition penalty over every token a row has seen; presence and frequency penalties
+    over the tokens it has generated."""
+    rows, vocab = scores.shape
+    index = (params.history_rows, params.history_tokens)
+    seen = torch.zeros((rows, vocab), dtype=torch.bool, device=scores.device)
+    seen.index_put_(index, torch.ones_like(params.history_rows, dtype=torch.bool))
+    counts = torch.zeros_like(scores).index_put_(
+        index, params.history_generated.float(), accumulate=True
+    )
+    repetition = params.repetition[:, None]
+    repeated = torch.where(scores > 0, scores / repetition, scores * repetition)
+    scores = torch.where(seen, repeated, scores)
+    return (
+        scores
+        - params.frequency[:, None] * counts
+        - params.presence[:, None] * (counts > 0).float()
+    )
+
+
+def _filtered(scaled: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
+    """Each sampling row's top-k and top-p applied (-inf outside); greedy rows untouched."""
+    columns = params.columns
+    if columns.max_top_k:
+        kth = torch.topk(scaled, min(columns.max_top_k, scaled.shape[-1]), dim=-1).values
         k = params.top_k.clamp(min=1, max=kth.shape[-1])
         threshold = kth.gather(1, (k - 1)[:, None])  # (R, 1): each row's k-th largest
         limited = (params.top_k > 0)[:, None]
         scaled = scaled.masked_fill(limited & (scaled < threshold), float("-inf"))
-    probs = torch.softmax(scaled, dim=-1)
-    if params.any_top_p:
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    if columns.any_top_p:
+        sorted_scores, order = torch.sort(scaled, dim=-1, descending=True)
+        sorted_probs = torch.softmax(sorted_scores, dim=-1)
         # Drop a token once the tokens before it reach top_p (the most likely always stays).
         before = sorted_probs.cumsum(dim=-1) - sorted_probs
         drop_sorted = (before >= params.top_p[:, None]) & (params.top_p < 1.0)[:, None]
         drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
-        probs = probs.masked_fill(drop, 0.0)
-    return probs
+        scaled = scaled.masked_fill(drop, float("-inf"))
+    return scaled

@@ -10,11 +10,12 @@ keeps a row's tokens independent of what it was batched with.
 both adapters over the engine core:
 
 - ``_RowSteps`` (a StoppingCriteria, called after every new token) hands each row its token
-  (``Row.accept``: limits, stop strings, cancellation, streaming) and tells ``generate``
-  which rows have ended; it returns once they all have;
-- ``_RowSampling`` (a LogitsProcessor) draws every sampling row's token at once with the
+  (``Row.accept``: limits, stop strings and tokens, cancellation, streaming, logprobs) and
+  tells ``generate`` which rows have ended; it returns once they all have;
+- ``_RowSampling`` (a LogitsProcessor, when a row needs more than a plain argmax: sampling,
+  penalties, bias, min_new_tokens, logprobs) draws every row's token at once with the
   batched sampler (``sampling.py``) and leaves a one-hot score that the call's greedy argmax
-  then picks; greedy rows come out as they would without it.
+  then picks.
 
 A row that ran in a batch that failed keeps its tokens: run again, it continues after them
 (its prompt is its prompt plus those tokens), so a retried stream never repeats a token.
@@ -29,8 +30,8 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria
 
 from lmserve_server.engine.rows import Row
-from lmserve_server.engine.sampling import RowSampling, sample, sampling_tensors
-from lmserve_server.engine.types import GenerationOutput
+from lmserve_server.engine.sampling import sample, sampling_tensors, unpack
+from lmserve_server.engine.types import GenerationOutput, TokenLogprob
 from lmserve_server.errors import OutOfMemoryError
 
 
@@ -48,10 +49,9 @@ def generate_batch(
 def _generate(model: Any, rows: Sequence[Row], pad_token_id: int, device: torch.device) -> None:
     prompts = [(*r.request.prompt_ids, *r.tokens) for r in rows]  # a retry continues
     input_ids, attention_mask = left_pad(prompts, pad_token_id, device)
-    steps = _RowSteps(rows, device)
-    processors = (
-        [_RowSampling(rows, device)] if any(not r.request.sampling.greedy for r in rows) else []
-    )
+    sampler = _RowSampling(rows, device) if any(not r.plain_greedy for r in rows) else None
+    steps = _RowSteps(rows, device, sampler)
+    processors = [sampler] if sampler is not None else []
     config = GenerationConfig(  # nothing from the checkpoint's defaults (penalties, ...)
         max_new_tokens=max(r.request.max_new_tokens - r.generated for r in rows),
         do_sample=False,  # argmax; _RowSampling has already drawn the sampling rows
@@ -92,13 +92,20 @@ def left_pad(
 class _RowSteps(StoppingCriteria):
     """After each new token: each unfinished row takes its token; ended rows are done."""
 
-    def __init__(self, rows: Sequence[Row], device: torch.device) -> None:
+    def __init__(
+        self, rows: Sequence[Row], device: torch.device, sampler: _RowSampling | None
+    ) -> None:
         self._rows = rows
         self._device = device
+        self._sampler = sampler
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
         tokens = input_ids[:, -1].tolist()
-        done = [row.accept(token) for row, token in zip(self._rows, tokens, strict=True)]
+        logprobs = self._sampler.last_logprobs if self._sampler else [None] * len(tokens)
+        done = [
+            row.accept(token, logprob)
+            for row, token, logprob in zip(self._rows, tokens, logprobs, strict=True)
+        ]
         return torch.tensor(done, dtype=torch.bool, device=self._device)  # type: ignore[return-value]
 
 
@@ -108,18 +115,15 @@ class _RowSampling(LogitsProcessor):
     def __init__(self, rows: Sequence[Row], device: torch.device) -> None:
         self._rows = rows
         self._device = device
+        self.last_logprobs: list[TokenLogprob | None] = [None] * len(rows)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        settings = [
-            RowSampling(
-                temperature=r.request.sampling.temperature,
-                top_k=r.request.sampling.top_k,
-                top_p=r.request.sampling.top_p,
-                seed=r.seed,
-                counter=r.generated,
-            )
-            for r in self._rows
-        ]
-        tokens = sample(scores, sampling_tensors(settings, self._device))  # (B,)
+        settings = [r.sampling() for r in self._rows]
+        chosen = sample(scores, sampling_tensors(settings, self._device))
+        if chosen.logprobs is not None:
+            self.last_logprobs = [
+                unpack(values, s.logprobs)[1]
+                for values, s in zip(chosen.packed().tolist(), settings, strict=True)
+            ]
         one_hot = torch.full_like(scores, float("-inf"))
-        return one_hot.scatter_(1, tokens[:, None], 0.0)  # type: ignore[return-value]
+        return one_hot.scatter_(1, chosen.tokens[:, None], 0.0)  # type: ignore[return-value]

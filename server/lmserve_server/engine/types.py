@@ -18,16 +18,29 @@ class FinishReason(enum.Enum):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How the next token is chosen. temperature 0 means greedy decoding."""
+    """How the next token is chosen. temperature 0 means greedy decoding (of the logits
+    after the bias and the penalties)."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    repetition_penalty: float = 1.0  # transformers': over the prompt and generated tokens
+    presence_penalty: float = 0.0  # OpenAI's: once per token generated so far
+    frequency_penalty: float = 0.0  # OpenAI's: per occurrence in the generated tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalised(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
 
 
 @dataclass(frozen=True)
@@ -38,11 +51,24 @@ class GenerationRequest:
     max_new_tokens: int
     sampling: SamplingParams = SamplingParams()
     stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()  # end the row like EOS, finish reason STOP
+    min_new_tokens: int = 0  # EOS and stop tokens are suppressed until this many exist
+    logprobs: int | None = None  # None: none; N: the chosen token's and the top N
 
     @property
     def total_tokens(self) -> int:
         """The most KV-cache positions it can need: its prompt and every new token."""
         return len(self.prompt_ids) + self.max_new_tokens
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability and the top alternatives at its step (most
+    likely first), from the distribution it was drawn from."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -52,12 +78,15 @@ class GenerationOutput:
     token_ids: tuple[int, ...]
     text: str
     finish_reason: FinishReason
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token, when the request asked
 
 
 @dataclass(frozen=True)
 class TextDelta:
-    """What a stream may send now: new text and the token ids that produced it. The deltas
-    of a request concatenate to a prefix of its final text and token ids."""
+    """What a stream may send now: new text and the token ids that produced it (with their
+    logprobs when asked). The deltas of a request concatenate to a prefix of its final text,
+    token ids and logprobs."""
 
     text: str
     token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] = ()

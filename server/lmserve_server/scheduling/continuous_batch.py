@@ -24,7 +24,7 @@ from typing import Generic, Protocol, TypeVar
 import torch
 
 from lmserve_server.engine.rows import Row
-from lmserve_server.engine.runner import Chunk, ModelRunner
+from lmserve_server.engine.runner import Chunk, ModelRunner, SampledToken
 from lmserve_server.engine.sampling import RowSampling
 from lmserve_server.errors import OutOfMemoryError
 from lmserve_server.scheduling.planner import StepPlanner
@@ -61,14 +61,7 @@ class Running(Generic[E]):
         return self.entry.row.request.prompt_ids
 
     def sampling(self) -> RowSampling:
-        params = self.row.request.sampling
-        return RowSampling(
-            temperature=params.temperature,
-            top_k=params.top_k,
-            top_p=params.top_p,
-            seed=self.row.seed,
-            counter=self.row.generated,
-        )
+        return self.row.sampling()
 
 
 @dataclass(eq=False)
@@ -78,7 +71,7 @@ class Work(Generic[E]):
     running: Running[E]
     chunk: Chunk
     prefill: int = 0  # prompt tokens this chunk adds to the cache
-    token: int | None = None
+    token: SampledToken | None = None
     error: Exception | None = None
 
 
@@ -139,7 +132,7 @@ class ContinuousBatch(Generic[E]):
             if w.token is not None:
                 tokens += 1
                 try:
-                    w.running.row.accept(w.token)
+                    w.running.row.accept(w.token.token, w.token.logprob)
                 except Exception as err:  # e.g. a stream whose event loop is gone
                     log.exception("a row failed taking its token")
                     w.running.row.abort(err)
