@@ -133,3 +133,60 @@ def test_pack_weights_is_on_unless_turned_off(flags: list[str], packed: bool) ->
 
     config = config_from_args(build_parser().parse_args(["serve", *flags]))
     assert config.engine.pack_weights is packed
+
+
+# Run in a fresh interpreter: whether ``lmserve --help`` imported torch shows in sys.modules.
+_HELP_IMPORTS = """
+import sys
+from lmserve_server.cli import main
+for argv in (["--help"], ["serve", "--help"]):
+    try:
+        main(argv)
+    except SystemExit as done:
+        assert done.code == 0, done.code
+print("heavy modules:", sorted({"torch", "transformers"} & set(sys.modules)))
+"""
+
+
+def test_help_imports_no_torch() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", _HELP_IMPORTS], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "--max-batch-size" in proc.stdout
+    assert proc.stdout.splitlines()[-1] == "heavy modules: []"
+
+
+# A client-only install (`pip install lmserve`): the server extra's modules are not there.
+_WITHOUT_SERVER_EXTRA = """
+import sys
+from importlib.abc import MetaPathFinder
+
+
+class NoServerExtra(MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in {"torch", "transformers", "accelerate"}:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, NoServerExtra())
+from lmserve_server.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize(
+    "argv", [["serve", "--model", "gpt2", "--port", "0"], ["make-test-model", "somewhere"]]
+)
+def test_without_the_server_extra_the_command_says_what_to_install(
+    argv: list[str], tmp_path: Path
+) -> None:
+    run = [sys.executable, "-c", _WITHOUT_SERVER_EXTRA]
+    assert subprocess.run([*run, "--help"], capture_output=True, timeout=60).returncode == 0
+    proc = subprocess.run([*run, *argv], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert proc.stderr.count("\n") == 1, proc.stderr  # one line, no traceback
+    assert proc.stderr.startswith("lmserve: error: ")
+    assert "pip install 'lmserve[server]'" in proc.stderr

@@ -3,6 +3,9 @@ checkpoint. Every ``serve`` flag can also be set by an LMSERVE_* environment var
 
 Under systemd (``Type=notify``) ``serve`` reports READY=1 once health is SERVING, STOPPING=1
 when the drain begins, and keeps the watchdog fed from its event loop.
+
+Only the torch-free modules are imported up front: ``lmserve --help`` answers at once, and on
+a client-only install (no torch) ``serve`` says which extra to install instead of crashing.
 """
 
 from __future__ import annotations
@@ -16,14 +19,18 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from lmserve_server.config import ServerConfig
-from lmserve_server.engine import EngineConfig
+from lmserve_server.config import EngineConfig, ServerConfig
 from lmserve_server.errors import LmserveError
 from lmserve_server.logs import LOG_FORMATS, configure_logging
 from lmserve_server.security import read_token_file
 from lmserve_server.systemd import notify, ping_watchdog, watchdog_interval
 
 log = logging.getLogger("lmserve")
+
+# Top-level modules of the ``server`` extra: without them the daemon can't run.
+_SERVER_MODULES = frozenset(
+    {"torch", "transformers", "accelerate", "grpc_health", "grpc_reflection", "prometheus_client"}
+)
 
 
 def _env_name(flag: str) -> str:
@@ -274,6 +281,11 @@ def _serve(args: argparse.Namespace) -> int:
         configure_logging(args.log_level, args.log_format)
         config = config_from_args(args)
         asyncio.run(run_daemon(config))
+    except ModuleNotFoundError as err:
+        if not _is_server_module(err):
+            raise
+        _report(_missing_extras(err), args.log_format)
+        return 2
     except (LmserveError, ValueError) as err:
         _report(err, args.log_format)
         return 2
@@ -283,17 +295,34 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(err: Exception, log_format: str) -> None:
+def _report(err: Exception | str, log_format: str) -> None:
     if log_format == "json":  # keep stderr one JSON object per line
         log.error("lmserve: error: %s", err)
     else:
         print(f"lmserve: error: {err}", file=sys.stderr)
 
 
+def _is_server_module(err: ModuleNotFoundError) -> bool:
+    return (err.name or "").partition(".")[0] in _SERVER_MODULES
+
+
+def _missing_extras(err: ModuleNotFoundError) -> str:
+    return (
+        f"the daemon needs the server extra, which is not installed (no module {err.name!r}): "
+        "pip install 'lmserve[server]' (on a GPU host install the CUDA build of torch first)"
+    )
+
+
 def _make_test_model(args: argparse.Namespace) -> int:
     from lmserve_server.testmodel import write_test_model
 
-    path = write_test_model(args.path, size=args.size, seed=args.seed)
+    try:
+        path = write_test_model(args.path, size=args.size, seed=args.seed)
+    except ModuleNotFoundError as err:
+        if not _is_server_module(err):
+            raise
+        print(f"lmserve: error: {_missing_extras(err)}", file=sys.stderr)
+        return 2
     print(f"wrote a random-weight GPT-2 ({args.size}) to {path}")
     print(f"serve it with: lmserve serve --model {path}")
     return 0

@@ -1,10 +1,21 @@
-"""The daemon's settings, one frozen dataclass filled by the CLI (flags or LMSERVE_* env vars)."""
+"""The daemon's settings, frozen dataclasses filled by the CLI (flags or LMSERVE_* env vars).
+
+Nothing here imports torch: ``lmserve --help`` and a client-only install must not need it.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lmserve_server.engine import EngineConfig
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What ``Engine.load`` loads, and how."""
+
+    model: str = "gpt2"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | float16 | bfloat16 | float32
+    pack_weights: bool = True  # prepack linear weights for oneDNN (float32 on CPU only)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ import logging
 import os
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -29,6 +28,8 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+# EngineConfig lives in the torch-free config module; imported here under its old name too.
+from lmserve_server.config import EngineConfig
 from lmserve_server.errors import ModelLoadError, OutOfMemoryError
 from lmserve_server.packing import pack_linears
 from lmserve_server.rows import RowSampler, RowStopping, RowStreamer
@@ -37,14 +38,6 @@ from lmserve_server.types import FinishReason, GenerationOutput, GenerationReque
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    model: str = "gpt2"
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto | float16 | bfloat16 | float32
-    pack_weights: bool = True  # prepack linear weights for oneDNN (float32 on CPU only)
 
 
 def resolve_device(device: str) -> str:
