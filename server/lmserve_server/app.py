@@ -12,7 +12,6 @@ when a metrics port is set. Each batch is timed, counted and logged in ``_run_ba
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +26,7 @@ from lmserve_server.config import ServerConfig
 from lmserve_server.engine import Engine
 from lmserve_server.interceptors import ErrorInterceptor, RequestInterceptor
 from lmserve_server.metrics import Metrics
+from lmserve_server.network import is_loopback
 from lmserve_server.scheduler import ContinuousScheduler, Scheduler
 from lmserve_server.security import TokenAuthInterceptor, server_credentials
 from lmserve_server.service import SERVICE_NAME, GeneratorService
@@ -136,7 +136,12 @@ class Daemon:
         interceptors.append(ErrorInterceptor(prefix))
         self.server = grpc.aio.server(
             interceptors=interceptors,
-            options=[("grpc.max_receive_message_length", self.config.max_message_bytes)],
+            options=[
+                ("grpc.max_receive_message_length", self.config.max_message_bytes),
+                # gRPC's default SO_REUSEPORT lets a second daemon on a taken port take
+                # about half of the new connections; a taken port must be an error.
+                ("grpc.so_reuseport", 0),
+            ],
         )
         lmserve_pb2_grpc.add_GeneratorServicer_to_server(
             GeneratorService(self.engine, self.batcher, self.config), self.server
@@ -166,16 +171,20 @@ class Daemon:
 
     def _bind(self, server: grpc.aio.Server, address: str) -> int:
         config = self.config
-        if config.tls_cert is not None and config.tls_key is not None:
-            credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
-            port = server.add_secure_port(address, credentials)
-        else:
-            if config.auth_token is not None and not _is_loopback(config.host):
+        try:
+            if config.tls_cert is not None and config.tls_key is not None:
+                credentials = server_credentials(
+                    config.tls_cert, config.tls_key, config.tls_client_ca
+                )
+                return server.add_secure_port(address, credentials)
+            if config.auth_token is not None and not is_loopback(config.host):
                 log.warning("the bearer token travels in clear text: set --tls-cert/--tls-key")
-            port = server.add_insecure_port(address)
-        if port == 0:
-            raise OSError(f"could not bind {address}")
-        return port
+            return server.add_insecure_port(address)
+        except RuntimeError:  # gRPC says only "Failed to bind"; the usual cause is:
+            raise OSError(
+                f"--port {config.port}: cannot listen on {address}: it is in use, or not an "
+                "address of this machine"
+            ) from None
 
     async def stop(self, grace: float | None = None) -> None:
         """Drains: NOT_SERVING at once, no new calls, accepted calls finish, then exit."""
@@ -198,12 +207,3 @@ class Daemon:
         self._executor.shutdown(wait=True)
         await asyncio.to_thread(self.metrics.close)
         log.info("stopped")
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False

@@ -21,7 +21,8 @@ from typing import Any
 
 from lmserve_server.config import EngineConfig, ServerConfig
 from lmserve_server.errors import LmserveError
-from lmserve_server.logs import LOG_FORMATS, configure_logging
+from lmserve_server.logs import LOG_FORMATS, configure_logging, quiet_transformers
+from lmserve_server.network import check_port_free
 from lmserve_server.security import read_token_file
 from lmserve_server.systemd import notify, ping_watchdog, watchdog_interval
 
@@ -249,9 +250,14 @@ def _auth_token(path: str | None) -> str | None:
 
 async def run_daemon(config: ServerConfig) -> None:
     """Loads and warms the model, serves until SIGTERM/SIGINT, then drains."""
+    # A taken port is reported now, not after the imports and a model load (minutes).
+    check_port_free(config.host, config.port, "--port")
+    if config.metrics_port:
+        check_port_free(config.host, config.metrics_port, "--metrics-port")
     from lmserve_server.app import Daemon, engine_thread
     from lmserve_server.engine import Engine
 
+    quiet_transformers()
     # Fed from the loop while the model loads, serves and drains: a stalled loop starves it.
     interval = watchdog_interval()
     watchdog = asyncio.create_task(ping_watchdog(interval)) if interval else None

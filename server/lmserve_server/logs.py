@@ -58,8 +58,12 @@ def configure_logging(level: str, fmt: str = "text") -> None:
     for name in OWN_LOGGERS:
         logging.getLogger(name).setLevel(numeric)
     logging.captureWarnings(True)
-    # Library chatter (weight-loading progress bars, generation hints) is not for operators;
-    # what is left goes through our handler rather than the library's own.
+
+
+def quiet_transformers() -> None:
+    """Library chatter (weight-loading progress bars, generation hints) is not for operators;
+    what is left goes through our handler rather than the library's own. Called once the
+    serve path imports transformers: ``configure_logging`` itself needs no torch."""
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
