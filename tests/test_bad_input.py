@@ -3,6 +3,9 @@ a field, and the daemon stays SERVING throughout."""
 
 from __future__ import annotations
 
+import logging
+import time
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -11,6 +14,7 @@ from hypothesis import strategies as st
 
 from lmserve.v1 import lmserve_pb2, lmserve_pb2_grpc
 from tests.conftest import RunningDaemon
+from tests.ops_support import free_port, scrape
 
 FIELDS = ("prompt", "max_new_tokens", "temperature", "top_p", "top_k", "stop", "context")
 
@@ -69,3 +73,63 @@ def test_random_requests_get_ok_or_invalid_argument(stubs, request) -> None:  # 
         assert reply.completion_tokens <= (request.max_new_tokens or 64)
     status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
     assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+MALFORMED = b"\xff\xff\xff"  # no protobuf message parses from these bytes
+
+
+def send_raw(channel: grpc.Channel, method: str, payload: bytes, **kwargs: object) -> None:
+    """Calls ``method`` with ``payload`` as the request's bytes, past any stub's serializer."""
+    path = f"/lmserve.v1.Generator/{method}"
+    if method == "GenerateStream":
+        list(channel.unary_stream(path)(payload, timeout=30, **kwargs))
+    else:
+        channel.unary_unary(path)(payload, timeout=30, **kwargs)
+
+
+def raw_status(channel: grpc.Channel, method: str, payload: bytes, **kwargs: object):  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.RpcError) as err:
+        send_raw(channel, method, payload, **kwargs)
+    return err.value.code(), err.value.details()  # type: ignore[attr-defined]
+
+
+def test_a_malformed_message_is_invalid_argument_counted_and_logged_once(
+    make_daemon,  # type: ignore[no-untyped-def]
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    port = free_port()
+    running = make_daemon(metrics_port=port)
+    methods = ("Generate", "GenerateStream", "Tokenize")
+    with grpc.insecure_channel(running.address) as channel:
+        for _ in range(5):
+            for method in methods:
+                code, details = raw_status(channel, method, MALFORMED)
+                assert code is grpc.StatusCode.INVALID_ARGUMENT, (method, code, details)
+                assert details.startswith("malformed request: ")
+    # The interceptor records a call once it has ended, maybe just after the client has it.
+    m = scrape(port)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(
+        m.get(("lmserve_requests_total", (("code", "INVALID_ARGUMENT"), ("method", name)))) != 5
+        for name in methods
+    ):
+        time.sleep(0.05)
+        m = scrape(port)
+    for method in methods:
+        assert (
+            m[("lmserve_requests_total", (("code", "INVALID_ARGUMENT"), ("method", method)))] == 5
+        )
+    noisy = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(noisy) <= 1, [r.getMessage() for r in noisy]
+    assert all("Traceback" not in r.getMessage() and r.exc_info is None for r in noisy)
+
+
+def test_a_malformed_message_without_the_token_is_unauthenticated(make_daemon) -> None:  # type: ignore[no-untyped-def]
+    running = make_daemon(auth_token="t0k")
+    with grpc.insecure_channel(running.address) as channel:
+        for method in ("Generate", "GenerateStream", "Tokenize"):
+            code, _ = raw_status(channel, method, MALFORMED)
+            assert code is grpc.StatusCode.UNAUTHENTICATED
+            with_token = {"metadata": [("authorization", "Bearer t0k")]}
+            code, _ = raw_status(channel, method, MALFORMED, **with_token)
+            assert code is grpc.StatusCode.INVALID_ARGUMENT
