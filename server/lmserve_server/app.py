@@ -51,6 +51,11 @@ def engine_thread() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmserve-engine")
 
 
+# Tokenizing threads, apart from the engine thread (torch) and the event loop (health):
+# two, as TGI's validation workers; the tokenizer releases the GIL while it works.
+TOKENIZER_WORKERS = 2
+
+
 class Daemon:
     def __init__(
         self, config: ServerConfig, engine: Engine, executor: ThreadPoolExecutor | None = None
@@ -61,6 +66,9 @@ class Daemon:
         # keeps accepting while the model works. Pass the one that loaded and warmed up the
         # model (see engine_thread()).
         self._executor = executor or engine_thread()
+        self._tokenizer_pool = ThreadPoolExecutor(
+            max_workers=TOKENIZER_WORKERS, thread_name_prefix="lmserve-tokenize"
+        )
         self.batcher: Scheduler
         if config.scheduler == "continuous":
             self.batcher = ContinuousScheduler(
@@ -144,7 +152,8 @@ class Daemon:
             ],
         )
         lmserve_pb2_grpc.add_GeneratorServicer_to_server(
-            GeneratorService(self.engine, self.batcher, self.config), self.server
+            GeneratorService(self.engine, self.batcher, self.config, self._tokenizer_pool),
+            self.server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if self.config.reflection:
@@ -205,5 +214,6 @@ class Daemon:
             await closing
         await self.server.stop(_REPLY_FLUSH_S)  # replies already made still go out
         self._executor.shutdown(wait=True)
+        self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(self.metrics.close)
         log.info("stopped")
