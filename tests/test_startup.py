@@ -3,7 +3,9 @@ a non-zero exit, and no model loaded in vain. Real processes, real sockets."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -80,3 +82,68 @@ def test_a_daemon_does_not_share_its_port(make_daemon) -> None:  # type: ignore[
     first: RunningDaemon = make_daemon()
     with pytest.raises(OSError, match=f"--port {first.port}: cannot listen on 127.0.0.1"):
         make_daemon(port=first.port)
+
+
+def broken_copy(model: Path, into: Path, how: str) -> Path:
+    """A copy of ``model`` whose weights file is cut in half, or has a garbage header."""
+    shutil.copytree(model, into)
+    weights = into / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if how == "truncated" else b"\xff" * 8 + data[8:])
+    return into
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+@pytest.mark.parametrize("how", ["truncated", "corrupt"])
+def test_a_broken_weights_file_is_one_line(
+    tiny_model_dir: Path, tmp_path: Path, how: str, log_format: str
+) -> None:
+    model = broken_copy(tiny_model_dir, tmp_path / "broken", how)
+    proc = serve(model, "--port", "0", "--log-format", log_format)
+    assert proc.returncode != 0
+    line = error_line(proc.stderr, log_format)
+    assert f"could not load the model from the directory {str(model)!r}: SafetensorError" in line
+    assert "truncated or corrupt" in line
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_missing_model_directory_is_said_to_be_missing(tmp_path: Path, log_format: str) -> None:
+    proc = subprocess.run(
+        [*LMSERVE, "serve", "--model", "./no-such-dir", "--port", "0", "--log-format", log_format],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},  # the old lookup fails fast offline
+    )
+    assert proc.returncode != 0
+    line = error_line(proc.stderr, log_format)
+    assert f"the directory {tmp_path / 'no-such-dir'} does not exist" in line
+    assert "Hugging Face" not in line
+
+
+def test_a_non_sdpa_model_under_the_continuous_scheduler_is_one_line(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    model = tmp_path / "eager"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config["_attn_implementation"] = "eager"
+    (model / "config.json").write_text(json.dumps(config))
+    proc = serve(model, "--port", "0", "--scheduler", "continuous", "--log-format", "json")
+    assert proc.returncode != 0
+    assert "--scheduler continuous needs sdpa attention, not 'eager'" in error_line(
+        proc.stderr, "json"
+    )
+
+
+def error_line(stderr: str, log_format: str) -> str:
+    """The failure's one line; in JSON mode every line is an object and the last says it."""
+    if log_format == "text":
+        return one_error_line(stderr)
+    records = [json.loads(line) for line in stderr.splitlines()]
+    assert records[-1]["level"] == "ERROR"
+    assert all(not r["message"].startswith("lmserve: error: ") for r in records[:-1])
+    message = str(records[-1]["message"])
+    assert message.startswith("lmserve: error: ")
+    return message

@@ -20,8 +20,9 @@ from collections.abc import Callable
 from typing import Any
 
 from lmserve_server.config import EngineConfig, ServerConfig
-from lmserve_server.errors import LmserveError
+from lmserve_server.errors import LmserveError, ModelLoadError
 from lmserve_server.logs import LOG_FORMATS, configure_logging, quiet_transformers
+from lmserve_server.modelpath import local_model_problem
 from lmserve_server.network import check_port_free
 from lmserve_server.security import read_token_file
 from lmserve_server.systemd import notify, ping_watchdog, watchdog_interval
@@ -254,6 +255,9 @@ async def run_daemon(config: ServerConfig) -> None:
     check_port_free(config.host, config.port, "--port")
     if config.metrics_port:
         check_port_free(config.host, config.metrics_port, "--metrics-port")
+    problem = local_model_problem(config.engine.model)
+    if problem is not None:
+        raise ModelLoadError(problem)
     from lmserve_server.app import Daemon, engine_thread
     from lmserve_server.engine import Engine
 
@@ -298,14 +302,20 @@ def _serve(args: argparse.Namespace) -> int:
     except OSError as err:  # e.g. the port is taken, a certificate is missing
         _report(err, args.log_format)
         return 1
+    except Exception as err:  # unforeseen: still one line; the traceback at --log-level debug
+        log.debug("the daemon failed", exc_info=True)
+        _report(f"{type(err).__name__}: {err}", args.log_format)
+        return 1
     return 0
 
 
 def _report(err: Exception | str, log_format: str) -> None:
+    """The one line an operator reads (newlines in library messages are folded)."""
+    message = " ".join(str(err).split())
     if log_format == "json":  # keep stderr one JSON object per line
-        log.error("lmserve: error: %s", err)
+        log.error("lmserve: error: %s", message)
     else:
-        print(f"lmserve: error: {err}", file=sys.stderr)
+        print(f"lmserve: error: {message}", file=sys.stderr)
 
 
 def _is_server_module(err: ModuleNotFoundError) -> bool:
