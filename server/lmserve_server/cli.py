@@ -17,11 +17,16 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TextIO
 
 from lmserve_server.config import EngineConfig, ServerConfig
 from lmserve_server.errors import LmserveError, ModelLoadError
-from lmserve_server.logs import LOG_FORMATS, configure_logging, quiet_transformers
+from lmserve_server.logs import (
+    LOG_FORMATS,
+    StderrToJson,
+    configure_logging,
+    quiet_transformers,
+)
 from lmserve_server.modelpath import local_model_problem
 from lmserve_server.network import check_port_free
 from lmserve_server.security import read_token_file
@@ -287,8 +292,18 @@ async def run_daemon(config: ServerConfig) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # JSON mode: what gRPC core (or anything else) writes to stderr becomes JSON too.
+    foreign = StderrToJson() if args.log_format == "json" else None
     try:
-        configure_logging(args.log_level, args.log_format)
+        return _serve_logged(args, foreign.start() if foreign else None)
+    finally:
+        if foreign is not None:
+            foreign.stop()
+
+
+def _serve_logged(args: argparse.Namespace, log_stream: TextIO | None) -> int:
+    try:
+        configure_logging(args.log_level, args.log_format, log_stream)
         config = config_from_args(args)
         asyncio.run(run_daemon(config))
     except ModuleNotFoundError as err:
