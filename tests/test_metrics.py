@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -10,6 +11,8 @@ import pytest
 
 import lmserve
 from lmserve import Client
+from lmserve_server.cli import build_parser, config_from_args
+from lmserve_server.config import ServerConfig
 from tests.conftest import RunningDaemon
 from tests.ops_support import free_port, scrape
 
@@ -129,3 +132,28 @@ def test_a_taken_metrics_port_is_a_clear_error(make_daemon) -> None:  # type: ig
     make_daemon(metrics_port=port)
     with pytest.raises(OSError, match=f"--metrics-port {port}: cannot listen on 127.0.0.1"):
         make_daemon(metrics_port=port)
+
+
+def test_metrics_listen_on_loopback_unless_told_otherwise(make_daemon) -> None:  # type: ignore[no-untyped-def]
+    """--host 0.0.0.0 opens the gRPC port to the network, not /metrics."""
+    port = free_port()
+    make_daemon(host="0.0.0.0", metrics_port=port)
+    assert ("lmserve_queue_depth", ()) in scrape(port)
+    with socket.socket() as other:  # another loopback address is free: 127.0.0.1 alone
+        other.bind(("127.0.0.2", port))
+
+    port = free_port()
+    make_daemon(metrics_port=port, metrics_host="0.0.0.0")
+    assert ("lmserve_queue_depth", ()) in scrape(port)
+    with socket.socket() as other, pytest.raises(OSError):  # every address is taken
+        other.bind(("127.0.0.2", port))
+
+
+def test_metrics_host_is_a_flag_and_an_env_var(monkeypatch: pytest.MonkeyPatch) -> None:
+    def parse(*argv: str) -> ServerConfig:
+        return config_from_args(build_parser().parse_args(["serve", *argv]))
+
+    assert (parse().metrics_host, parse("--host", "0.0.0.0").metrics_host) == ("127.0.0.1",) * 2
+    assert parse("--metrics-host", "0.0.0.0").metrics_host == "0.0.0.0"
+    monkeypatch.setenv("LMSERVE_METRICS_HOST", "::")
+    assert parse().metrics_host == "::"

@@ -162,7 +162,7 @@ class Daemon:
         address = f"{self.config.host}:{self.config.port}"
         self.port = self._bind(self.server, address)
         if self.config.metrics_port:
-            self.metrics.serve(self.config.host, self.config.metrics_port)
+            self.metrics.serve(self.config.metrics_host, self.config.metrics_port)
         self.batcher.start()
         await self.server.start()
         for service in ("", SERVICE_NAME):
@@ -186,14 +186,24 @@ class Daemon:
                     config.tls_cert, config.tls_key, config.tls_client_ca
                 )
                 return server.add_secure_port(address, credentials)
-            if config.auth_token is not None and not is_loopback(config.host):
-                log.warning("the bearer token travels in clear text: set --tls-cert/--tls-key")
-            return server.add_insecure_port(address)
+            port = server.add_insecure_port(address)
         except RuntimeError:  # gRPC says only "Failed to bind"; the usual cause is:
             raise OSError(
                 f"--port {config.port}: cannot listen on {address}: it is in use, or not an "
                 "address of this machine"
             ) from None
+        if not is_loopback(config.host):
+            if config.auth_token is not None:
+                log.warning("the bearer token travels in clear text: set --tls-cert/--tls-key")
+            else:
+                log.warning(
+                    "serving plaintext without a token on %s:%d: anyone who can reach it can "
+                    "call it; set --tls-cert/--tls-key and --auth-token-file, or keep the port "
+                    "behind a firewall or network policy",
+                    config.host,
+                    port,
+                )
+        return port
 
     async def stop(self, grace: float | None = None) -> None:
         """Drains: NOT_SERVING at once, no new calls, accepted calls finish, then exit."""

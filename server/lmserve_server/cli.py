@@ -165,7 +165,14 @@ def _serve_parser(sub: Any) -> None:
         "text, or json: one JSON object per line (time, level, logger, message, fields)",
         choices=list(LOG_FORMATS),
     )
-    _add(p, "--metrics-port", int, 0, "serve Prometheus /metrics on --host at this port (0: off)")
+    _add(p, "--metrics-port", int, 0, "serve Prometheus /metrics at this port (0: off)")
+    _add(
+        p,
+        "--metrics-host",
+        str,
+        "127.0.0.1",
+        "address /metrics listens on (0.0.0.0 for a scraper on another machine or pod)",
+    )
     _add(p, "--tls-cert", _optional, None, "PEM certificate chain: serve TLS", metavar="PATH")
     _add(p, "--tls-key", _optional, None, "PEM private key of --tls-cert", metavar="PATH")
     _add(
@@ -239,6 +246,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         warm_up=args.warm_up,
         log_format=args.log_format,
         metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
@@ -259,7 +267,7 @@ async def run_daemon(config: ServerConfig) -> None:
     # A taken port is reported now, not after the imports and a model load (minutes).
     check_port_free(config.host, config.port, "--port")
     if config.metrics_port:
-        check_port_free(config.host, config.metrics_port, "--metrics-port")
+        check_port_free(config.metrics_host, config.metrics_port, "--metrics-port")
     problem = local_model_problem(config.engine.model)
     if problem is not None:
         raise ModelLoadError(problem)

@@ -39,7 +39,9 @@ class ServerConfig:
     reflection: bool = True
     warm_up: bool = True
     log_format: str = "text"  # text | json
-    metrics_port: int = 0  # Prometheus /metrics on host:metrics_port; 0 = off
+    metrics_port: int = 0  # Prometheus /metrics on metrics_host:metrics_port; 0 = off
+    # Loopback unless asked: /metrics need not follow --host onto the network.
+    metrics_host: str = "127.0.0.1"
     tls_cert: str | None = None  # PEM certificate chain; with tls_key, the port speaks TLS
     tls_key: str | None = None
     tls_client_ca: str | None = None  # PEM CA; clients must present a certificate it signed
