@@ -41,7 +41,7 @@ requests = st.builds(
     st.text(max_size=60),
     # Small valid counts, or counts over the cap: a valid 800-token request is no bad input
     # and would only make the test slow.
-    st.one_of(st.integers(0, 6), st.integers(1025, 2**32 - 1)),
+    st.one_of(st.integers(0, 6), st.integers(1025, 2**64 - 1)),
     floats,
     floats,
     st.integers(0, 2**32 - 1),
@@ -133,3 +133,27 @@ def test_a_malformed_message_without_the_token_is_unauthenticated(make_daemon) -
             with_token = {"metadata": [("authorization", "Bearer t0k")]}
             code, _ = raw_status(channel, method, MALFORMED, **with_token)
             assert code is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def test_max_new_tokens_beyond_32_bits_is_refused_not_wrapped(daemon: RunningDaemon) -> None:
+    """2^40 + 5 on the wire (field 2, a varint, as any sender may write it) is the server's
+    real value, refused with the cap, and not read back as 5."""
+    asked = 2**40 + 5
+    payload = b"\x0a\x05Hello" + b"\x10" + varint(asked)  # prompt="Hello", max_new_tokens
+    with grpc.insecure_channel(daemon.address) as channel:
+        code, details = raw_status(channel, "Generate", payload)
+        assert code is grpc.StatusCode.INVALID_ARGUMENT, (code, details)
+        assert details == (
+            f"max_new_tokens: {asked} exceeds the server's cap of 1024 (--max-new-tokens-cap)"
+        )
+        code, _ = raw_status(channel, "GenerateStream", payload)
+        assert code is grpc.StatusCode.INVALID_ARGUMENT
