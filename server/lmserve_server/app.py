@@ -152,7 +152,9 @@ class Daemon:
             ],
         )
         lmserve_pb2_grpc.add_GeneratorServicer_to_server(
-            GeneratorService(self.engine, self.batcher, self.config, self._tokenizer_pool),
+            GeneratorService(
+                self.engine, self.batcher, self.config, self._tokenizer_pool, self.metrics
+            ),
             self.server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -218,7 +218,7 @@ class _Call:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
             start = time.perf_counter()
             context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
-            code, response = grpc.StatusCode.UNKNOWN, None
+            code = grpc.StatusCode.UNKNOWN
             try:
                 response = await behavior(request, context)
                 code = context.code() or grpc.StatusCode.OK
@@ -230,7 +230,7 @@ class _Call:
                 code = _cancelled_code(context)
                 raise
             finally:
-                self._finish(code, time.perf_counter() - start, response)
+                self._finish(code, time.perf_counter() - start)
 
         return wrapper
 
@@ -250,12 +250,12 @@ class _Call:
                 code = _cancelled_code(context)
                 raise
             finally:
-                self._finish(code, time.perf_counter() - start, None)
+                self._finish(code, time.perf_counter() - start)
 
         return wrapper
 
-    def _finish(self, code: grpc.StatusCode, latency_s: float, response: object) -> None:
-        self.metrics.observe_call(self.method, code, latency_s, response)
+    def _finish(self, code: grpc.StatusCode, latency_s: float) -> None:
+        self.metrics.observe_call(self.method, code, latency_s)
         if request_log.isEnabledFor(logging.DEBUG):
             latency_ms = round(latency_s * 1000.0, 3)
             request_log.debug(

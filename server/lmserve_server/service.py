@@ -9,6 +9,7 @@ must answer meanwhile) nor on the engine thread (reserved for torch).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 
@@ -19,6 +20,7 @@ from lmserve_server.batcher import Served
 from lmserve_server.config import ServerConfig
 from lmserve_server.engine import Engine
 from lmserve_server.errors import InvalidArgumentError, QueueFullError
+from lmserve_server.metrics import Metrics
 from lmserve_server.scheduler import Scheduler
 from lmserve_server.streaming import TextDeltas
 from lmserve_server.types import FinishReason, GenerationOutput, GenerationRequest, RowControl
@@ -40,11 +42,13 @@ class GeneratorService(lmserve_pb2_grpc.GeneratorServicer):
         batcher: Scheduler,
         config: ServerConfig,
         tokenizer_pool: Executor,
+        metrics: Metrics,
     ) -> None:
         self._engine = engine
         self._batcher = batcher
         self._config = config
         self._tokenizer_pool = tokenizer_pool
+        self._metrics = metrics
         self._limits = RequestLimits(
             max_context=engine.max_context,
             max_new_tokens_cap=config.max_new_tokens_cap,
@@ -66,6 +70,7 @@ class GeneratorService(lmserve_pb2_grpc.GeneratorServicer):
     async def GenerateStream(
         self, request: lmserve_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[lmserve_pb2.GenerateStreamResponse]:
+        received = time.perf_counter()  # time to first token counts from here
         loop = asyncio.get_running_loop()
         tokens: asyncio.Queue[int | None] = asyncio.Queue()
         # Called on the engine thread for each new token of this row.
@@ -75,8 +80,14 @@ class GeneratorService(lmserve_pb2_grpc.GeneratorServicer):
         # Tokens are queued on the loop before the batch's result is, so None comes last.
         result.add_done_callback(lambda _: tokens.put_nowait(None))
         deltas = TextDeltas(self._engine.decode, gen_request.stop)
+        previous_at: float | None = None
         try:
             while (token := await tokens.get()) is not None:
+                now = time.perf_counter()
+                self._metrics.observe_stream_token(
+                    now - (received if previous_at is None else previous_at), previous_at is None
+                )
+                previous_at = now
                 text, token_ids = deltas.push(token)
                 if text:
                     yield lmserve_pb2.GenerateStreamResponse(text=text, token_ids=token_ids)
@@ -109,7 +120,9 @@ class GeneratorService(lmserve_pb2_grpc.GeneratorServicer):
 
     async def _submit(self, request: GenerationRequest) -> Served[GenerationOutput]:
         try:
-            return await self._batcher.submit(request)
+            served = await self._batcher.submit(request)
+            self._metrics.observe_served(len(request.prompt_ids), served.queue_s)
+            return served
         except asyncio.CancelledError:
             # Cancelled or past its deadline: a queued row leaves the queue (the batcher),
             # a running row is marked finished at the next decode step (the engine).
