@@ -3,7 +3,8 @@ reflection, and drains it on shutdown.
 
 ``Daemon(config, engine).start()`` binds (port 0 picks a free port, as tests do) and returns
 the port; ``stop()`` turns health NOT_SERVING, stops accepting, lets every accepted request
-finish within the drain timeout, then closes the batcher. Around the servicer: the request
+finish within the drain timeout, then closes the batcher, and says whether the engine thread
+is idle (a batch that outlasts the drain is not waited for). Around the servicer: the request
 interceptor (request ids, per-call metrics, debug log), the bearer-token check when a token
 is set, and the error interceptor; TLS when a certificate is set; Prometheus ``/metrics``
 when a metrics port is set. Each batch is timed, counted and logged in ``_run_batch``.
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _REPLY_FLUSH_S = 2.0
+# After the drain timeout, how long the batcher gets to fail what waits, and the server to
+# send what is done, before the process leaves a busy engine thread behind.
+_ABANDON_WAIT_S = 0.5
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
@@ -207,8 +211,13 @@ class Daemon:
                 )
         return port
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Drains: NOT_SERVING at once, no new calls, accepted calls finish, then exit."""
+    async def stop(self, grace: float | None = None) -> bool:
+        """Drains: NOT_SERVING at once, no new calls, accepted calls finish, then exit.
+
+        Returns False when the engine thread was left busy: a batch (or decode step) still
+        running once the drain timeout has passed can't be interrupted, and the process must
+        not wait for it (see ``_ABANDON_WAIT_S``).
+        """
         grace = self.config.drain_timeout_s if grace is None else grace
         log.info("draining (up to %.1f s)", grace)
         assert self.server is not None and self.health is not None, "stop() before start()"
@@ -222,10 +231,20 @@ class Daemon:
             await asyncio.wait_for(asyncio.shield(closing), timeout=grace)
         except asyncio.TimeoutError:
             log.warning("drain timeout (%.1f s) reached; dropping what is still waiting", grace)
-            await self.batcher.close(drain=False)
-            await closing
-        await self.server.stop(_REPLY_FLUSH_S)  # replies already made still go out
-        self._executor.shutdown(wait=True)
+            # Fails the waiting requests at once; the running batch ends when it ends.
+            dropping = asyncio.ensure_future(self.batcher.close(drain=False))
+            await asyncio.wait({closing, dropping}, timeout=_ABANDON_WAIT_S)
+        engine_idle = closing.done()
+        if not engine_idle:
+            log.warning(
+                "the engine is still busy after the drain timeout; exiting without waiting "
+                "for its running requests"
+            )
+        # Replies already made still go out; with a busy engine, calls still waiting for it
+        # are cancelled sooner.
+        await self.server.stop(_REPLY_FLUSH_S if engine_idle else _ABANDON_WAIT_S)
+        self._executor.shutdown(wait=engine_idle, cancel_futures=True)
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(self.metrics.close)
         log.info("stopped")
+        return engine_idle

@@ -262,8 +262,31 @@ def _auth_token(path: str | None) -> str | None:
     return token or None
 
 
-async def run_daemon(config: ServerConfig) -> None:
-    """Loads and warms the model, serves until SIGTERM/SIGINT, then drains."""
+class _StopSignals:
+    """SIGTERM and SIGINT. The first while serving starts the drain; a second during the
+    drain, or one before serving, exits at once through ``exit_now`` (the engine thread, in
+    a batch or loading the model, can't be interrupted, so there is nothing to wait for)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, exit_now: Callable[[int], None]) -> None:
+        self.drain = asyncio.Event()
+        self.serving = False
+        self._exit_now = exit_now
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._received, sig)
+
+    def _received(self, sig: signal.Signals) -> None:
+        if self.serving and not self.drain.is_set():
+            self.drain.set()
+            return
+        when = "during the drain" if self.drain.is_set() else "before serving"
+        log.warning("%s %s: exiting now, without waiting for running requests", sig.name, when)
+        self._exit_now(128 + sig)
+
+
+async def run_daemon(config: ServerConfig, exit_now: Callable[[int], None]) -> bool:
+    """Loads and warms the model, serves until SIGTERM/SIGINT, then drains. True when the
+    engine thread is still busy at the end (a batch outlasted the drain timeout): the
+    process must then leave without joining it. A second signal calls ``exit_now``."""
     # A taken port is reported now, not after the imports and a model load (minutes).
     check_port_free(config.host, config.port, "--port")
     if config.metrics_port:
@@ -275,25 +298,24 @@ async def run_daemon(config: ServerConfig) -> None:
     from lmserve_server.engine import Engine
 
     quiet_transformers()
+    loop = asyncio.get_running_loop()
+    signals = _StopSignals(loop, exit_now)
     # Fed from the loop while the model loads, serves and drains: a stalled loop starves it.
     interval = watchdog_interval()
     watchdog = asyncio.create_task(ping_watchdog(interval)) if interval else None
     try:
         # Load, warm up and serve on one thread: see engine_thread() for why.
         executor = engine_thread()
-        loop = asyncio.get_running_loop()
         engine = await loop.run_in_executor(executor, Engine.load, config.engine)
         if config.warm_up:
             await loop.run_in_executor(executor, engine.warm_up)
         daemon = Daemon(config, engine, executor)
         port = await daemon.start()
         notify(f"READY=1\nSTATUS=serving {engine.name} on {config.host}:{port}")
-        stopping = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stopping.set)
-        await stopping.wait()
+        signals.serving = True
+        await signals.drain.wait()
         notify("STOPPING=1\nSTATUS=draining")
-        await daemon.stop()
+        return not await daemon.stop()
     finally:
         if watchdog is not None:
             watchdog.cancel()
@@ -302,34 +324,52 @@ async def run_daemon(config: ServerConfig) -> None:
 def _serve(args: argparse.Namespace) -> int:
     # JSON mode: what gRPC core (or anything else) writes to stderr becomes JSON too.
     foreign = StderrToJson() if args.log_format == "json" else None
+
+    def exit_now(code: int) -> None:
+        """Leaves without joining threads: a busy engine thread would hold the exit."""
+        logging.shutdown()  # flushes the handlers
+        if foreign is not None:
+            foreign.stop(timeout_s=0.5)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
     try:
-        return _serve_logged(args, foreign.start() if foreign else None)
+        code, engine_busy = _serve_logged(args, foreign.start() if foreign else None, exit_now)
     finally:
         if foreign is not None:
             foreign.stop()
+    if engine_busy:
+        exit_now(code)
+    return code
 
 
-def _serve_logged(args: argparse.Namespace, log_stream: TextIO | None) -> int:
+def _serve_logged(
+    args: argparse.Namespace, log_stream: TextIO | None, exit_now: Callable[[int], None]
+) -> tuple[int, bool]:
+    """The exit code, and whether the engine thread was left busy."""
     try:
         configure_logging(args.log_level, args.log_format, log_stream)
         config = config_from_args(args)
-        asyncio.run(run_daemon(config))
+        return 0, asyncio.run(run_daemon(config, exit_now))
     except ModuleNotFoundError as err:
         if not _is_server_module(err):
             raise
         _report(_missing_extras(err), args.log_format)
-        return 2
+        return 2, False
     except (LmserveError, ValueError) as err:
         _report(err, args.log_format)
-        return 2
+        return 2, False
     except OSError as err:  # e.g. the port is taken, a certificate is missing
         _report(err, args.log_format)
-        return 1
+        return 1, False
+    except KeyboardInterrupt:  # Ctrl-C before the signal handlers are in place
+        _report("interrupted", args.log_format)
+        return 128 + signal.SIGINT, False
     except Exception as err:  # unforeseen: still one line; the traceback at --log-level debug
         log.debug("the daemon failed", exc_info=True)
         _report(f"{type(err).__name__}: {err}", args.log_format)
-        return 1
-    return 0
+        return 1, False
 
 
 def _report(err: Exception | str, log_format: str) -> None:
