@@ -3,6 +3,9 @@ a field, and the daemon stays SERVING throughout."""
 
 from __future__ import annotations
 
+import logging
+import time
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -11,6 +14,7 @@ from hypothesis import strategies as st
 
 from lmserve.v1 import lmserve_pb2, lmserve_pb2_grpc
 from tests.conftest import RunningDaemon
+from tests.ops_support import free_port, scrape
 
 FIELDS = ("prompt", "max_new_tokens", "temperature", "top_p", "top_k", "stop", "context")
 
@@ -37,7 +41,7 @@ requests = st.builds(
     st.text(max_size=60),
     # Small valid counts, or counts over the cap: a valid 800-token request is no bad input
     # and would only make the test slow.
-    st.one_of(st.integers(0, 6), st.integers(1025, 2**32 - 1)),
+    st.one_of(st.integers(0, 6), st.integers(1025, 2**64 - 1)),
     floats,
     floats,
     st.integers(0, 2**32 - 1),
@@ -69,3 +73,87 @@ def test_random_requests_get_ok_or_invalid_argument(stubs, request) -> None:  # 
         assert reply.completion_tokens <= (request.max_new_tokens or 64)
     status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
     assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+MALFORMED = b"\xff\xff\xff"  # no protobuf message parses from these bytes
+
+
+def send_raw(channel: grpc.Channel, method: str, payload: bytes, **kwargs: object) -> None:
+    """Calls ``method`` with ``payload`` as the request's bytes, past any stub's serializer."""
+    path = f"/lmserve.v1.Generator/{method}"
+    if method == "GenerateStream":
+        list(channel.unary_stream(path)(payload, timeout=30, **kwargs))
+    else:
+        channel.unary_unary(path)(payload, timeout=30, **kwargs)
+
+
+def raw_status(channel: grpc.Channel, method: str, payload: bytes, **kwargs: object):  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.RpcError) as err:
+        send_raw(channel, method, payload, **kwargs)
+    return err.value.code(), err.value.details()  # type: ignore[attr-defined]
+
+
+def test_a_malformed_message_is_invalid_argument_counted_and_logged_once(
+    make_daemon,  # type: ignore[no-untyped-def]
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    port = free_port()
+    running = make_daemon(metrics_port=port)
+    methods = ("Generate", "GenerateStream", "Tokenize")
+    with grpc.insecure_channel(running.address) as channel:
+        for _ in range(5):
+            for method in methods:
+                code, details = raw_status(channel, method, MALFORMED)
+                assert code is grpc.StatusCode.INVALID_ARGUMENT, (method, code, details)
+                assert details.startswith("malformed request: ")
+    # The interceptor records a call once it has ended, maybe just after the client has it.
+    m = scrape(port)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(
+        m.get(("lmserve_requests_total", (("code", "INVALID_ARGUMENT"), ("method", name)))) != 5
+        for name in methods
+    ):
+        time.sleep(0.05)
+        m = scrape(port)
+    for method in methods:
+        assert (
+            m[("lmserve_requests_total", (("code", "INVALID_ARGUMENT"), ("method", method)))] == 5
+        )
+    noisy = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(noisy) <= 1, [r.getMessage() for r in noisy]
+    assert all("Traceback" not in r.getMessage() and r.exc_info is None for r in noisy)
+
+
+def test_a_malformed_message_without_the_token_is_unauthenticated(make_daemon) -> None:  # type: ignore[no-untyped-def]
+    running = make_daemon(auth_token="t0k")
+    with grpc.insecure_channel(running.address) as channel:
+        for method in ("Generate", "GenerateStream", "Tokenize"):
+            code, _ = raw_status(channel, method, MALFORMED)
+            assert code is grpc.StatusCode.UNAUTHENTICATED
+            with_token = {"metadata": [("authorization", "Bearer t0k")]}
+            code, _ = raw_status(channel, method, MALFORMED, **with_token)
+            assert code is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def test_max_new_tokens_beyond_32_bits_is_refused_not_wrapped(daemon: RunningDaemon) -> None:
+    """2^40 + 5 on the wire (field 2, a varint, as any sender may write it) is the server's
+    real value, refused with the cap, and not read back as 5."""
+    asked = 2**40 + 5
+    payload = b"\x0a\x05Hello" + b"\x10" + varint(asked)  # prompt="Hello", max_new_tokens
+    with grpc.insecure_channel(daemon.address) as channel:
+        code, details = raw_status(channel, "Generate", payload)
+        assert code is grpc.StatusCode.INVALID_ARGUMENT, (code, details)
+        assert details == (
+            f"max_new_tokens: {asked} exceeds the server's cap of 1024 (--max-new-tokens-cap)"
+        )
+        code, _ = raw_status(channel, "GenerateStream", payload)
+        assert code is grpc.StatusCode.INVALID_ARGUMENT

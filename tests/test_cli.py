@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import lmserve
 from lmserve import Client
+from tests.ops_support import ServeProcess
 
 LMSERVE = [sys.executable, "-m", "lmserve_server.cli"]
 
@@ -133,3 +134,137 @@ def test_pack_weights_is_on_unless_turned_off(flags: list[str], packed: bool) ->
 
     config = config_from_args(build_parser().parse_args(["serve", *flags]))
     assert config.engine.pack_weights is packed
+
+
+# Run in a fresh interpreter: whether ``lmserve --help`` imported torch shows in sys.modules.
+_HELP_IMPORTS = """
+import sys
+from lmserve_server.cli import main
+for argv in (["--help"], ["serve", "--help"]):
+    try:
+        main(argv)
+    except SystemExit as done:
+        assert done.code == 0, done.code
+print("heavy modules:", sorted({"torch", "transformers"} & set(sys.modules)))
+"""
+
+
+def test_help_imports_no_torch() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", _HELP_IMPORTS], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "--max-batch-size" in proc.stdout
+    assert proc.stdout.splitlines()[-1] == "heavy modules: []"
+
+
+# A client-only install (`pip install lmserve`): the server extra's modules are not there.
+_WITHOUT_SERVER_EXTRA = """
+import sys
+from importlib.abc import MetaPathFinder
+
+
+class NoServerExtra(MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in {"torch", "transformers", "accelerate"}:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, NoServerExtra())
+from lmserve_server.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize(
+    "argv", [["serve", "--model", "gpt2", "--port", "0"], ["make-test-model", "somewhere"]]
+)
+def test_without_the_server_extra_the_command_says_what_to_install(
+    argv: list[str], tmp_path: Path
+) -> None:
+    run = [sys.executable, "-c", _WITHOUT_SERVER_EXTRA]
+    assert subprocess.run([*run, "--help"], capture_output=True, timeout=60).returncode == 0
+    proc = subprocess.run([*run, *argv], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert proc.stderr.count("\n") == 1, proc.stderr  # one line, no traceback
+    assert proc.stderr.startswith("lmserve: error: ")
+    assert "pip install 'lmserve[server]'" in proc.stderr
+
+
+class LongStreams:
+    """``count`` streams of 1000 tokens each (tens of seconds of engine time on this CPU),
+    started together; ``wait_running()`` returns once one has its first chunk."""
+
+    def __init__(self, address: str, count: int = 4) -> None:
+        self.first_chunk = threading.Event()
+        self.outcomes: list[str] = []
+        self.threads = [threading.Thread(target=self._run, args=(address,)) for _ in range(count)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, address: str) -> None:
+        try:
+            with Client(address, timeout=300, balance=False) as client:
+                for _ in client.stream("Once upon a time", max_new_tokens=1000):
+                    self.first_chunk.set()
+            self.outcomes.append("finished")
+        except lmserve.LmserveError as err:
+            self.outcomes.append(err.code.name)
+
+    def wait_running(self) -> None:
+        assert self.first_chunk.wait(timeout=60), "no stream started"
+
+    def join(self) -> None:
+        for t in self.threads:
+            t.join(timeout=120)
+        assert not any(t.is_alive() for t in self.threads)
+
+
+def test_the_drain_ends_at_its_timeout_even_with_the_engine_busy(tiny_model_dir: Path) -> None:
+    """The running batch outlasts --drain-timeout by far: at the deadline its rows stop at
+    their next step and their callers are told the server shut down; the process exits."""
+    server = ServeProcess(tiny_model_dir, "--port", "0", "--drain-timeout", "1")
+    try:
+        streams = LongStreams(server.wait_serving())
+        streams.wait_running()
+        signalled = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        code = server.proc.wait(timeout=120)
+        exit_s = time.monotonic() - signalled
+        streams.join()
+    finally:
+        server.kill()
+    print(f"exited {exit_s:.2f} s after SIGTERM with --drain-timeout 1")
+    assert code == 0
+    assert exit_s < 1 + 4, exit_s  # the timeout plus a margin, not the batch's remaining time
+    # The batch was still running: it was cut, each caller with a clear status.
+    assert streams.outcomes == ["UNAVAILABLE"] * 4
+    assert any("drain timeout (1.0 s) reached" in line for line in server.lines)
+
+
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_signal_during_the_drain_exits_at_once(
+    tiny_model_dir: Path, second: signal.Signals
+) -> None:
+    server = ServeProcess(tiny_model_dir, "--port", "0", "--drain-timeout", "300")
+    try:
+        streams = LongStreams(server.wait_serving())
+        streams.wait_running()
+        server.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while not any("draining" in line for line in server.lines):
+            assert time.monotonic() < deadline, server.lines
+            time.sleep(0.01)
+        signalled = time.monotonic()
+        server.proc.send_signal(second)
+        code = server.proc.wait(timeout=120)
+        exit_s = time.monotonic() - signalled
+        streams.join()
+    finally:
+        server.kill()
+    print(f"exited {exit_s:.2f} s after the second signal ({second.name})")
+    assert code == 128 + second
+    assert exit_s < 4, exit_s  # at once, not when the 300 s drain or the batch ends
+    assert any(f"{second.name} during the drain: exiting now" in line for line in server.lines)

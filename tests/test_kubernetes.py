@@ -21,7 +21,15 @@ def load(name: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    "name", ["deployment.yaml", "service.yaml", "pdb.yaml", "pvc.yaml", "fill-hf-cache-job.yaml"]
+    "name",
+    [
+        "deployment.yaml",
+        "service.yaml",
+        "pdb.yaml",
+        "pvc.yaml",
+        "fill-hf-cache-job.yaml",
+        "networkpolicy.yaml",
+    ],
 )
 def test_manifest_is_valid_against_the_api_schema(name: str) -> None:
     kubernetes_validate.validate(load(name), K8S_VERSION, strict=True)
@@ -104,3 +112,23 @@ def test_the_job_s_pod_is_never_taken_for_a_replica() -> None:
         load("deployment.yaml")["spec"]["selector"]["matchLabels"],
     ):
         assert not selector.items() <= job_labels.items(), selector
+
+
+def test_the_plaintext_pods_are_guarded_by_a_network_policy() -> None:
+    """The pods serve plaintext without a token on their addresses; the NetworkPolicy must
+    select them and let callers reach their two ports only from chosen sources."""
+    pod = load("deployment.yaml")["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert "LMSERVE_TLS_CERT" not in env and "LMSERVE_AUTH_TOKEN_FILE" not in env
+    policy = load("networkpolicy.yaml")["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert policy["policyTypes"] == ["Ingress"]
+    assert all(rule["from"] for rule in policy["ingress"]), "a rule open to every source"
+    allowed = {port["port"] for rule in policy["ingress"] for port in rule["ports"]}
+    assert allowed == {port["name"] for port in container["ports"]} == {"grpc", "metrics"}
+    # Prometheus scrapes from another pod: /metrics must leave its loopback default.
+    assert env["LMSERVE_METRICS_HOST"] == "0.0.0.0"
+    assert int(env["LMSERVE_METRICS_PORT"]) == next(
+        p["containerPort"] for p in container["ports"] if p["name"] == "metrics"
+    )

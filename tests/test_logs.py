@@ -7,13 +7,17 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 import grpc
 import pytest
 
+import lmserve
+from lmserve import Client
 from lmserve.v1 import lmserve_pb2, lmserve_pb2_grpc
 from lmserve_server.logs import JsonFormatter
 from tests.conftest import RunningDaemon
+from tests.ops_support import ServeProcess, make_pki
 
 
 def _trailing_id(call: grpc.Call) -> str:
@@ -82,3 +86,23 @@ def test_json_formatter_writes_one_object_per_line_with_the_extra_fields() -> No
         record.exc_info = sys.exc_info()
     out = json.loads(JsonFormatter().format(record))
     assert "RuntimeError: boom" in out["exception"]
+
+
+def test_json_logs_turn_grpc_core_lines_into_json(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """gRPC core writes its own lines to stderr (here: the failed TLS handshake of a
+    plaintext client); under --log-format json they must be JSON objects like the rest."""
+    pki = make_pki(tmp_path / "pki")
+    tls = ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)]
+    server = ServeProcess(tiny_model_dir, "--port", "0", "--log-format", "json", *tls)
+    try:
+        address = server.wait_serving()
+        with Client(address, timeout=5) as client, pytest.raises(lmserve.UnavailableError):
+            client.tokenize("plaintext to a TLS port")
+        assert server.stop() == 0
+    finally:
+        server.kill()
+    records = [json.loads(line) for line in server.lines]  # every line parses
+    core = [r for r in records if r["logger"] == "grpc"]
+    assert any("Handshake failed" in r["message"] for r in core), server.lines
+    assert all(r["level"] in ("INFO", "WARNING", "ERROR") and r["source"] for r in core)
+    assert records[-1]["message"] == "stopped"

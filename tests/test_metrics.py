@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -10,6 +11,8 @@ import pytest
 
 import lmserve
 from lmserve import Client
+from lmserve_server.cli import build_parser, config_from_args
+from lmserve_server.config import ServerConfig
 from tests.conftest import RunningDaemon
 from tests.ops_support import free_port, scrape
 
@@ -129,3 +132,62 @@ def test_a_taken_metrics_port_is_a_clear_error(make_daemon) -> None:  # type: ig
     make_daemon(metrics_port=port)
     with pytest.raises(OSError, match=f"--metrics-port {port}: cannot listen on 127.0.0.1"):
         make_daemon(metrics_port=port)
+
+
+def test_metrics_listen_on_loopback_unless_told_otherwise(make_daemon) -> None:  # type: ignore[no-untyped-def]
+    """--host 0.0.0.0 opens the gRPC port to the network, not /metrics."""
+    port = free_port()
+    make_daemon(host="0.0.0.0", metrics_port=port)
+    assert ("lmserve_queue_depth", ()) in scrape(port)
+    with socket.socket() as other:  # another loopback address is free: 127.0.0.1 alone
+        other.bind(("127.0.0.2", port))
+
+    port = free_port()
+    make_daemon(metrics_port=port, metrics_host="0.0.0.0")
+    assert ("lmserve_queue_depth", ()) in scrape(port)
+    with socket.socket() as other, pytest.raises(OSError):  # every address is taken
+        other.bind(("127.0.0.2", port))
+
+
+def test_metrics_host_is_a_flag_and_an_env_var(monkeypatch: pytest.MonkeyPatch) -> None:
+    def parse(*argv: str) -> ServerConfig:
+        return config_from_args(build_parser().parse_args(["serve", *argv]))
+
+    assert (parse().metrics_host, parse("--host", "0.0.0.0").metrics_host) == ("127.0.0.1",) * 2
+    assert parse("--metrics-host", "0.0.0.0").metrics_host == "0.0.0.0"
+    monkeypatch.setenv("LMSERVE_METRICS_HOST", "::")
+    assert parse().metrics_host == "::"
+
+
+def test_streams_record_first_token_gaps_queue_time_and_prompt_tokens(make_daemon) -> None:  # type: ignore[no-untyped-def]
+    port = free_port()
+    running = make_daemon(metrics_port=port)
+    with Client(running.address, timeout=60) as client:
+        chunks = list(client.stream("Hello world", max_new_tokens=6))  # 2 prompt tokens
+        assert chunks[-1].finish_reason is lmserve.FinishReason.LENGTH  # 6 tokens, no EOS
+        assert sum(len(c.token_ids) for c in chunks) == 6
+        assert client.generate("Hello", max_new_tokens=3).completion_tokens == 3  # 1 token
+        with pytest.raises(lmserve.InvalidArgumentError):  # refused: never served
+            list(client.stream("Hello", max_new_tokens=5000))
+
+    m = scrape(port)
+    assert m[("lmserve_prompt_tokens_total", ())] == 2 + 1
+    assert m[("lmserve_queue_seconds_count", ())] == 2  # the stream's and the unary call's
+    assert m[("lmserve_time_to_first_token_seconds_count", ())] == 1
+    assert m[("lmserve_inter_token_latency_seconds_count", ())] == 6 - 1
+    first, gaps = (
+        m[("lmserve_time_to_first_token_seconds_sum", ())],
+        m[("lmserve_inter_token_latency_seconds_sum", ())],
+    )
+    assert first > 0 and gaps > 0
+    wait_for(
+        lambda: (
+            ("lmserve_request_duration_seconds_sum", (("method", "GenerateStream"),))
+            in scrape(port)
+        ),
+        "the stream's duration was never recorded",
+    )
+    streamed = scrape(port)[
+        ("lmserve_request_duration_seconds_sum", (("method", "GenerateStream"),))
+    ]
+    assert first + gaps <= streamed  # both within the stream calls' time

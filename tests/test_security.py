@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import grpc
@@ -181,3 +182,28 @@ def test_serve_flags_and_env_fill_the_security_settings(
         server_credentials(str(token_file), str(pki.server_key), None)
     with pytest.raises(OSError, match="cannot read"):
         server_credentials(str(tmp_path / "missing.crt"), str(pki.server_key), None)
+
+
+def plaintext_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "plaintext" in r.getMessage()
+    ]
+
+
+def test_plaintext_on_a_network_address_without_a_token_is_warned_about(
+    make_daemon,  # type: ignore[no-untyped-def]
+    pki: Pki,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="lmserve_server")
+    make_daemon()  # loopback: nobody else can reach it
+    tls_daemon(make_daemon, pki, host="0.0.0.0")
+    assert plaintext_warnings(caplog) == []
+    running = make_daemon(host="0.0.0.0")
+    assert plaintext_warnings(caplog) == [
+        f"serving plaintext without a token on 0.0.0.0:{running.port}: anyone who can reach "
+        "it can call it; set --tls-cert/--tls-key and --auth-token-file, or keep the port "
+        "behind a firewall or network policy"
+    ]

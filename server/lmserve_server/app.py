@@ -1,9 +1,11 @@
-"""The daemon: wires engine, batcher and servicer into a grpc.aio server with health and
+"""The daemon: wires engine, scheduler and servicer into a grpc.aio server with health and
 reflection, and drains it on shutdown.
 
 ``Daemon(config, engine).start()`` binds (port 0 picks a free port, as tests do) and returns
 the port; ``stop()`` turns health NOT_SERVING, stops accepting, lets every accepted request
-finish within the drain timeout, then closes the scheduler. Around the servicer: the request
+finish within the drain timeout, then closes the scheduler, and says whether the engine
+thread is idle (a step or batch that outlasts the drain is not waited for). Around the
+servicer: the request
 interceptor (request ids, per-call metrics, debug log), the bearer-token check when a token
 is set, and the error interceptor; TLS when a certificate is set; Prometheus ``/metrics``
 when a metrics port is set. Each batch is timed, counted and logged in ``_run_batch``.
@@ -12,7 +14,6 @@ when a metrics port is set. Each batch is timed, counted and logged in ``_run_ba
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,6 +27,7 @@ from lmserve_server.engine.model import Engine
 from lmserve_server.engine.types import GenerationOutput
 from lmserve_server.interceptors import ErrorInterceptor, RequestInterceptor
 from lmserve_server.metrics import Metrics
+from lmserve_server.network import is_loopback
 from lmserve_server.scheduling.base import Scheduler
 from lmserve_server.scheduling.continuous import ContinuousScheduler
 from lmserve_server.scheduling.static import StaticScheduler
@@ -36,6 +38,9 @@ log = logging.getLogger(__name__)
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _REPLY_FLUSH_S = 2.0
+# After the drain timeout, how long the scheduler gets to fail what waits, and the server to
+# send what is done, before the process leaves a busy engine thread behind.
+_ABANDON_WAIT_S = 0.5
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
@@ -51,6 +56,11 @@ def engine_thread() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmserve-engine")
 
 
+# Tokenizing threads, apart from the engine thread (torch) and the event loop (health):
+# two, as TGI's validation workers; the tokenizer releases the GIL while it works.
+TOKENIZER_WORKERS = 2
+
+
 class Daemon:
     def __init__(
         self, config: ServerConfig, engine: Engine, executor: ThreadPoolExecutor | None = None
@@ -61,6 +71,9 @@ class Daemon:
         # keeps accepting while the model works. Pass the one that loaded and warmed up the
         # model (see engine_thread()).
         self._executor = executor or engine_thread()
+        self._tokenizer_pool = ThreadPoolExecutor(
+            max_workers=TOKENIZER_WORKERS, thread_name_prefix="lmserve-tokenize"
+        )
         self.scheduler: Scheduler
         if config.scheduler == "continuous":
             self.scheduler = ContinuousScheduler(
@@ -132,10 +145,18 @@ class Daemon:
         interceptors.append(ErrorInterceptor(prefix))
         self.server = grpc.aio.server(
             interceptors=interceptors,
-            options=[("grpc.max_receive_message_length", self.config.max_message_bytes)],
+            options=[
+                ("grpc.max_receive_message_length", self.config.max_message_bytes),
+                # gRPC's default SO_REUSEPORT lets a second daemon on a taken port take
+                # about half of the new connections; a taken port must be an error.
+                ("grpc.so_reuseport", 0),
+            ],
         )
         lmserve_pb2_grpc.add_GeneratorServicer_to_server(
-            GeneratorService(self.engine, self.scheduler, self.config), self.server
+            GeneratorService(
+                self.engine, self.scheduler, self.config, self._tokenizer_pool, self.metrics
+            ),
+            self.server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if self.config.reflection:
@@ -144,7 +165,7 @@ class Daemon:
         address = f"{self.config.host}:{self.config.port}"
         self.port = self._bind(self.server, address)
         if self.config.metrics_port:
-            self.metrics.serve(self.config.host, self.config.metrics_port)
+            self.metrics.serve(self.config.metrics_host, self.config.metrics_port)
         # The scheduler's buffers (the continuous KV cache) on the engine thread, before
         # anything is served: one that doesn't fit fails the start, not a request.
         await asyncio.get_running_loop().run_in_executor(self._executor, self.scheduler.prepare)
@@ -165,24 +186,43 @@ class Daemon:
 
     def _bind(self, server: grpc.aio.Server, address: str) -> int:
         config = self.config
-        if config.tls_cert is not None and config.tls_key is not None:
-            credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
-            port = server.add_secure_port(address, credentials)
-        else:
-            if config.auth_token is not None and not _is_loopback(config.host):
-                log.warning("the bearer token travels in clear text: set --tls-cert/--tls-key")
+        try:
+            if config.tls_cert is not None and config.tls_key is not None:
+                credentials = server_credentials(
+                    config.tls_cert, config.tls_key, config.tls_client_ca
+                )
+                return server.add_secure_port(address, credentials)
             port = server.add_insecure_port(address)
-        if port == 0:
-            raise OSError(f"could not bind {address}")
+        except RuntimeError:  # gRPC says only "Failed to bind"; the usual cause is:
+            raise OSError(
+                f"--port {config.port}: cannot listen on {address}: it is in use, or not an "
+                "address of this machine"
+            ) from None
+        if not is_loopback(config.host):
+            if config.auth_token is not None:
+                log.warning("the bearer token travels in clear text: set --tls-cert/--tls-key")
+            else:
+                log.warning(
+                    "serving plaintext without a token on %s:%d: anyone who can reach it can "
+                    "call it; set --tls-cert/--tls-key and --auth-token-file, or keep the port "
+                    "behind a firewall or network policy",
+                    config.host,
+                    port,
+                )
         return port
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Drains: NOT_SERVING at once, no new calls, accepted calls finish, then exit."""
+    async def stop(self, grace: float | None = None) -> bool:
+        """Drains: NOT_SERVING at once, no new calls, accepted calls finish, then exit.
+
+        Returns False when the engine thread was left busy: a batch (or decode step) still
+        running once the drain timeout has passed can't be interrupted, and the process must
+        not wait for it (see ``_ABANDON_WAIT_S``).
+        """
         grace = self.config.drain_timeout_s if grace is None else grace
         log.info("draining (up to %.1f s)", grace)
         assert self.server is not None and self.health is not None, "stop() before start()"
         await self.health.enter_graceful_shutdown()
-        # Accepted requests finish while new ones get UNAVAILABLE from the closed batcher;
+        # Accepted requests finish while new ones get UNAVAILABLE from the closed scheduler;
         # only then does the server stop. grpc's own grace would also wait for every health
         # Watch stream (client-side health checking keeps one open per client), which never
         # ends by itself, so a drain would always last the whole timeout.
@@ -194,18 +234,21 @@ class Daemon:
                 "drain timeout (%.1f s) reached; stopping the requests still running or waiting",
                 grace,
             )
-            await self.scheduler.close(drain=False)
-            await closing
-        await self.server.stop(_REPLY_FLUSH_S)  # replies already made still go out
-        self._executor.shutdown(wait=True)
+            # Waiting requests fail at once; running ones stop at their next step (a step or
+            # a batch's next token), their callers told the server shut down.
+            dropping = asyncio.ensure_future(self.scheduler.close(drain=False))
+            await asyncio.wait({closing, dropping}, timeout=_ABANDON_WAIT_S)
+        engine_idle = closing.done()
+        if not engine_idle:
+            log.warning(
+                "the engine is still busy after the drain timeout; exiting without waiting "
+                "for its running requests"
+            )
+        # Replies already made still go out; with a busy engine, calls still waiting for it
+        # are cancelled sooner.
+        await self.server.stop(_REPLY_FLUSH_S if engine_idle else _ABANDON_WAIT_S)
+        self._executor.shutdown(wait=engine_idle, cancel_futures=True)
+        self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(self.metrics.close)
         log.info("stopped")
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+        return engine_idle

@@ -3,6 +3,9 @@ checkpoint. Every ``serve`` flag can also be set by an LMSERVE_* environment var
 
 Under systemd (``Type=notify``) ``serve`` reports READY=1 once health is SERVING, STOPPING=1
 when the drain begins, and keeps the watchdog fed from its event loop.
+
+Only the torch-free modules are imported up front: ``lmserve --help`` answers at once, and on
+a client-only install (no torch) ``serve`` says which extra to install instead of crashing.
 """
 
 from __future__ import annotations
@@ -14,15 +17,27 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TextIO
 
 from lmserve_server.config import EngineConfig, ServerConfig
-from lmserve_server.errors import LmserveError
-from lmserve_server.logs import LOG_FORMATS, configure_logging
+from lmserve_server.errors import LmserveError, ModelLoadError
+from lmserve_server.logs import (
+    LOG_FORMATS,
+    StderrToJson,
+    configure_logging,
+    quiet_transformers,
+)
+from lmserve_server.modelpath import local_model_problem
+from lmserve_server.network import check_port_free
 from lmserve_server.security import read_token_file
 from lmserve_server.systemd import notify, ping_watchdog, watchdog_interval
 
 log = logging.getLogger("lmserve")
+
+# Top-level modules of the ``server`` extra: without them the daemon can't run.
+_SERVER_MODULES = frozenset(
+    {"torch", "transformers", "accelerate", "grpc_health", "grpc_reflection", "prometheus_client"}
+)
 
 
 def _env_name(flag: str) -> str:
@@ -178,7 +193,14 @@ def _serve_parser(sub: Any) -> None:
         "text, or json: one JSON object per line (time, level, logger, message, fields)",
         choices=list(LOG_FORMATS),
     )
-    _add(p, "--metrics-port", int, 0, "serve Prometheus /metrics on --host at this port (0: off)")
+    _add(p, "--metrics-port", int, 0, "serve Prometheus /metrics at this port (0: off)")
+    _add(
+        p,
+        "--metrics-host",
+        str,
+        "127.0.0.1",
+        "address /metrics listens on (0.0.0.0 for a scraper on another machine or pod)",
+    )
     _add(p, "--tls-cert", _optional, None, "PEM certificate chain: serve TLS", metavar="PATH")
     _add(p, "--tls-key", _optional, None, "PEM private key of --tls-cert", metavar="PATH")
     _add(
@@ -255,6 +277,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         warm_up=args.warm_up,
         log_format=args.log_format,
         metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
@@ -270,60 +293,146 @@ def _auth_token(path: str | None) -> str | None:
     return token or None
 
 
-async def run_daemon(config: ServerConfig) -> None:
-    """Loads and warms the model, serves until SIGTERM/SIGINT, then drains."""
+class _StopSignals:
+    """SIGTERM and SIGINT. The first while serving starts the drain; a second during the
+    drain, or one before serving, exits at once through ``exit_now`` (the engine thread, in
+    a batch or loading the model, can't be interrupted, so there is nothing to wait for)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, exit_now: Callable[[int], None]) -> None:
+        self.drain = asyncio.Event()
+        self.serving = False
+        self._exit_now = exit_now
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._received, sig)
+
+    def _received(self, sig: signal.Signals) -> None:
+        if self.serving and not self.drain.is_set():
+            self.drain.set()
+            return
+        when = "during the drain" if self.drain.is_set() else "before serving"
+        log.warning("%s %s: exiting now, without waiting for running requests", sig.name, when)
+        self._exit_now(128 + sig)
+
+
+async def run_daemon(config: ServerConfig, exit_now: Callable[[int], None]) -> bool:
+    """Loads and warms the model, serves until SIGTERM/SIGINT, then drains. True when the
+    engine thread is still busy at the end (a batch outlasted the drain timeout): the
+    process must then leave without joining it. A second signal calls ``exit_now``."""
+    # A taken port is reported now, not after the imports and a model load (minutes).
+    check_port_free(config.host, config.port, "--port")
+    if config.metrics_port:
+        check_port_free(config.metrics_host, config.metrics_port, "--metrics-port")
+    problem = local_model_problem(config.engine.model)
+    if problem is not None:
+        raise ModelLoadError(problem)
     from lmserve_server.app import Daemon, engine_thread
     from lmserve_server.engine.model import Engine
 
+    quiet_transformers()
+    loop = asyncio.get_running_loop()
+    signals = _StopSignals(loop, exit_now)
     # Fed from the loop while the model loads, serves and drains: a stalled loop starves it.
     interval = watchdog_interval()
     watchdog = asyncio.create_task(ping_watchdog(interval)) if interval else None
     try:
         # Load, warm up and serve on one thread: see engine_thread() for why.
         executor = engine_thread()
-        loop = asyncio.get_running_loop()
         engine = await loop.run_in_executor(executor, Engine.load, config.engine)
         if config.warm_up:
             await loop.run_in_executor(executor, engine.warm_up)
         daemon = Daemon(config, engine, executor)
         port = await daemon.start()
         notify(f"READY=1\nSTATUS=serving {engine.name} on {config.host}:{port}")
-        stopping = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stopping.set)
-        await stopping.wait()
+        signals.serving = True
+        await signals.drain.wait()
         notify("STOPPING=1\nSTATUS=draining")
-        await daemon.stop()
+        return not await daemon.stop()
     finally:
         if watchdog is not None:
             watchdog.cancel()
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # JSON mode: what gRPC core (or anything else) writes to stderr becomes JSON too.
+    foreign = StderrToJson() if args.log_format == "json" else None
+
+    def exit_now(code: int) -> None:
+        """Leaves without joining threads: a busy engine thread would hold the exit."""
+        logging.shutdown()  # flushes the handlers
+        if foreign is not None:
+            foreign.stop(timeout_s=0.5)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
     try:
-        configure_logging(args.log_level, args.log_format)
+        code, engine_busy = _serve_logged(args, foreign.start() if foreign else None, exit_now)
+    finally:
+        if foreign is not None:
+            foreign.stop()
+    if engine_busy:
+        exit_now(code)
+    return code
+
+
+def _serve_logged(
+    args: argparse.Namespace, log_stream: TextIO | None, exit_now: Callable[[int], None]
+) -> tuple[int, bool]:
+    """The exit code, and whether the engine thread was left busy."""
+    try:
+        configure_logging(args.log_level, args.log_format, log_stream)
         config = config_from_args(args)
-        asyncio.run(run_daemon(config))
+        return 0, asyncio.run(run_daemon(config, exit_now))
+    except ModuleNotFoundError as err:
+        if not _is_server_module(err):
+            raise
+        _report(_missing_extras(err), args.log_format)
+        return 2, False
     except (LmserveError, ValueError) as err:
         _report(err, args.log_format)
-        return 2
+        return 2, False
     except OSError as err:  # e.g. the port is taken, a certificate is missing
         _report(err, args.log_format)
-        return 1
-    return 0
+        return 1, False
+    except KeyboardInterrupt:  # Ctrl-C before the signal handlers are in place
+        _report("interrupted", args.log_format)
+        return 128 + signal.SIGINT, False
+    except Exception as err:  # unforeseen: still one line; the traceback at --log-level debug
+        log.debug("the daemon failed", exc_info=True)
+        _report(f"{type(err).__name__}: {err}", args.log_format)
+        return 1, False
 
 
-def _report(err: Exception, log_format: str) -> None:
+def _report(err: Exception | str, log_format: str) -> None:
+    """The one line an operator reads (newlines in library messages are folded)."""
+    message = " ".join(str(err).split())
     if log_format == "json":  # keep stderr one JSON object per line
-        log.error("lmserve: error: %s", err)
+        log.error("lmserve: error: %s", message)
     else:
-        print(f"lmserve: error: {err}", file=sys.stderr)
+        print(f"lmserve: error: {message}", file=sys.stderr)
+
+
+def _is_server_module(err: ModuleNotFoundError) -> bool:
+    return (err.name or "").partition(".")[0] in _SERVER_MODULES
+
+
+def _missing_extras(err: ModuleNotFoundError) -> str:
+    return (
+        f"the daemon needs the server extra, which is not installed (no module {err.name!r}): "
+        "pip install 'lmserve[server]' (on a GPU host install the CUDA build of torch first)"
+    )
 
 
 def _make_test_model(args: argparse.Namespace) -> int:
     from lmserve_server.testmodel import write_test_model
 
-    path = write_test_model(args.path, size=args.size, seed=args.seed)
+    try:
+        path = write_test_model(args.path, size=args.size, seed=args.seed)
+    except ModuleNotFoundError as err:
+        if not _is_server_module(err):
+            raise
+        print(f"lmserve: error: {_missing_extras(err)}", file=sys.stderr)
+        return 2
     print(f"wrote a random-weight GPT-2 ({args.size}) to {path}")
     print(f"serve it with: lmserve serve --model {path}")
     return 0

@@ -1,4 +1,7 @@
-"""The daemon's settings, one frozen dataclass filled by the CLI (flags or LMSERVE_* env vars)."""
+"""The daemon's settings, frozen dataclasses filled by the CLI (flags or LMSERVE_* env vars).
+
+Nothing here imports torch: ``lmserve --help`` and a client-only install must not need it.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,8 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """What to load and where (plain data: no torch here, so ``lmserve --help`` stays fast)."""
+    """What ``Engine.load`` loads, and how (plain data: no torch here, so ``lmserve --help``
+    stays fast)."""
 
     model: str = "gpt2"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -41,7 +45,9 @@ class ServerConfig:
     reflection: bool = True
     warm_up: bool = True
     log_format: str = "text"  # text | json
-    metrics_port: int = 0  # Prometheus /metrics on host:metrics_port; 0 = off
+    metrics_port: int = 0  # Prometheus /metrics on metrics_host:metrics_port; 0 = off
+    # Loopback unless asked: /metrics need not follow --host onto the network.
+    metrics_host: str = "127.0.0.1"
     tls_cert: str | None = None  # PEM certificate chain; with tls_key, the port speaks TLS
     tls_key: str | None = None
     tls_client_ca: str | None = None  # PEM CA; clients must present a certificate it signed

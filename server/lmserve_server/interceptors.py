@@ -2,7 +2,10 @@
 
 ``ErrorInterceptor`` (innermost) turns exceptions raised by handlers into gRPC statuses: an
 LmserveError becomes its own status code and message; anything else is logged with its
-traceback and becomes INTERNAL, so a caller never sees a bare "Unexpected error".
+traceback and becomes INTERNAL, so a caller never sees a bare "Unexpected error". It also
+makes a request message that does not parse an INVALID_ARGUMENT: its deserializer hands on
+a ``MalformedRequest`` instead of raising inside gRPC (which would answer UNKNOWN and log a
+traceback per call), so the call still passes the token check and the metrics.
 ``RequestInterceptor`` (outermost) gives each call a request id and records its outcome in
 the metrics and the debug log. The auth interceptor (``security.py``) sits between them.
 """
@@ -37,6 +40,49 @@ request_log = logging.getLogger("lmserve_server.requests")
 
 REQUEST_ID_KEY = "x-request-id"
 _SANE_ID = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces, bounded
+# Malformed requests are logged at most once per this many seconds: anyone can send them.
+MALFORMED_LOG_INTERVAL_S = 60.0
+
+
+class MalformedRequest:
+    """What a call's handler gets instead of a request message that did not parse."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as err:  # DecodeError, mostly: whatever it is, the bytes are bad
+            return MalformedRequest(str(err) or type(err).__name__)
+
+    return parse
+
+
+class _RateLimitedLog:
+    """Logs at most one line per ``interval_s``, counting the ones it left out."""
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._interval_s = interval_s
+        self._clock = clock
+        self._next_at = 0.0
+        self._left_out = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        now = self._clock()
+        if now < self._next_at:
+            self._left_out += 1
+            return
+        if self._left_out:
+            message += " (and %d more like it in the last %.0f s)"
+            args = (*args, self._left_out, self._interval_s)
+        self._next_at, self._left_out = now + self._interval_s, 0
+        log.warning(message, *args)
 
 
 # The one place where the daemon's errors meet gRPC: each class and its status code.
@@ -65,9 +111,22 @@ async def _abort_for(err: Exception, context: grpc.aio.ServicerContext, method: 
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}")
 
 
+async def _refuse_malformed(
+    request: MalformedRequest,
+    context: grpc.aio.ServicerContext,
+    method: str,
+    malformed_log: _RateLimitedLog,
+) -> None:
+    malformed_log.warning(
+        "malformed %s request from %s: %s", method, context.peer(), request.reason
+    )
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.reason}")
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, service_prefix: str) -> None:
         self._prefix = service_prefix
+        self._malformed_log = _RateLimitedLog(MALFORMED_LOG_INTERVAL_S)
 
     async def intercept_service(
         self,
@@ -78,10 +137,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or not method.startswith(self._prefix):
             return handler
+        malformed_log = self._malformed_log
         return rewrap(
             handler,
-            lambda behavior: _wrap_unary(behavior, method),
-            lambda behavior: _wrap_stream(behavior, method),
+            lambda behavior: _wrap_unary(behavior, method, malformed_log),
+            lambda behavior: _wrap_stream(behavior, method, malformed_log),
+            request_deserializer=_tolerant(handler.request_deserializer),
         )
 
 
@@ -89,11 +150,15 @@ Wrapper = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
 def rewrap(
-    handler: grpc.RpcMethodHandler, unary: Wrapper, stream: Wrapper
+    handler: grpc.RpcMethodHandler,
+    unary: Wrapper,
+    stream: Wrapper,
+    request_deserializer: Callable[[bytes], Any] | None = None,
 ) -> grpc.RpcMethodHandler:
-    """``handler`` with its unary-unary or unary-stream behaviour wrapped (others as they are)."""
+    """``handler`` with its unary-unary or unary-stream behaviour wrapped (others as they are),
+    and with ``request_deserializer`` when one is given."""
     serializers = {
-        "request_deserializer": handler.request_deserializer,
+        "request_deserializer": request_deserializer or handler.request_deserializer,
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_unary:
@@ -103,8 +168,12 @@ def rewrap(
     return handler
 
 
-def _wrap_unary(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+def _wrap_unary(
+    behavior: Callable[..., Any], method: str, malformed_log: _RateLimitedLog
+) -> Callable[..., Any]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, MalformedRequest):
+            await _refuse_malformed(request, context, method, malformed_log)
         try:
             return await behavior(request, context)
         except grpc.aio.AbortError:
@@ -115,8 +184,12 @@ def _wrap_unary(behavior: Callable[..., Any], method: str) -> Callable[..., Any]
     return wrapper
 
 
-def _wrap_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+def _wrap_stream(
+    behavior: Callable[..., Any], method: str, malformed_log: _RateLimitedLog
+) -> Callable[..., Any]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        if isinstance(request, MalformedRequest):
+            await _refuse_malformed(request, context, method, malformed_log)
         try:
             async for message in behavior(request, context):
                 yield message
@@ -172,7 +245,7 @@ class _Call:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
             start = time.perf_counter()
             context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
-            code, response = grpc.StatusCode.UNKNOWN, None
+            code = grpc.StatusCode.UNKNOWN
             try:
                 response = await behavior(request, context)
                 code = context.code() or grpc.StatusCode.OK
@@ -184,7 +257,7 @@ class _Call:
                 code = _cancelled_code(context)
                 raise
             finally:
-                self._finish(code, time.perf_counter() - start, response)
+                self._finish(code, time.perf_counter() - start)
 
         return wrapper
 
@@ -204,12 +277,12 @@ class _Call:
                 code = _cancelled_code(context)
                 raise
             finally:
-                self._finish(code, time.perf_counter() - start, None)
+                self._finish(code, time.perf_counter() - start)
 
         return wrapper
 
-    def _finish(self, code: grpc.StatusCode, latency_s: float, response: object) -> None:
-        self.metrics.observe_call(self.method, code, latency_s, response)
+    def _finish(self, code: grpc.StatusCode, latency_s: float) -> None:
+        self.metrics.observe_call(self.method, code, latency_s)
         if request_log.isEnabledFor(logging.DEBUG):
             latency_ms = round(latency_s * 1000.0, 3)
             request_log.debug(

@@ -1,8 +1,11 @@
 """Prometheus metrics of one daemon, in a registry of its own, served on ``--metrics-port``.
 
 ``Metrics`` holds the series and the small recording methods the daemon calls: per batch
-(``observe_batch``, from ``Daemon._run_batch``) and per call (``observe_call``, from the
-request interceptor, which sees every outcome including refusals). The queue depth is
+(``observe_batch``, from ``Daemon._run_batch``), per call (``observe_call``, from the
+request interceptor, which sees every outcome including refusals), per served request
+(``observe_served``: queue time and prompt tokens, unary and streamed alike) and per
+streamed token (``observe_stream_token``: time to the first token, then between tokens),
+the last two from the servicer. The queue depth is
 sampled when Prometheus scrapes, through a callback. Several daemons in one process (as in
 the tests) each have their own registry, so their series never clash.
 """
@@ -18,13 +21,13 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import start_http_server
 
-from lmserve.v1 import lmserve_pb2
-
 log = logging.getLogger(__name__)
 
 # Seconds: from a millisecond tokenize to a minutes-long generation on a CPU.
 _SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# Between two tokens of a stream: one decode step, from a GPU's milliseconds to a CPU's tenths.
+_TOKEN_GAPS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
 class Metrics:
@@ -65,8 +68,24 @@ class Metrics:
         )
         self.queue_time = Histogram(
             "lmserve_queue_seconds",
-            "Time a Generate request waited from submission to the start of its batch",
+            "Time a served request (Generate or GenerateStream) waited from submission to the "
+            "start of its batch",
             buckets=_SECONDS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "lmserve_prompt_tokens", "Prompt tokens of the requests served", registry=r
+        )
+        self.time_to_first_token = Histogram(
+            "lmserve_time_to_first_token_seconds",
+            "GenerateStream: time from receiving the call to its first generated token",
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.inter_token_latency = Histogram(
+            "lmserve_inter_token_latency_seconds",
+            "GenerateStream: time between two consecutive generated tokens of a call",
+            buckets=_TOKEN_GAPS,
             registry=r,
         )
         self.latency = Histogram(
@@ -100,14 +119,26 @@ class Metrics:
         else:
             self.tokens.inc(tokens)
 
-    def observe_call(
-        self, method: str, code: grpc.StatusCode, latency_s: float, response: object = None
-    ) -> None:
+    def observe_call(self, method: str, code: grpc.StatusCode, latency_s: float) -> None:
         self.requests.labels(method=method, code=code.name).inc()
         self.latency.labels(method=method).observe(latency_s)
-        # The servicer reports each request's own queue time in its response.
-        if isinstance(response, lmserve_pb2.GenerateResponse):
-            self.queue_time.observe(response.queue_ms / 1000.0)
+
+    def observe_served(self, prompt_tokens: int, queue_s: float) -> None:
+        """A request whose batch ran: its prompt and its wait in the queue."""
+        self.prompt_tokens.inc(prompt_tokens)
+        self.queue_time.observe(queue_s)
+
+    def observe_stream_tokens(self, since_s: float, count: int, *, first: bool) -> None:
+        """A stream message of ``count`` tokens, ``since_s`` after the call's start (the
+        first message) or the previous message. The first token's wait is the time to first
+        token; every other token counts one inter-token latency, the message's gap shared by
+        its tokens (a split character or a possible stop string holds tokens back together)."""
+        if first:
+            self.time_to_first_token.observe(since_s)
+            count -= 1
+            since_s = 0.0  # the first message's other tokens came with its first
+        for _ in range(count):
+            self.inter_token_latency.observe(since_s / count)
 
     # ---- the HTTP endpoint --------------------------------------------------------------------
 

@@ -1,12 +1,17 @@
 """The Generator servicer: a thin translator, protobuf -> domain -> await scheduler -> protobuf.
 
 Errors are raised as LmserveError subclasses; the interceptor turns them into statuses.
+Tokenizing (Tokenize, and a prompt's validation) runs on a small worker pool of its own,
+never on the event loop (a 100k-character prompt takes ~0.2 s to tokenize, and health checks
+must answer meanwhile) nor on the engine thread (reserved for torch).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import Executor
 from typing import Any
 
 import grpc
@@ -21,6 +26,8 @@ from lmserve_server.engine.types import (
     TextDelta,
     TokenLogprob,
 )
+from lmserve_server.errors import InvalidArgumentError
+from lmserve_server.metrics import Metrics
 from lmserve_server.scheduling.base import Scheduler
 from lmserve_server.scheduling.batcher import Served
 from lmserve_server.validation import RequestLimits, build_generation_request
@@ -35,10 +42,19 @@ _FINISH_REASONS = {
 
 
 class GeneratorService(lmserve_pb2_grpc.GeneratorServicer):
-    def __init__(self, engine: Engine, scheduler: Scheduler, config: ServerConfig) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        scheduler: Scheduler,
+        config: ServerConfig,
+        tokenizer_pool: Executor,
+        metrics: Metrics,
+    ) -> None:
         self._engine = engine
         self._scheduler = scheduler
         self._config = config
+        self._tokenizer_pool = tokenizer_pool
+        self._metrics = metrics
         capacity = scheduler.capacity
         self._limits = RequestLimits(
             max_context=engine.max_context,
@@ -57,16 +73,18 @@ class GeneratorService(lmserve_pb2_grpc.GeneratorServicer):
     async def Generate(
         self, request: lmserve_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> lmserve_pb2.GenerateResponse:
-        gen_request = self._build(request)
+        gen_request = await self._build(request)
         served = await self._scheduler.submit(gen_request)
+        self._metrics.observe_served(len(gen_request.prompt_ids), served.queue_s)
         return _to_response(gen_request, served)
 
     async def GenerateStream(
         self, request: lmserve_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[lmserve_pb2.GenerateStreamResponse]:
+        received = time.perf_counter()  # time to first token counts from here
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue[TextDelta | None] = asyncio.Queue()
-        gen_request = self._build(request)
+        gen_request = await self._build(request)
         result = asyncio.ensure_future(
             # Called on the engine thread as the row's text settles.
             self._scheduler.submit(
@@ -76,8 +94,10 @@ class GeneratorService(lmserve_pb2_grpc.GeneratorServicer):
         # Deltas are queued on the loop before the result is, so None comes last.
         result.add_done_callback(lambda _: deltas.put_nowait(None))
         sent_chars = sent_tokens = 0
+        timing = _StreamTiming(self._metrics, received)
         try:
             while (delta := await deltas.get()) is not None:
+                timing.sent(len(delta.token_ids))
                 sent_chars += len(delta.text)
                 sent_tokens += len(delta.token_ids)
                 yield lmserve_pb2.GenerateStreamResponse(
@@ -87,6 +107,8 @@ class GeneratorService(lmserve_pb2_grpc.GeneratorServicer):
                 )
             served = await result
             output = served.value
+            self._metrics.observe_served(len(gen_request.prompt_ids), served.queue_s)
+            timing.sent(len(output.token_ids) - sent_tokens)
             yield lmserve_pb2.GenerateStreamResponse(
                 text=output.text[sent_chars:],
                 token_ids=output.token_ids[sent_tokens:],
@@ -98,15 +120,30 @@ class GeneratorService(lmserve_pb2_grpc.GeneratorServicer):
             if not result.done():  # the client went away: stop spending work on its row
                 result.cancel()
 
-    def _build(self, request: lmserve_pb2.GenerateRequest) -> GenerationRequest:
+    async def _build(self, request: lmserve_pb2.GenerateRequest) -> GenerationRequest:
         # Refuse before spending any work (tokenizing) on a request that can't be queued.
         self._scheduler.check_room()
-        return build_generation_request(request, self._engine.tokenize, self._limits)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._tokenizer_pool,
+            build_generation_request,
+            request,
+            self._engine.tokenize,
+            self._limits,
+        )
 
     async def Tokenize(
         self, request: lmserve_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> lmserve_pb2.TokenizeResponse:
-        return lmserve_pb2.TokenizeResponse(token_ids=self._engine.tokenize(request.text))
+        # The same limit as a prompt's: tokenizing 4 MB takes seconds of a worker.
+        if len(request.text) > self._config.max_prompt_chars:
+            raise InvalidArgumentError(
+                f"text: {len(request.text)} characters, at most {self._config.max_prompt_chars} "
+                "allowed (--max-prompt-chars)"
+            )
+        token_ids = await asyncio.get_running_loop().run_in_executor(
+            self._tokenizer_pool, self._engine.tokenize, request.text
+        )
+        return lmserve_pb2.TokenizeResponse(token_ids=token_ids)
 
     async def GetModelInfo(
         self, request: lmserve_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
@@ -130,6 +167,23 @@ class GeneratorService(lmserve_pb2_grpc.GeneratorServicer):
         if capacity.scheduler == "static":  # the continuous scheduler never waits to batch
             info.max_wait_ms = self._config.max_wait_ms
         return info
+
+
+class _StreamTiming:
+    """A stream's time to first token and inter-token latencies, as its caller sees them:
+    each message's tokens arrive when the message is sent."""
+
+    def __init__(self, metrics: Metrics, received: float) -> None:
+        self._metrics = metrics
+        self._previous = received
+        self._first = True
+
+    def sent(self, tokens: int) -> None:
+        if tokens <= 0:
+            return
+        now = time.perf_counter()
+        self._metrics.observe_stream_tokens(now - self._previous, tokens, first=self._first)
+        self._previous, self._first = now, False
 
 
 def _to_response(

@@ -21,6 +21,7 @@ from transformers import (
 from lmserve_server.config import EngineConfig
 from lmserve_server.engine.packing import pack_linears
 from lmserve_server.errors import ModelLoadError
+from lmserve_server.modelpath import local_model_problem
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,9 @@ def load_model(config: EngineConfig) -> tuple[PreTrainedModel, PreTrainedTokeniz
     if device.startswith("cuda"):
         # accelerate places the weights (and shards a model too large for one GPU).
         model_kwargs["device_map"] = "auto" if device == "cuda" else device
+    problem = local_model_problem(config.model)
+    if problem is not None:  # a missing directory, not a Hub name: say so, skip the Hub
+        raise ModelLoadError(problem)
     try:
         # The cache first: an offline machine must not spend a minute on Hub retries.
         local_only = os.path.isdir(config.model) or _in_hub_cache(config.model)
@@ -65,7 +69,7 @@ def load_model(config: EngineConfig) -> tuple[PreTrainedModel, PreTrainedTokeniz
         model = AutoModelForCausalLM.from_pretrained(
             config.model, local_files_only=local_only, **model_kwargs
         )
-    except (OSError, ValueError) as err:
+    except Exception as err:  # OSError, ValueError, SafetensorError (a corrupt file), ...
         raise ModelLoadError(_load_failure_message(config.model, err)) from err
     if tokenizer.eos_token_id is None:
         raise ModelLoadError(f"model {config.model!r}: its tokenizer has no EOS token")
@@ -104,10 +108,16 @@ def _check_hub_reachable(model: str, timeout_s: float = 3.0) -> None:
 
 
 def _load_failure_message(model: str, err: Exception) -> str:
+    """One line (newlines in library messages included) saying what failed and what to do."""
+    reason = " ".join(str(err).split()) or type(err).__name__
+    if not isinstance(err, OSError):
+        reason = f"{type(err).__name__}: {reason}"
     if os.path.isdir(model):
-        return f"could not load the model from the directory {model!r}: {err}"
+        if type(err).__name__ == "SafetensorError":  # safetensors' own; not imported here
+            reason += " (a weights file is truncated or corrupt: copy or save it again)"
+        return f"could not load the model from the directory {model!r}: {reason}"
     return (
-        f"could not load model {model!r}: {err}\n"
+        f"could not load model {model!r}: {reason}. "
         "If this machine is offline, the weights must already be in the Hugging Face cache "
         f"(fetch them on a connected machine with `hf download {model}`, then copy "
         "~/.cache/huggingface) or --model must name a local directory saved with "
