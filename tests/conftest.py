@@ -86,7 +86,9 @@ class RunningDaemon:
     def stop(self) -> None:
         if not self._thread.is_alive():
             return
-        self.call(self.daemon.stop(grace=5))
+        # A drain ends as soon as what was accepted is done; the timeout is for a loaded
+        # machine, where a running batch must still finish rather than be left behind.
+        self.call(self.daemon.stop(grace=30))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
 

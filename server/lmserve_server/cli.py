@@ -366,7 +366,11 @@ def _serve(args: argparse.Namespace) -> int:
         os._exit(code)
 
     try:
-        code, engine_busy = _serve_logged(args, foreign.start() if foreign else None, exit_now)
+        log_stream = foreign.start() if foreign else None
+    except OSError:  # no usable stderr to put a pipe on: log as it is
+        foreign, log_stream = None, None
+    try:
+        code, engine_busy = _serve_logged(args, log_stream, exit_now)
     finally:
         if foreign is not None:
             foreign.stop()
