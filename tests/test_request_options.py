@@ -190,6 +190,14 @@ def test_a_batch_mixing_every_option_gives_each_request_its_solo_tokens(
         ({"logit_bias": {50257: 1.0}}, "logit_bias"),
         ({"logit_bias": {5: 101.0}}, "logit_bias"),
         ({"logprobs": 21}, "logprobs"),
+        # Past 32 bits: read whole (uint64 on the wire) and refused, never wrapped to a
+        # small valid value.
+        ({"prompt": "", "prompt_token_ids": [2**32 + 5]}, "prompt_token_ids"),
+        ({"stop_token_ids": [2**40]}, "stop_token_ids"),
+        ({"min_new_tokens": 2**32 + 2}, "min_new_tokens"),
+        ({"logit_bias": {2**32 + 5: 1.0}}, "logit_bias"),
+        ({"logprobs": 2**32 + 1}, "logprobs"),
+        ({"top_k": 2**32 + 5}, "top_k"),
     ],
 )
 def test_bad_options_are_invalid_argument_naming_the_field(
