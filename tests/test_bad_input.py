@@ -1,5 +1,13 @@
 """Random requests at a real daemon: every reply is OK or a clean INVALID_ARGUMENT naming
-a field, and the daemon stays SERVING throughout."""
+a field, and the daemon stays SERVING throughout.
+
+The draws reach every limit of a request: ``max_new_tokens`` below, within and above the
+server's cap of 1024, and prompts of up to 1100 tokens, around the model's 1024-token
+context, alone or together with ``max_new_tokens``. Most draws are refused at once, and
+even a valid request for 1024 new tokens takes only about two seconds on the tiny model.
+``test_the_draws_reach_every_limit`` checks that the strategy does reach those regions;
+``--hypothesis-show-statistics`` shows the mix of outcomes.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +17,18 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, event, find, given, settings
 from hypothesis import strategies as st
 
+from lmserve.bench_workload import prompt_of_length
 from lmserve.v1 import lmserve_pb2, lmserve_pb2_grpc
 from tests.conftest import RunningDaemon
 from tests.ops_support import free_port, scrape
 
 FIELDS = ("prompt", "max_new_tokens", "temperature", "top_p", "top_k", "stop", "context")
+CONTEXT = 1024  # the tiny GPT-2's n_positions
+CAP = 1024  # the daemon's --max-new-tokens-cap
+DEFAULT_MAX_NEW_TOKENS = 64  # what max_new_tokens 0 means
 
 floats = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True, width=32),
@@ -38,10 +50,18 @@ requests = st.builds(
             if present
         },
     ),
-    st.text(max_size=60),
-    # Small valid counts, or counts over the cap: a valid 800-token request is no bad input
-    # and would only make the test slow.
-    st.one_of(st.integers(0, 6), st.integers(1025, 2**64 - 1)),
+    st.one_of(
+        st.text(max_size=60),
+        # Exactly N tokens (one GPT-2 token a word): from well inside the context to past it.
+        st.builds(prompt_of_length, st.integers(CONTEXT - 80, CONTEXT + 76)),
+    ),
+    # 0 (the default) and small counts, any count up to the cap, and counts over it.
+    st.one_of(
+        st.integers(0, 6),
+        st.integers(7, CAP),
+        st.sampled_from([CAP - 1, CAP, CAP + 1]),
+        st.integers(CAP + 1, 2**64 - 1),
+    ),
     floats,
     floats,
     st.integers(0, 2**32 - 1),
@@ -49,6 +69,27 @@ requests = st.builds(
     st.lists(st.text(max_size=300), max_size=20),
     st.tuples(st.booleans(), st.booleans(), st.booleans(), st.booleans()),
 )
+
+
+@pytest.mark.parametrize(
+    "reaches",
+    [
+        pytest.param(lambda r: 7 <= r.max_new_tokens < CAP, id="max_new_tokens within the cap"),
+        pytest.param(lambda r: r.max_new_tokens == CAP, id="max_new_tokens at the cap"),
+        pytest.param(lambda r: len(r.prompt.split()) > CONTEXT, id="a prompt over the context"),
+        pytest.param(
+            lambda r: CONTEXT - 64 < len(r.prompt.split()) <= CONTEXT and r.max_new_tokens == 0,
+            id="a prompt that the default max_new_tokens takes over the context",
+        ),
+    ],
+)
+def test_the_draws_reach_every_limit(reaches) -> None:  # type: ignore[no-untyped-def]
+    # Generation only: one example is proof enough, shrinking it would only cost time.
+    find(
+        requests,
+        reaches,
+        settings=settings(max_examples=2000, database=None, phases=[Phase.generate]),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +108,18 @@ def test_random_requests_get_ok_or_invalid_argument(stubs, request) -> None:  # 
         reply = generator.Generate(request, timeout=30)
     except grpc.RpcError as err:
         assert err.code() is grpc.StatusCode.INVALID_ARGUMENT, (err.code(), err.details())
-        assert any(field in err.details() for field in FIELDS), err.details()
+        named = [field for field in FIELDS if field in err.details()]
+        assert named, err.details()
+        event(f"INVALID_ARGUMENT: {named[-1]}")  # --hypothesis-show-statistics shows the mix
     else:
+        asked = request.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
         assert reply.completion_tokens == len(reply.token_ids)
-        assert reply.completion_tokens <= (request.max_new_tokens or 64)
+        assert reply.completion_tokens <= asked <= CAP
+        # Accepted only when it fits the context, and never by cutting the prompt.
+        assert reply.prompt_tokens + asked <= CONTEXT
+        tokens = generator.Tokenize(lmserve_pb2.TokenizeRequest(text=request.prompt), timeout=30)
+        assert reply.prompt_tokens == len(tokens.token_ids)
+        event(f"OK, max_new_tokens {'<= 6' if asked <= 6 else '7-1024'}")
     status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
     assert status == health_pb2.HealthCheckResponse.SERVING
 

@@ -23,6 +23,7 @@ import grpc
 import pytest
 
 from lmserve import cli
+from lmserve.bench_plot import plot_report, rolling_rates, rolling_window_s
 from lmserve.bench_progress import Progress
 from lmserve.bench_stats import (
     RequestRecord,
@@ -135,6 +136,74 @@ def test_report_counts_errors_by_code_and_builds_a_timeline() -> None:
     report.update(load_description="closed", workload_description="fixed", model=None)
     table = format_report(report)
     assert "RESOURCE_EXHAUSTED x1: full" in table and "latency ms" in table
+
+
+def bursty_steady_load(
+    seconds: float, batch: int = 16, every_s: float = 1.5, stall: tuple[float, float] | None = None
+) -> list[RequestRecord]:
+    """A steady load as a batching daemon serves it: ``batch`` requests of 20 tokens finish
+    together every ``every_s`` seconds (a few ms apart); none finish during ``stall``."""
+    records: list[RequestRecord] = []
+    burst = 1
+    while burst * every_s <= seconds:
+        done = burst * every_s
+        if stall is None or not stall[0] <= done < stall[1]:
+            for i in range(batch):
+                start = done - every_s
+                records.append(
+                    RequestRecord(len(records), start, done + i * 0.001, completion_tokens=20)
+                )
+        burst += 1
+    return records
+
+
+def test_the_plotted_throughput_of_a_steady_bursty_load_has_no_zero_gaps() -> None:
+    records = bursty_steady_load(60.0)
+    true_rate = 16 / 1.5
+    # What the plot drew before: 1 s buckets, mostly zeros and spikes for this load.
+    buckets = [row["requests_per_s"] for row in timeline(records, 1.0)]
+    assert buckets.count(0) > len(buckets) / 4 and max(buckets) > true_rate
+
+    window = rolling_window_s(records, 60.0)
+    assert 1.5 < window < 6.0  # over at least one burst gap, far under the run
+    series = rolling_rates(records, window)
+    assert series[0].t == pytest.approx(window) and series[-1].t == pytest.approx(records[-1].end)
+    assert len(series) > 50
+    for point in series:
+        assert 0.5 * true_rate < point.requests_per_s < 1.6 * true_rate, point
+        assert point.tokens_per_s == pytest.approx(20 * point.requests_per_s)
+        assert point.errors_per_s == 0
+    mean = statistics.fmean(p.requests_per_s for p in series)
+    assert mean == pytest.approx(true_rate, rel=0.1)
+
+
+def test_a_real_stall_still_reaches_zero_and_errors_have_their_own_rate() -> None:
+    records = bursty_steady_load(60.0, stall=(20.0, 35.0))
+    series = rolling_rates(records, rolling_window_s(records, 60.0))
+    stalled = [p for p in series if 27.0 <= p.t <= 33.0]
+    assert stalled and all(p.requests_per_s == 0 for p in stalled)
+    failed = [RequestRecord(0, 0.0, 1.0, error_code="UNAVAILABLE"), *records]
+    assert max(p.errors_per_s for p in rolling_rates(failed, 2.0)) == 0.5
+    assert rolling_rates([], 1.0) == []
+    (only,) = rolling_rates(records[:1], 10.0)  # a run shorter than the window: one point
+    assert only.t == records[0].end and only.requests_per_s == 0.1
+
+
+def test_plot_draws_time_to_first_token_for_streams(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    records = bursty_steady_load(10.0, batch=4, every_s=0.5)
+    unary = build_report(records, duration_s=10.0, settings={"load_description": "unary"})
+    drawn = plot_report(unary, records, tmp_path / "unary.png")
+    assert drawn.panels == ["latency distribution", "throughput over time"]
+    assert drawn.ttft_ms == [] and drawn.throughput == rolling_rates(records, drawn.window_s)
+
+    for n, record in enumerate(records):
+        record.ttft_s = 0.05 + 0.001 * n
+    streamed = build_report(records, duration_s=10.0, settings={"load_description": "streamed"})
+    drawn = plot_report(streamed, records, tmp_path / "stream.png")
+    assert drawn.panels == ["latency distribution", "time to first token", "throughput over time"]
+    assert drawn.ttft_ms == pytest.approx([r.ttft_s * 1000.0 for r in records])  # type: ignore[operator]
+    assert (tmp_path / "stream.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_progress_line_shows_done_total_rate_and_errors() -> None:
@@ -304,15 +373,17 @@ def test_stream_against_a_server_without_streaming_stops_and_says_so(
     assert "ABORTED" in capsys.readouterr().out
 
 
-def test_plot_writes_a_png(daemon: RunningDaemon, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+def test_plot_writes_a_png(daemon: RunningDaemon, tmp_path: Path, stream: bool) -> None:
     pytest.importorskip("matplotlib")
     png = tmp_path / "bench.png"
-    code, _, _ = bench(
+    code, report, _ = bench(
         tmp_path, "--target", daemon.address, "--requests", "6", "--concurrency", "3",
-        "--max-new-tokens", "2", "--plot", str(png),
+        "--max-new-tokens", "2", "--plot", str(png), *(["--stream"] if stream else []),
     )  # fmt: skip
     assert code == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (report["ttft_ms"] is not None) is stream  # what the TTFT panel is drawn from
 
 
 def test_bad_options_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -86,6 +86,9 @@ def test_health_exits_1_while_not_serving_and_wait_waits_for_serving(
     address, servicer = switchable_server
     assert cli.main(["health", "--target", address]) == 1
     assert capsys.readouterr().out == "NOT_SERVING\n"
+    # --wait waits for the service asked about: the server as a whole ("") is SERVING.
+    assert cli.main(["health", "--target", address, "--service", "", "--wait", "60"]) == 0
+    assert capsys.readouterr().out == "SERVING\n"
 
     waited = threading.Event()
 

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -39,12 +42,15 @@ def static_only(running: RunningDaemon) -> None:
 
 
 def batched(results: list[lmserve.GenerationResult], running: RunningDaemon, size: int) -> bool:
-    """Static: they all shared one batch of ``size``; continuous: they ran together with
-    others (they join a running batch as they arrive, so sizes differ)."""
+    """Whether ``results`` came from ``size`` requests that ran in one batch, as
+    ``run_together`` sends them. Static: one ``generate`` of exactly ``size`` rows.
+    Continuous: all ``size`` joined the running batch in the same step, beside the blocker,
+    so each was admitted into a batch of ``size + 1`` rows; had any joined a step earlier or
+    later, it (or the others) would report fewer."""
     sizes = {r.batch_size for r in results}
     if running.daemon.config.scheduler == "static":
         return sizes == {size}
-    return max(sizes) > 1
+    return sizes == {size + 1}
 
 
 @pytest.fixture
@@ -64,6 +70,55 @@ def occupy_engine(running: RunningDaemon, tokens: int = 150) -> threading.Thread
         assert time.monotonic() < deadline, "the blocking request never started"
         time.sleep(0.001)
     return thread
+
+
+@contextmanager
+def decode_thread_held(running: RunningDaemon) -> Iterator[None]:
+    """Continuous mode: holds the decode thread at the end of its current step (where it
+    reports the step to the daemon's metrics) until the block exits, so that requests sent
+    meanwhile wait together and join the running batch in one step."""
+    metrics = running.daemon.metrics
+    report_step = metrics.observe_batch
+    release = threading.Event()
+
+    def report_then_wait(*args: Any, **kwargs: Any) -> None:
+        report_step(*args, **kwargs)
+        release.wait(timeout=120)  # a failed test must not leave the daemon stuck for good
+
+    metrics.observe_batch = report_then_wait  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        release.set()
+        del metrics.observe_batch  # the class's method again
+
+
+T = TypeVar("T")
+
+
+def run_together(running: RunningDaemon, calls: Sequence[Callable[[], T]]) -> list[T]:
+    """Makes the calls (one request each) at once behind a blocking request, so that the
+    daemon batches them all together, and returns their results in order.
+
+    Static: they queue while the blocker's ``generate`` runs and form the next batch.
+    Continuous: rows join between decode steps, so requests that arrive a few steps apart
+    would join apart; the decode thread is held until every one of them waits, then they
+    all join the blocker's running batch in the same step.
+    """
+    blocker = occupy_engine(running)
+    with ThreadPoolExecutor(len(calls)) as pool:
+        if running.daemon.config.scheduler == "static":
+            futures = [pool.submit(call) for call in calls]
+        else:
+            with decode_thread_held(running):
+                futures = [pool.submit(call) for call in calls]
+                deadline = time.monotonic() + 60
+                while running.daemon.scheduler.queue_depth < len(calls):
+                    assert time.monotonic() < deadline, "the requests never all arrived"
+                    time.sleep(0.001)
+        results = [future.result() for future in futures]
+    blocker.join()
+    return results
 
 
 def test_tokenize_gives_the_tutorial_figures(client: Client) -> None:
@@ -108,10 +163,9 @@ def test_concurrent_prompts_are_batched_and_each_gets_its_own_tokens(
     alone = [client.generate(p, max_new_tokens=10) for p in PROMPTS]
     assert all(r.batch_size == 1 for r in alone)
 
-    blocker = occupy_engine(daemon)
-    with ThreadPoolExecutor(len(PROMPTS)) as pool:
-        together = list(pool.map(lambda p: client.generate(p, max_new_tokens=10), PROMPTS))
-    blocker.join()
+    together = run_together(
+        daemon, [lambda p=p: client.generate(p, max_new_tokens=10) for p in PROMPTS]
+    )
 
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]
     assert [r.text for r in together] == [r.text for r in alone]
@@ -121,34 +175,33 @@ def test_concurrent_prompts_are_batched_and_each_gets_its_own_tokens(
 
 def test_mixed_max_new_tokens_share_a_batch(client: Client, daemon: RunningDaemon) -> None:
     limits = [1, 3, 8, 20, 5, 13]
-    alone = [client.generate(p, max_new_tokens=n) for p, n in zip(PROMPTS, limits, strict=False)]
-    blocker = occupy_engine(daemon)
-    with ThreadPoolExecutor(len(limits)) as pool:
-        together = list(
-            pool.map(
-                lambda pn: client.generate(pn[0], max_new_tokens=pn[1]),
-                zip(PROMPTS, limits, strict=False),
-            )
-        )
-    blocker.join()
-    assert batched(together, daemon, len(limits))
+    requests = list(zip(PROMPTS, limits, strict=False))
+    alone = [client.generate(p, max_new_tokens=n) for p, n in requests]
+    together = run_together(
+        daemon, [lambda p=p, n=n: client.generate(p, max_new_tokens=n) for p, n in requests]
+    )
+    assert batched(together, daemon, len(limits)), [r.batch_size for r in together]
     assert [r.completion_tokens for r in together] == limits
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]
 
 
 def test_mixed_sampling_settings_share_one_batch(client: Client, daemon: RunningDaemon) -> None:
-    kinds: list[dict[str, object]] = [
+    # Every sampling row is seeded, so each has one right answer: its result alone.
+    kinds: list[dict[str, Any]] = [
         {},
-        {"temperature": 0.8},
-        {"temperature": 1.2, "top_k": 5},
+        {"temperature": 0.8, "seed": 1},
+        {"temperature": 1.2, "top_k": 5, "seed": 2},
         {"temperature": 1.0, "top_p": 0.5, "seed": 3},
         {"temperature": 0.7, "seed": 4},
     ]
-    blocker = occupy_engine(daemon)
-    with ThreadPoolExecutor(len(kinds)) as pool:
-        results = list(pool.map(lambda kw: client.generate("Hello", max_new_tokens=4, **kw), kinds))
-    blocker.join()
-    assert batched(results, daemon, len(kinds))
+    alone = [client.generate("Hello", max_new_tokens=12, **kw) for kw in kinds]
+    results = run_together(
+        daemon, [lambda kw=kw: client.generate("Hello", max_new_tokens=12, **kw) for kw in kinds]
+    )
+    assert batched(results, daemon, len(kinds)), [r.batch_size for r in results]
+    assert [r.token_ids for r in results] == [r.token_ids for r in alone]
+    assert [r.text for r in results] == [r.text for r in alone]
+    assert len({r.token_ids for r in alone}) > 1, "the settings must make a difference"
 
 
 def test_a_seeded_sample_does_not_depend_on_its_batch(
@@ -157,17 +210,14 @@ def test_a_seeded_sample_does_not_depend_on_its_batch(
     seeded = {"temperature": 1.0, "top_p": 0.9, "seed": 1234}
     alone = client.generate("The future of AI is", max_new_tokens=16, **seeded)
     assert alone.batch_size == 1
-    blocker = occupy_engine(daemon)
-    with ThreadPoolExecutor(6) as pool:
-        others = [
-            pool.submit(client.generate, p, max_new_tokens=20, temperature=0.9) for p in PROMPTS[:5]
-        ]
-        mixed = pool.submit(client.generate, "The future of AI is", max_new_tokens=16, **seeded)
-        mixed_result = mixed.result()
-        for f in others:
-            f.result()
-    blocker.join()
-    assert batched([mixed_result], daemon, 6)
+    others: list[Callable[[], lmserve.GenerationResult]] = [
+        lambda p=p: client.generate(p, max_new_tokens=20, temperature=0.9) for p in PROMPTS[:5]
+    ]
+    *_, mixed_result = run_together(
+        daemon,
+        [*others, lambda: client.generate("The future of AI is", max_new_tokens=16, **seeded)],
+    )
+    assert batched([mixed_result], daemon, 6), mixed_result.batch_size
     assert mixed_result.token_ids == alone.token_ids
     other_seed = client.generate("The future of AI is", max_new_tokens=16, **{**seeded, "seed": 99})
     assert other_seed.token_ids != alone.token_ids

@@ -3,6 +3,8 @@ consistent with the daemon (probe ports and service, drain timeout, labels)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +101,10 @@ def test_the_cache_volume_is_filled_by_the_job_and_read_by_every_pod() -> None:
     job_env = {e["name"]: e["value"] for e in download["env"]}
     env = {e["name"]: e["value"] for e in server["env"]}
     assert download["command"][:2] == ["hf", "download"]
+    # `hf` is huggingface_hub's command, which the [server] extra installs (as in the image).
+    hf = Path(sys.executable).with_name("hf")
+    usage = subprocess.run([hf, "download", "--help"], capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 0 and "REPO_ID" in usage.stdout, usage.stderr
     assert download["command"][2] == env["LMSERVE_MODEL"]
     assert job_env["HF_HOME"] == env["HF_HOME"] == writer["mountPath"] == reader["mountPath"]
     assert download["image"] == server["image"]

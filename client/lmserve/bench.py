@@ -2,9 +2,10 @@
 
 This module is the command line and the one-call API (``run_bench``); the load generator is
 ``bench_load``, the workloads and the Poisson schedule ``bench_workload``, the statistics
-and the table ``bench_stats``, the optional PNG ``bench_plot``. Only grpcio and protobuf
-are needed (matplotlib for ``--plot``). Exit status: 0 when every request succeeded, 1 when
-any failed or the run was cut short (unreachable server, no streaming), 2 on bad options.
+and the table ``bench_stats``, the optional PNG and its rolling throughput ``bench_plot``.
+Only grpcio and protobuf are needed (matplotlib for ``--plot``). Exit status: 0 when every
+request succeeded, 1 when any failed or the run was cut short (unreachable server, no
+streaming), 2 on bad options.
 """
 
 from __future__ import annotations
@@ -145,7 +146,10 @@ def add_parser(
         help="write the report as JSON (- for stdout; the table then goes to stderr)",
     )
     output.add_argument(
-        "--plot", metavar="FILE.png", help="draw latency and throughput (needs lmserve[plot])"
+        "--plot",
+        metavar="FILE.png",
+        help="draw latency (and time to first token with --stream) and throughput over a "
+        "rolling window (needs matplotlib: the lmserve plot extra)",
     )
     output.add_argument(
         "--no-progress", action="store_true", help="no progress bar (off when not a terminal)"

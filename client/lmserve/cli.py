@@ -417,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.wait > 0:
             with client_from_args(args) as client:
-                client.wait_serving(args.wait)
+                # `health --service NAME --wait` waits for that service; the rest for ours.
+                client.wait_serving(args.wait, service=getattr(args, "service", SERVICE))
         return handler(args)
     except LmserveError as e:
         print(f"error: {e}", file=sys.stderr)

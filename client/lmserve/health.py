@@ -19,11 +19,13 @@ from typing import Any
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
+# SERVICE: the service whose status means "the model is loaded and can take calls" (the
+# daemon also reports the server as a whole under "").
+from lmserve.balancing import SERVICE
 from lmserve.errors import UnavailableError, from_rpc_error
 
-# The service whose status means "the model is loaded and can take calls" (the daemon also
-# reports the server as a whole under "").
-SERVICE = "lmserve.v1.Generator"
+__all__ = ["SERVICE", "SERVING", "check", "wait_until_serving"]
+
 SERVING = "SERVING"
 CHECK_METHOD = "/grpc.health.v1.Health/Check"
 # Between two checks while waiting: short next to a model's load, long enough not to spin.
