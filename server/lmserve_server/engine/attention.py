@@ -119,9 +119,9 @@ class StepAttention:
                 if self.prefill_count == 1:  # a view of its slot, no copy
                     slot = self.prefill_slots[:1]
                     k, v = keys[slot, :, window], values[slot, :, window]
-                else:
-                    k = keys.index_select(0, self.prefill_slots)[:, :, window]
-                    v = values.index_select(0, self.prefill_slots)[:, :, window]
+                else:  # the chunks' windows only, gathered from their slots
+                    k = keys[:, :, window].index_select(0, self.prefill_slots)
+                    v = values[:, :, window].index_select(0, self.prefill_slots)
                 o = _sdpa(chunks, k, v, prefill_mask, scaling)  # (P, H, C, D)
                 out[d:] = o[self.prefill_rows, :, self.prefill_columns]
         return out[None]
