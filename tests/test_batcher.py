@@ -513,3 +513,41 @@ async def test_affinity_changes_nothing_while_everything_fits(make: Factory) -> 
     run.gate.set()
     await asyncio.wait_for(asyncio.gather(*tasks), 2.0)
     assert run.batches == [[1], [50, 90, 10]]
+
+
+async def closed_loop(make: Factory, *, clients: int, late: int, rounds: int) -> list[int]:
+    """``clients`` callers that send again as soon as they are answered; ``late`` of them
+    start 30 ms after the others, while the first batch runs. Returns the batch sizes."""
+    run = FakeRun(duration_s=0.06)
+    batcher = make(run, max_batch_size=16, max_wait_s=0.02)
+
+    async def client(first_delay: float) -> None:
+        await asyncio.sleep(first_delay)
+        for _ in range(rounds):
+            await batcher.submit(1)
+
+    await asyncio.gather(
+        *(client(0.0) for _ in range(clients - late)), *(client(0.03) for _ in range(late))
+    )
+    return [len(b) for b in run.batches]
+
+
+async def test_a_closed_loop_is_not_locked_into_half_size_cohorts(make: Factory) -> None:
+    """4 callers start a batch; 8 more arrive while it runs and form the next. Were each
+    batch formed from what waits when the engine frees, the two groups would alternate as
+    4 + 8 for ever; the batch waits (at most max_wait) for the callers just served instead."""
+    sizes = await closed_loop(make, clients=12, late=8, rounds=8)
+    assert sizes[:3] == [4, 8, 12], "the groups alternate once, then run as one"
+    steady = sizes[2:]
+    assert sum(steady) / len(steady) >= 0.9 * 12, sizes
+
+
+async def test_a_lone_caller_waits_no_longer_than_before(make: Factory) -> None:
+    run = FakeRun()
+    batcher = make(run, max_batch_size=16, max_wait_s=0.05)
+    for _ in range(3):  # each request after the first follows a batch of one
+        started = time.monotonic()
+        await batcher.submit(1)
+        waited = time.monotonic() - started
+    # The usual wait for companions (max_wait after it arrived), nothing added after a batch.
+    assert waited < 0.05 + 0.04, waited

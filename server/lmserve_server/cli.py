@@ -161,6 +161,15 @@ def _serve_parser(sub: Any) -> None:
         "(20-30%% faster matmuls at 2-256 rows; one more copy of those weights in memory); "
         "ignored elsewhere",
     )
+    _add(
+        p,
+        "--huge-pages",
+        _bool,
+        True,
+        "back torch's large CPU allocations (weights, KV cache) with transparent huge pages "
+        "(PyTorch's THP_MEM_ALLOC_ENABLE): fewer TLB misses, 7-9%% faster CPU decoding here; "
+        "needs THP 'always' or 'madvise' in /sys/kernel/mm/transparent_hugepage/enabled",
+    )
     _add(p, "--max-prompt-chars", int, 100_000, "longest prompt accepted, in characters")
     _add(p, "--max-message-bytes", int, 4 * 1024 * 1024, "largest gRPC request message accepted")
     _add(p, "--device", str, "auto", "auto (CUDA when available), cpu, cuda or cuda:N")
@@ -353,6 +362,10 @@ async def run_daemon(config: ServerConfig, exit_now: Callable[[int], None]) -> b
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.huge_pages:
+        # Read by PyTorch's CPU allocator once, at its first allocation: torch is not
+        # imported yet. An explicit THP_MEM_ALLOC_ENABLE in the environment wins.
+        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     # JSON mode: what gRPC core (or anything else) writes to stderr becomes JSON too.
     foreign = StderrToJson() if args.log_format == "json" else None
 
