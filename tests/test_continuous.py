@@ -12,6 +12,7 @@ import pytest
 
 from lmserve_server.engine.model import Engine
 from lmserve_server.engine.rows import Row
+from lmserve_server.engine.runner import eager_capture
 from lmserve_server.engine.types import (
     FinishReason,
     GenerationOutput,
@@ -112,6 +113,30 @@ def test_fixed_shape_steps_pad_to_a_bucket_and_change_no_token(engine: Engine) -
     fixed = run(fixed_batch, [engine.new_row(r) for r in requests])
     assert fixed == plain
     assert {3, 5} & shapes, "decode-only steps of 3 and 5 rows ran (padded to 4 and 8)"
+
+
+def test_captured_step_graphs_replay_over_the_persistent_buffers(family_engine: Engine) -> None:
+    """What CUDA graphs need, checked without a GPU: every decode-only step of a bucket
+    runs the forward captured for it (``eager_capture`` re-runs the captured closure over the
+    views it was built on), and the tokens are the eager steps' tokens, so each step wrote
+    its inputs exactly where the captured forward reads them."""
+    engine = family_engine
+    requests = [request(engine, p, n) for p, n in zip(PROMPTS, [9, 3, 14, 6, 11], strict=False)]
+    plain = run(batch_of(engine, rows=5), [engine.new_row(r) for r in requests])
+    batch = batch_of(engine, rows=5, fixed=True)
+    assert batch.runner.capture_graphs(eager_capture, max_rows=5) == [1, 2, 4, 8]
+    decode_only = 0
+    execute = batch.runner.execute
+
+    def count(chunks):  # type: ignore[no-untyped-def]
+        nonlocal decode_only
+        decode_only += all(len(c.tokens) == 1 for c in chunks)
+        return execute(chunks)
+
+    batch.runner.execute = count  # type: ignore[method-assign]
+    graphed = run(batch, [engine.new_row(r) for r in requests])
+    assert graphed == plain
+    assert batch.runner.graph_replays == decode_only > 10
 
 
 def test_seeded_sampling_matches_the_static_engine(family_engine: Engine) -> None:

@@ -146,6 +146,15 @@ def _serve_parser(sub: Any) -> None:
     )
     _add(
         p,
+        "--cuda-graphs",
+        _bool,
+        True,
+        "continuous scheduler on CUDA: capture the decode step once per bucket of rows "
+        "(1, 2, 4, ... --max-batch-size) before serving, and replay it (one launch instead of "
+        "hundreds); decode steps then attend over every slot's whole length; ignored on CPU",
+    )
+    _add(
+        p,
         "--group-similar",
         _bool,
         True,
@@ -275,6 +284,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_step_tokens=args.max_step_tokens,
         kv_cache_tokens=args.kv_cache_tokens,
         kv_cache_memory=args.kv_cache_memory,
+        cuda_graphs=args.cuda_graphs,
         scheduler=args.scheduler,
         group_similar=args.group_similar,
         max_prompt_chars=args.max_prompt_chars,

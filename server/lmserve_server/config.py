@@ -40,6 +40,7 @@ class ServerConfig:
     max_step_tokens: int = 256  # continuous: tokens through the model per step (prefill chunks)
     kv_cache_tokens: int = 0  # continuous: KV cache size in tokens; 0 = every row a full context
     kv_cache_memory: float = 0.5  # continuous on CUDA, with kv_cache_tokens 0: share of free memory
+    cuda_graphs: bool = True  # continuous on CUDA: decode steps replayed as CUDA graphs
     max_message_bytes: int = 4 * 1024 * 1024  # gRPC's receive limit for one request
     drain_timeout_s: float = 30.0
     reflection: bool = True

@@ -126,6 +126,10 @@ class StepAttention:
                 out[d:] = o[self.prefill_rows, :, self.prefill_columns]
         return out[None]
 
+    def forget_masks(self) -> None:
+        """Drops the masks built so far (a captured step is run again over new inputs)."""
+        self._masks.clear()
+
     def _masks_for(
         self, sliding_window: int | None
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -11,7 +11,16 @@ ONE download. Nothing else waits for the device.
 Shapes: a step has as many tokens as its chunks. With ``fixed_shapes`` (for CUDA graphs),
 steps where every chunk is one token are padded to the next bucket of rows (1, 2, 4, 8, ...)
 with rows that write to the cache's scratch slot, and attention reads every slot's whole
-length, so such a step's shapes depend on its bucket alone.
+length, so such a step's shapes depend on its bucket alone; and the model's inputs of such a
+step sit at the same places of the persistent buffer for every step of the bucket.
+
+Step graphs (``capture_graphs``): the forward of a decode-only step of each bucket is captured
+once (``torch.cuda.graph`` on CUDA), over views of the persistent buffer; a later step of that
+bucket writes its inputs where the capture read them and replays it, so the step's hundreds
+of kernel launches cost one. Sampling runs after it, eagerly. ``eager_capture`` is the same
+discipline without a GPU: its "replay" runs the captured closure again, over the same views,
+so a step that put its inputs anywhere else would get a captured step's tokens (the tests'
+check that the discipline holds).
 """
 
 from __future__ import annotations
@@ -46,6 +55,46 @@ class Chunk:
 def bucket(rows: int) -> int:
     """The padded row count of a fixed-shape step: the next power of two."""
     return 1 << max(rows - 1, 0).bit_length()
+
+
+# How a forward is captured: returns a replay function and the forward's output tensor,
+# which every replay writes anew.
+Capture = Callable[[Callable[[], torch.Tensor]], tuple[Callable[[], None], torch.Tensor]]
+
+
+def cuda_graph_capture(
+    forward: Callable[[], torch.Tensor],
+) -> tuple[Callable[[], None], torch.Tensor]:
+    """Captures ``forward`` as a CUDA graph (after warming it up on a side stream, as
+    PyTorch's CUDA-graph notes ask)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            forward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = forward()
+    return graph.replay, output
+
+
+def eager_capture(forward: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
+    """A graph's discipline without a GPU: the output tensor is fixed, and a replay runs the
+    captured closure again over the same input views."""
+    output = forward()
+
+    def replay() -> None:
+        output.copy_(forward())
+
+    return replay, output
+
+
+@dataclass
+class _StepGraph:
+    replay: Callable[[], None]
+    logits: torch.Tensor  # (1, bucket, V): written by every replay
+    placed: dict[str, tuple[int, int, bool]]  # where its inputs must be
 
 
 @dataclass(frozen=True)
@@ -138,6 +187,45 @@ class ModelRunner:
         self._mask = mask_placeholder(self.device)
         self._device_timer = _DeviceTimer(self.device)
         self.last_device_s = 0.0  # the last step's model and sampling time on the device
+        self._graphs: dict[int, _StepGraph] = {}  # by bucket (fixed shapes only)
+        self.graph_replays = 0
+
+    def capture_graphs(self, capture: Capture, max_rows: int) -> list[int]:
+        """Captures a decode-only step for every bucket up to ``max_rows`` rows (fixed shapes
+        only); returns the buckets captured."""
+        if not self.fixed_shapes:
+            raise ValueError("step graphs need fixed_shapes")
+        buckets = []
+        size = 1
+        while size <= bucket(max_rows):
+            buckets.append(size)
+            size *= 2
+        for rows in buckets:
+            chunks = [Chunk(self.cache.scratch_slot, (0,), 0, _GREEDY)] * rows
+            inputs, build_attention = self._layout(chunks, [], chunks, list(range(rows)))
+            views, placed = self._upload(inputs)
+            attention = build_attention(views)
+
+            def forward(
+                views: dict[str, torch.Tensor] = views, attention: StepAttention = attention
+            ) -> torch.Tensor:
+                # The masks are built from the buffer's lengths inside the forward: a graph
+                # replays those kernels; a Python re-run must not reuse the last ones.
+                attention.forget_masks()
+                with torch.inference_mode():
+                    out = self._model(
+                        input_ids=views["ids"][None],
+                        position_ids=views["positions"][None],
+                        attention_mask=self._mask,
+                        use_cache=False,
+                        logits_to_keep=0,
+                        **{STEP_KEYWORD: attention},
+                    )
+                return out.logits
+
+            replay, logits = capture(forward)
+            self._graphs[rows] = _StepGraph(replay, logits, placed)
+        return buckets
 
     def _allocate(self, size: int) -> None:
         self._host = torch.zeros(size, dtype=torch.long, pin_memory=self._pinned)
@@ -164,19 +252,25 @@ class ModelRunner:
         sampling = columns_of(settings)
         inputs.ints.update(sampling.ints)
         inputs.floats.update(sampling.floats)
-        views = self._upload(inputs)
+        graph = self._graphs.get(len(decode)) if padded else None
+        views, placed = self._upload(inputs)
         every_token_sampled = len(sampled) == len(ordered) and not prefill
         self._device_timer.start()
         with torch.inference_mode():
-            out = self._model(
-                input_ids=views["ids"][None],
-                position_ids=views["positions"][None],
-                attention_mask=self._mask,
-                use_cache=False,
-                logits_to_keep=0 if every_token_sampled else views["keep"],
-                **{STEP_KEYWORD: build_attention(views)},
-            )
-            chosen = sample(out.logits[0], tensors_from(sampling, views))  # (R, ...)
+            if graph is not None and _same_places(graph.placed, placed):
+                graph.replay()  # reads the inputs just written where it was captured
+                logits = graph.logits
+                self.graph_replays += 1
+            else:
+                logits = self._model(
+                    input_ids=views["ids"][None],
+                    position_ids=views["positions"][None],
+                    attention_mask=self._mask,
+                    use_cache=False,
+                    logits_to_keep=0 if every_token_sampled else views["keep"],
+                    **{STEP_KEYWORD: build_attention(views)},
+                ).logits
+            chosen = sample(logits[0], tensors_from(sampling, views))  # (R, ...)
         self._device_timer.stop()
         picked = self._download(chosen.packed())
         self.last_device_s = self._device_timer.seconds()
@@ -220,7 +314,12 @@ class ModelRunner:
             lengths[c.slot] = c.start + 1
         columns["decode_slots"] = [c.slot for c in decode]
         columns["decode_lengths"] = lengths
-        contiguous = span == len(decode) and all(c.slot == i for i, c in enumerate(decode))
+        # A fixed-shape step always takes the general path, as its captured graph did.
+        contiguous = (
+            not self.fixed_shapes
+            and span == len(decode)
+            and all(c.slot == i for i, c in enumerate(decode))
+        )
 
         columns["prefill_slots"] = [c.slot for c in prefill]
         columns["prefill_starts"] = [c.start for c in prefill]
@@ -255,10 +354,14 @@ class ModelRunner:
 
         return inputs, build
 
-    def _upload(self, inputs: _Inputs) -> dict[str, torch.Tensor]:
-        """The one host-to-device copy of the step; returns the columns' device views."""
+    def _upload(
+        self, inputs: _Inputs
+    ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, int, bool]]]:
+        """The one host-to-device copy of the step; returns the columns' device views, and
+        where each column went."""
         if inputs.size > self._host.numel():
             self._allocate(2 * inputs.size)
+            self._graphs.clear()  # they read the old buffer; steps run eagerly from now on
         placed = inputs.write(self._host)
         used = inputs.size
         if self._on_device is not self._host:
@@ -267,7 +370,7 @@ class ModelRunner:
         for name, (start, n, is_float) in placed.items():
             view = self._on_device[start : start + n]
             views[name] = view.view(torch.float64) if is_float else view
-        return views
+        return views, placed
 
     def _download(self, packed: torch.Tensor) -> list[list[float]]:
         """The one device-to-host copy of the step: its sampled tokens (and logprobs)."""
@@ -277,3 +380,14 @@ class ModelRunner:
         out.copy_(packed, non_blocking=True)
         torch.cuda.current_stream(self.device).synchronize()
         return list(out.tolist())
+
+
+# The columns a captured forward reads; the sampling columns after them may vary.
+_MODEL_INPUTS = ("ids", "positions", "slots", "decode_slots", "decode_lengths")
+
+
+def _same_places(
+    captured: dict[str, tuple[int, int, bool]], now: dict[str, tuple[int, int, bool]]
+) -> bool:
+    """Whether this step's model inputs sit where the captured forward reads them."""
+    return all(captured[name] == now[name] for name in _MODEL_INPUTS)

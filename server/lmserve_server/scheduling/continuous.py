@@ -25,6 +25,7 @@ import torch
 from lmserve_server.engine.kv_cache import plan_capacity
 from lmserve_server.engine.model import Engine
 from lmserve_server.engine.rows import DeltaSink, Row
+from lmserve_server.engine.runner import Capture
 from lmserve_server.engine.types import GenerationOutput, GenerationRequest
 from lmserve_server.errors import InvalidArgumentError, ShuttingDownError
 from lmserve_server.scheduling.base import Capacity, check_room
@@ -54,7 +55,7 @@ class ContinuousScheduler:
         max_step_tokens: int,
         kv_cache_tokens: int = 0,
         kv_cache_memory: float = 0.0,
-        fixed_shapes: bool = False,
+        step_graphs: Capture | None = None,
         on_step: StepObserver | None = None,
         executor: Executor,
         clock: Callable[[], float] = time.monotonic,
@@ -74,7 +75,7 @@ class ContinuousScheduler:
             memory_fraction=kv_cache_memory,
         )
         self._max_step_tokens = max_step_tokens
-        self._fixed_shapes = fixed_shapes
+        self._step_graphs = step_graphs
         self._on_step = on_step
         self._clock = clock
         self._inbox: deque[_Ticket] = deque()
@@ -160,15 +161,25 @@ class ContinuousScheduler:
     # ---- the engine thread -------------------------------------------------------------------
 
     def prepare(self) -> None:
-        """Allocates the KV cache and the step buffers; call it on the engine thread before
+        """Allocates the KV cache and the step buffers, and captures the decode steps' graphs
+        (``step_graphs``: one per bucket of rows); call it on the engine thread before
         ``start`` (a cache that does not fit is then a start-up error, not a request's)."""
         if self._batch is None:
             runner = self._engine.continuous_runner(
                 slots=self._slots,
                 slot_tokens=self._slot_tokens,
                 max_step_tokens=self._max_step_tokens,
-                fixed_shapes=self._fixed_shapes,
+                fixed_shapes=self._step_graphs is not None,
             )
+            if self._step_graphs is not None:
+                started = time.perf_counter()
+                buckets = runner.capture_graphs(self._step_graphs, max_rows=self._slots)
+                log.info(
+                    "captured the decode step for %d bucket(s) of rows (%s) in %.1f s",
+                    len(buckets),
+                    ", ".join(map(str, buckets)),
+                    time.perf_counter() - started,
+                )
             self._batch = ContinuousBatch(
                 runner, self._planner, on_step=self._on_step, clock=self._clock
             )
