@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import statistics
 import sys
 import time
@@ -113,7 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--max-step-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--huge-pages", type=int, default=1, help="as lmserve serve --huge-pages (1) or not (0)"
+    )
     args = parser.parse_args(argv)
+    # Before torch's first allocation, as the daemon does (torch is imported below).
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", str(args.huge_pages))
 
     from lmserve_server.config import EngineConfig
     from lmserve_server.engine.model import Engine

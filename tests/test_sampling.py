@@ -75,11 +75,12 @@ def random_rows(n: int, generator: torch.Generator) -> list[RowSampling]:
     rows = []
     for i in range(n):
         kind = i % 4
-        history = ([3, 5, 7, i], [9, 9, 2 * i])
+        prompt, generated = {3, 5, 7, i}, {9: 2, 2 * i: 1}
         rows.append(
             RowSampling(
                 repetition_penalty=1.3,
-                history=history,
+                prompt_tokens=prompt,
+                generated_counts=generated,
                 logprobs=2,
                 logit_bias=((1, 2.0),),
             )
@@ -92,7 +93,8 @@ def random_rows(n: int, generator: torch.Generator) -> list[RowSampling]:
                 counter=i * 7,
                 frequency_penalty=0.5 * (i % 2),
                 presence_penalty=0.3,
-                history=history,
+                prompt_tokens=prompt,
+                generated_counts=generated,
                 suppress=(0, 4) if i % 2 else (),
                 logprobs=[None, 5, 0][i % 3],
             )
@@ -147,17 +149,22 @@ def test_penalties_bias_and_suppression_change_only_their_row() -> None:
     logits = torch.tensor([[2.0, -1.0, 0.5, 1.0, 3.0]] * 4)
     rows = [
         RowSampling(),
-        RowSampling(repetition_penalty=2.0, history=([4, 1], [])),
-        RowSampling(frequency_penalty=1.0, presence_penalty=0.5, history=([0], [4, 4, 3])),
+        RowSampling(repetition_penalty=2.0, prompt_tokens=(4, 1)),
+        RowSampling(
+            frequency_penalty=1.0,
+            presence_penalty=0.5,
+            prompt_tokens=(0,),
+            generated_counts={4: 2, 3: 1},
+        ),
         RowSampling(logit_bias=((1, 10.0),), suppress=(4,)),
     ]
     params = sampling_tensors(rows, CPU)
-    from lmserve_server.engine.sampling import _penalised
+    from lmserve_server.engine.sampling import _penalise
 
-    edited = logits.index_put(
+    scores = logits.index_put(
         (params.edit_rows, params.edit_tokens), params.edit_values.float(), accumulate=True
     )
-    scores = _penalised(edited, params)
+    _penalise(scores, params)
     assert scores[0].tolist() == [2.0, -1.0, 0.5, 1.0, 3.0]
     assert scores[1].tolist() == [2.0, -2.0, 0.5, 1.0, 1.5]  # seen: 4 (/2) and 1 (*2)
     # generated 4 twice and 3 once: 4 - 2*1 - 0.5, 3 - 1 - 0.5; the prompt's 0 untouched

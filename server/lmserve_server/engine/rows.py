@@ -22,6 +22,7 @@ stream never sends a token twice.
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Callable
 
 from lmserve_server.engine.detokenizer import (
@@ -72,6 +73,10 @@ class Row:
         self._stop_at: int | None = None  # where the text is cut, before a stop string
         self._sent_chars = 0
         self._sent_tokens = 0
+        # What penalties need, kept as the row goes (O(1) per token, not a step's recount).
+        self._counting = request.sampling.penalised
+        self._prompt_tokens = tuple(sorted(set(request.prompt_ids))) if self._counting else ()
+        self._generated_counts: Counter[int] = Counter()
 
     def sampling(self) -> RowSampling:
         """The settings for the row's next token."""
@@ -87,7 +92,8 @@ class Row:
             frequency_penalty=params.frequency_penalty,
             logit_bias=params.logit_bias,
             suppress=self._suppressed if len(self.tokens) < request.min_new_tokens else (),
-            history=(request.prompt_ids, self.tokens) if params.penalised else ((), ()),
+            prompt_tokens=self._prompt_tokens,
+            generated_counts=self._generated_counts,
             logprobs=request.logprobs,
         )
 
@@ -137,6 +143,8 @@ class Row:
             self.finish_reason = FinishReason.STOP
             return True
         self.tokens.append(token)
+        if self._counting:
+            self._generated_counts[token] += 1
         if logprob is not None and self.request.logprobs is not None:
             self.logprobs.append(logprob)
         if self._text is not None:

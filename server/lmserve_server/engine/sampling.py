@@ -5,9 +5,9 @@ kernels however many rows use it (a feature no row uses costs nothing). In order
 
 1. logit bias and suppressed tokens (end tokens under ``min_new_tokens``): one scatter-add of
    (row, token, value) triples;
-2. penalties over each row's history: counts of its generated tokens and a mask of every
-   token it has seen (prompt included), one scatter each; repetition (transformers'),
-   presence and frequency (OpenAI's);
+2. penalties, on the tokens each row has seen only (a gather and a scatter over those, never
+   a pass over the vocabulary): repetition (transformers') over its prompt's and generated
+   tokens, then presence and frequency (OpenAI's) over its generated tokens' counts;
 3. greedy rows take the argmax of that;
 4. sampling rows divide by their temperature, keep their top-k and top-p (nucleus), and
    draw by inverting the cumulative distribution with ONE uniform number each: a hash of
@@ -21,7 +21,7 @@ kernels however many rows use it (a feature no row uses costs nothing). In order
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -47,7 +47,8 @@ def uniform(seed: int, counter: int) -> float:
 @dataclass(frozen=True)
 class RowSampling:
     """One row's settings for one token: ``counter`` is how many tokens it has generated;
-    ``history`` its prompt and generated tokens (read when it has a penalty)."""
+    ``prompt_tokens`` the distinct tokens of its prompt and ``generated_counts`` how often it
+    generated each token (read when it has a penalty)."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -59,7 +60,8 @@ class RowSampling:
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
     suppress: tuple[int, ...] = ()  # tokens this step may not choose
-    history: tuple[Sequence[int], Sequence[int]] = ((), ())
+    prompt_tokens: Collection[int] = ()
+    generated_counts: Mapping[int, int] = field(default_factory=dict)
     logprobs: int | None = None
 
     @property
@@ -87,23 +89,31 @@ class SamplingColumns:
     max_top_k: int = 0
     any_top_p: bool = False
     any_edits: bool = False
-    any_penalty: bool = False
+    any_repetition: bool = False
+    any_generated_penalty: bool = False
     max_logprobs: int | None = None  # None: no row asks
 
 
 def columns_of(rows: Sequence[RowSampling]) -> SamplingColumns:
     sampling = [r for r in rows if not r.greedy]
-    penalised = [(i, r) for i, r in enumerate(rows) if r.penalised]
     edits = [
         (i, token, value)
         for i, r in enumerate(rows)
         for token, value in (*r.logit_bias, *((t, float("-inf")) for t in r.suppress))
     ]
-    history = [
-        (i, token, generated)
-        for i, r in penalised
-        for generated, tokens in enumerate(r.history)
-        for token in tokens
+    # (row, token) for every token a repetition-penalised row has seen (a token seen in both
+    # prompt and output comes twice: both places get the same new value).
+    repeated = [
+        (i, token)
+        for i, r in enumerate(rows)
+        if r.repetition_penalty != 1.0
+        for token in (*r.prompt_tokens, *r.generated_counts)
+    ]
+    generated = [
+        (i, token, count)
+        for i, r in enumerate(rows)
+        if r.presence_penalty != 0.0 or r.frequency_penalty != 0.0
+        for token, count in r.generated_counts.items()
     ]
     asked = [r.logprobs for r in rows if r.logprobs is not None]
     return SamplingColumns(
@@ -111,9 +121,11 @@ def columns_of(rows: Sequence[RowSampling]) -> SamplingColumns:
             "top_k": [r.top_k if not r.greedy else 0 for r in rows],
             "edit_rows": [i for i, _, _ in edits],
             "edit_tokens": [t for _, t, _ in edits],
-            "history_rows": [i for i, _, _ in history],
-            "history_tokens": [t for _, t, _ in history],
-            "history_generated": [g for _, _, g in history],
+            "repeated_rows": [i for i, _ in repeated],
+            "repeated_tokens": [t for _, t in repeated],
+            "generated_rows": [i for i, _, _ in generated],
+            "generated_tokens": [t for _, t, _ in generated],
+            "generated_counts": [c for _, _, c in generated],
         },
         floats={
             "temperature": [r.temperature for r in rows],
@@ -129,7 +141,8 @@ def columns_of(rows: Sequence[RowSampling]) -> SamplingColumns:
         max_top_k=max((r.top_k for r in sampling), default=0),
         any_top_p=any(r.top_p < 1.0 for r in sampling),
         any_edits=bool(edits),
-        any_penalty=bool(penalised),
+        any_repetition=bool(repeated),
+        any_generated_penalty=bool(generated),
         max_logprobs=max(asked) if asked else None,
     )
 
@@ -150,9 +163,11 @@ class SamplingTensors:
     edit_rows: torch.Tensor  # (E,)
     edit_tokens: torch.Tensor  # (E,)
     edit_values: torch.Tensor  # (E,) float64
-    history_rows: torch.Tensor  # (H,)
-    history_tokens: torch.Tensor  # (H,)
-    history_generated: torch.Tensor  # (H,) 1 for a generated token, 0 for a prompt token
+    repeated_rows: torch.Tensor  # (H,): the tokens a repetition-penalised row has seen
+    repeated_tokens: torch.Tensor  # (H,)
+    generated_rows: torch.Tensor  # (G,): the distinct tokens a row has generated
+    generated_tokens: torch.Tensor  # (G,)
+    generated_counts: torch.Tensor  # (G,) how often
 
 
 def tensors_from(columns: SamplingColumns, views: dict[str, torch.Tensor]) -> SamplingTensors:
@@ -173,9 +188,11 @@ def tensors_from(columns: SamplingColumns, views: dict[str, torch.Tensor]) -> Sa
         edit_rows=views["edit_rows"],
         edit_tokens=views["edit_tokens"],
         edit_values=views["edit_values"],
-        history_rows=views["history_rows"],
-        history_tokens=views["history_tokens"],
-        history_generated=views["history_generated"],
+        repeated_rows=views["repeated_rows"],
+        repeated_tokens=views["repeated_tokens"],
+        generated_rows=views["generated_rows"],
+        generated_tokens=views["generated_tokens"],
+        generated_counts=views["generated_counts"],
     )
 
 
@@ -231,12 +248,13 @@ def sample(logits: torch.Tensor, params: SamplingTensors) -> Sampled:
     """The next token of each row from its logits (R, V)."""
     columns = params.columns
     scores = logits.float()
+    if columns.any_edits or columns.any_repetition or columns.any_generated_penalty:
+        scores = scores.clone()  # edited in place below; the model's logits stay as they are
     if columns.any_edits:
-        scores = scores.index_put(
+        scores.index_put_(
             (params.edit_rows, params.edit_tokens), params.edit_values.float(), accumulate=True
         )
-    if columns.any_penalty:
-        scores = _penalised(scores, params)
+    _penalise(scores, params)
     greedy_tokens = scores.argmax(dim=-1)
     if not columns.any_sampling and columns.max_logprobs is None:
         return Sampled(greedy_tokens)
@@ -267,24 +285,19 @@ def filtered_probs(logits: torch.Tensor, params: SamplingTensors) -> torch.Tenso
     return torch.softmax(_filtered(scaled, params), dim=-1)
 
 
-def _penalised(scores: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
-    """Repetition penalty over every token a row has seen; presence and frequency penalties
-    over the tokens it has generated."""
-    rows, vocab = scores.shape
-    index = (params.history_rows, params.history_tokens)
-    seen = torch.zeros((rows, vocab), dtype=torch.bool, device=scores.device)
-    seen.index_put_(index, torch.ones_like(params.history_rows, dtype=torch.bool))
-    counts = torch.zeros_like(scores).index_put_(
-        index, params.history_generated.float(), accumulate=True
-    )
-    repetition = params.repetition[:, None]
-    repeated = torch.where(scores > 0, scores / repetition, scores * repetition)
-    scores = torch.where(seen, repeated, scores)
-    return (
-        scores
-        - params.frequency[:, None] * counts
-        - params.presence[:, None] * (counts > 0).float()
-    )
+def _penalise(scores: torch.Tensor, params: SamplingTensors) -> None:
+    """Repetition penalty on every token a row has seen, then presence and frequency
+    penalties on the tokens it has generated; in place, on those entries only."""
+    columns = params.columns
+    if columns.any_repetition:
+        seen = (params.repeated_rows, params.repeated_tokens)
+        before = scores[seen]
+        factor = params.repetition[params.repeated_rows]
+        scores.index_put_(seen, torch.where(before > 0, before / factor, before * factor))
+    if columns.any_generated_penalty:
+        rows = params.generated_rows
+        penalty = params.frequency[rows] * params.generated_counts.float() + params.presence[rows]
+        scores.index_put_((rows, params.generated_tokens), -penalty, accumulate=True)
 
 
 def _filtered(scaled: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
