@@ -16,12 +16,21 @@ from lmserve_server.engine.sampling import (
     sampling_tensors,
     uniform,
 )
+from lmserve_server.engine.types import SamplingParams
 
 CPU = torch.device("cpu")
+_PER_STEP = {"seed", "counter", "suppress", "prompt_tokens", "generated_counts", "logprobs"}
+
+
+def row_of(**settings: object) -> RowSampling:
+    """A ``RowSampling`` from flat settings: the request's ones go to its ``params``."""
+    params = {k: v for k, v in settings.items() if k not in _PER_STEP}
+    step = {k: v for k, v in settings.items() if k in _PER_STEP}
+    return RowSampling(SamplingParams(**params), **step)  # type: ignore[arg-type]
 
 
 def probs_of(logits: list[float], **settings: float) -> torch.Tensor:
-    row = RowSampling(**{"temperature": 1.0, **settings})  # type: ignore[arg-type]
+    row = row_of(**{"temperature": 1.0, **settings})
     return filtered_probs(torch.tensor([logits]), sampling_tensors([row], CPU))[0]
 
 
@@ -46,7 +55,11 @@ def test_temperature_sharpens_and_flattens() -> None:
 
 def test_each_row_filters_with_its_own_settings() -> None:
     logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0]] * 3)
-    rows = [RowSampling(1.0, top_k=1), RowSampling(1.0, top_k=3), RowSampling(1.0, top_p=1.0)]
+    rows = [
+        row_of(temperature=1.0, top_k=1),
+        row_of(temperature=1.0, top_k=3),
+        row_of(temperature=1.0),
+    ]
     kept = (filtered_probs(logits, sampling_tensors(rows, CPU)) > 0).sum(dim=1)
     assert kept.tolist() == [1, 3, 5]
 
@@ -63,7 +76,7 @@ def test_draws_follow_the_filtered_distribution() -> None:
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     counts: collections.Counter[int] = collections.Counter()
     for counter in range(4000):
-        row = RowSampling(1.0, seed=3, counter=counter)
+        row = row_of(temperature=1.0, seed=3, counter=counter)
         counts[int(sample(logits, sampling_tensors([row], CPU)).tokens[0])] += 1
     for token, p in enumerate([0.5, 0.3, 0.15, 0.05]):
         assert abs(counts[token] / 4000 - p) < 0.03, counts
@@ -77,7 +90,7 @@ def random_rows(n: int, generator: torch.Generator) -> list[RowSampling]:
         kind = i % 4
         prompt, generated = {3, 5, 7, i}, {9: 2, 2 * i: 1}
         rows.append(
-            RowSampling(
+            row_of(
                 repetition_penalty=1.3,
                 prompt_tokens=prompt,
                 generated_counts=generated,
@@ -85,7 +98,7 @@ def random_rows(n: int, generator: torch.Generator) -> list[RowSampling]:
                 logit_bias=((1, 2.0),),
             )
             if kind == 0
-            else RowSampling(
+            else row_of(
                 temperature=0.5 + float(torch.rand((), generator=generator)),
                 top_k=[0, 5, 50][i % 3],
                 top_p=[1.0, 0.9, 0.5][i % 3] if kind != 3 else 1.0,
@@ -106,7 +119,7 @@ def random_rows(n: int, generator: torch.Generator) -> list[RowSampling]:
 def test_a_row_s_token_ignores_its_company_and_padding(position: int) -> None:
     generator = torch.Generator().manual_seed(0)
     vocab = 1000
-    row = RowSampling(temperature=0.8, top_k=40, top_p=0.9, seed=11, counter=3)
+    row = row_of(temperature=0.8, top_k=40, top_p=0.9, seed=11, counter=3)
     row_logits = torch.randn((1, vocab), generator=generator)
     alone = sample(row_logits, sampling_tensors([row], CPU)).tokens[0]
     company = random_rows(16, generator)  # every option, none of which may leak into `row`
@@ -149,14 +162,14 @@ def test_penalties_bias_and_suppression_change_only_their_row() -> None:
     logits = torch.tensor([[2.0, -1.0, 0.5, 1.0, 3.0]] * 4)
     rows = [
         RowSampling(),
-        RowSampling(repetition_penalty=2.0, prompt_tokens=(4, 1)),
-        RowSampling(
+        row_of(repetition_penalty=2.0, prompt_tokens=(4, 1)),
+        row_of(
             frequency_penalty=1.0,
             presence_penalty=0.5,
             prompt_tokens=(0,),
             generated_counts={4: 2, 3: 1},
         ),
-        RowSampling(logit_bias=((1, 10.0),), suppress=(4,)),
+        row_of(logit_bias=((1, 10.0),), suppress=(4,)),
     ]
     params = sampling_tensors(rows, CPU)
     from lmserve_server.engine.sampling import _penalise
@@ -175,7 +188,7 @@ def test_penalties_bias_and_suppression_change_only_their_row() -> None:
 
 def test_logprobs_are_of_the_distribution_drawn_from() -> None:
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 2))
-    rows = [RowSampling(logprobs=2), RowSampling(temperature=1.0, top_k=2, seed=1, logprobs=3)]
+    rows = [row_of(logprobs=2), row_of(temperature=1.0, top_k=2, seed=1, logprobs=3)]
     out = sample(logits, sampling_tensors(rows, CPU))
     assert out.top_ids is not None and out.top_logprobs is not None and out.logprobs is not None
     greedy, sampled = out.top_logprobs.exp().tolist()

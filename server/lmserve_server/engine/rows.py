@@ -80,17 +80,11 @@ class Row:
 
     def sampling(self) -> RowSampling:
         """The settings for the row's next token."""
-        params, request = self.request.sampling, self.request
+        request = self.request
         return RowSampling(
-            temperature=params.temperature,
-            top_k=params.top_k,
-            top_p=params.top_p,
+            params=request.sampling,
             seed=self.seed,
             counter=len(self.tokens),
-            repetition_penalty=params.repetition_penalty,
-            presence_penalty=params.presence_penalty,
-            frequency_penalty=params.frequency_penalty,
-            logit_bias=params.logit_bias,
             suppress=self._suppressed if len(self.tokens) < request.min_new_tokens else (),
             prompt_tokens=self._prompt_tokens,
             generated_counts=self._generated_counts,

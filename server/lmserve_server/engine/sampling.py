@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lmserve_server.engine.types import TokenLogprob
+from lmserve_server.engine.types import SamplingParams, TokenLogprob
 
 _MASK64 = (1 << 64) - 1
 
@@ -46,35 +46,22 @@ def uniform(seed: int, counter: int) -> float:
 
 @dataclass(frozen=True)
 class RowSampling:
-    """One row's settings for one token: ``counter`` is how many tokens it has generated;
-    ``prompt_tokens`` the distinct tokens of its prompt and ``generated_counts`` how often it
-    generated each token (read when it has a penalty)."""
+    """One row's settings for one token: its request's ``params``, its ``seed`` (drawn when
+    the request gave none), ``counter`` (how many tokens it has generated), the tokens this
+    step may not choose (``suppress``), the distinct tokens of its prompt and how often it
+    generated each token (read when it has a penalty), and how many logprobs it wants."""
 
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
+    params: SamplingParams = field(default_factory=SamplingParams)
     seed: int = 0
     counter: int = 0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: tuple[tuple[int, float], ...] = ()
-    suppress: tuple[int, ...] = ()  # tokens this step may not choose
+    suppress: tuple[int, ...] = ()
     prompt_tokens: Collection[int] = ()
     generated_counts: Mapping[int, int] = field(default_factory=dict)
     logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    @property
-    def penalised(self) -> bool:
-        return (
-            self.repetition_penalty != 1.0
-            or self.presence_penalty != 0.0
-            or self.frequency_penalty != 0.0
-        )
+        return self.params.greedy
 
 
 @dataclass
@@ -99,26 +86,26 @@ def columns_of(rows: Sequence[RowSampling]) -> SamplingColumns:
     edits = [
         (i, token, value)
         for i, r in enumerate(rows)
-        for token, value in (*r.logit_bias, *((t, float("-inf")) for t in r.suppress))
+        for token, value in (*r.params.logit_bias, *((t, float("-inf")) for t in r.suppress))
     ]
     # (row, token) for every token a repetition-penalised row has seen (a token seen in both
     # prompt and output comes twice: both places get the same new value).
     repeated = [
         (i, token)
         for i, r in enumerate(rows)
-        if r.repetition_penalty != 1.0
+        if r.params.repetition_penalty != 1.0
         for token in (*r.prompt_tokens, *r.generated_counts)
     ]
     generated = [
         (i, token, count)
         for i, r in enumerate(rows)
-        if r.presence_penalty != 0.0 or r.frequency_penalty != 0.0
+        if r.params.presence_penalty != 0.0 or r.params.frequency_penalty != 0.0
         for token, count in r.generated_counts.items()
     ]
     asked = [r.logprobs for r in rows if r.logprobs is not None]
     return SamplingColumns(
         ints={
-            "top_k": [r.top_k if not r.greedy else 0 for r in rows],
+            "top_k": [r.params.top_k if not r.greedy else 0 for r in rows],
             "edit_rows": [i for i, _, _ in edits],
             "edit_tokens": [t for _, t, _ in edits],
             "repeated_rows": [i for i, _ in repeated],
@@ -128,18 +115,18 @@ def columns_of(rows: Sequence[RowSampling]) -> SamplingColumns:
             "generated_counts": [c for _, _, c in generated],
         },
         floats={
-            "temperature": [r.temperature for r in rows],
-            "top_p": [r.top_p if not r.greedy else 1.0 for r in rows],
+            "temperature": [r.params.temperature for r in rows],
+            "top_p": [r.params.top_p if not r.greedy else 1.0 for r in rows],
             "uniform": [uniform(r.seed, r.counter) if not r.greedy else 1.0 for r in rows],
-            "repetition": [r.repetition_penalty for r in rows],
-            "presence": [r.presence_penalty for r in rows],
-            "frequency": [r.frequency_penalty for r in rows],
+            "repetition": [r.params.repetition_penalty for r in rows],
+            "presence": [r.params.presence_penalty for r in rows],
+            "frequency": [r.params.frequency_penalty for r in rows],
             "edit_values": [v for _, _, v in edits],
         },
         rows=len(rows),
         any_sampling=bool(sampling),
-        max_top_k=max((r.top_k for r in sampling), default=0),
-        any_top_p=any(r.top_p < 1.0 for r in sampling),
+        max_top_k=max((r.params.top_k for r in sampling), default=0),
+        any_top_p=any(r.params.top_p < 1.0 for r in sampling),
         any_edits=bool(edits),
         any_repetition=bool(repeated),
         any_generated_penalty=bool(generated),
