@@ -32,6 +32,7 @@ def test_resolve_target() -> None:
         resolve_target(["a.example:1", "b.example:2"])
 
 
+@pytest.mark.timeout(600)
 def test_balanced_load_survives_a_drain_and_a_crash(tiny_model_dir: Path, tmp_path: Path) -> None:
     metrics_ports = [free_port() for _ in range(3)]
     daemons = [
@@ -91,7 +92,9 @@ def test_balanced_load_survives_a_drain_and_a_crash(tiny_model_dir: Path, tmp_pa
         time.sleep(0.5)
         daemons[1].proc.kill()  # dies: its in-flight calls are retried elsewhere
         assert bench.is_alive(), "both failures must happen mid-run"
-        bench.join(timeout=240)
+        # Generous: one replica serves most of the 600 on a CPU that may be shared; what is
+        # under test is that every request succeeds, not how fast.
+        bench.join(timeout=480)
         assert not bench.is_alive()
 
         report = json.loads(report_path.read_text())
