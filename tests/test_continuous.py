@@ -197,3 +197,33 @@ def test_a_long_prompt_never_stalls_decoding_rows_for_more_than_a_chunk(engine: 
         assert decoding.generated == before + 1, "the running row got its token this step"
         steps += 1
     assert steps == 9  # 200 prompt tokens, 23 a step beside the decoding row
+
+
+async def test_a_failed_capture_leaves_the_scheduler_serving_eagerly(engine: Engine) -> None:
+    """--cuda-graphs has not yet run on a GPU: a capture that fails must not stop serving."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lmserve_server.scheduling.continuous import ContinuousScheduler
+
+    def broken_capture(forward):  # type: ignore[no-untyped-def]
+        raise RuntimeError("capture not supported here")
+
+    executor = ThreadPoolExecutor(1)
+    scheduler = ContinuousScheduler(
+        engine,
+        max_batch_size=4,
+        max_queue=8,
+        max_step_tokens=64,
+        kv_cache_tokens=1024,
+        step_graphs=broken_capture,
+        executor=executor,
+    )
+    await asyncio.get_running_loop().run_in_executor(executor, scheduler.prepare)
+    scheduler.start()
+    try:
+        served = await scheduler.submit(request(engine, "Hello", 8))
+    finally:
+        await scheduler.close()
+        executor.shutdown()
+    assert served.value == solo(engine, "Hello", 8)

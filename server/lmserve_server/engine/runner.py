@@ -190,6 +190,11 @@ class ModelRunner:
         self._graphs: dict[int, _StepGraph] = {}  # by bucket (fixed shapes only)
         self.graph_replays = 0
 
+    def drop_graphs(self) -> None:
+        """Forgets the captured steps and pads no more: every step runs eagerly."""
+        self._graphs.clear()
+        self.fixed_shapes = False
+
     def capture_graphs(self, capture: Capture, max_rows: int) -> list[int]:
         """Captures a decode-only step for every bucket up to ``max_rows`` rows (fixed shapes
         only); returns the buckets captured."""

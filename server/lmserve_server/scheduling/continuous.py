@@ -173,13 +173,20 @@ class ContinuousScheduler:
             )
             if self._step_graphs is not None:
                 started = time.perf_counter()
-                buckets = runner.capture_graphs(self._step_graphs, max_rows=self._slots)
-                log.info(
-                    "captured the decode step for %d bucket(s) of rows (%s) in %.1f s",
-                    len(buckets),
-                    ", ".join(map(str, buckets)),
-                    time.perf_counter() - started,
-                )
+                try:
+                    buckets = runner.capture_graphs(self._step_graphs, max_rows=self._slots)
+                except Exception as err:  # serve eagerly rather than not at all
+                    runner.drop_graphs()
+                    log.warning(
+                        "could not capture the decode steps (%r); running them eagerly", err
+                    )
+                else:
+                    log.info(
+                        "captured the decode step for %d bucket(s) of rows (%s) in %.1f s",
+                        len(buckets),
+                        ", ".join(map(str, buckets)),
+                        time.perf_counter() - started,
+                    )
             self._batch = ContinuousBatch(
                 runner, self._planner, on_step=self._on_step, clock=self._clock
             )
