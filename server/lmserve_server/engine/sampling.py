@@ -245,9 +245,7 @@ def sample(logits: torch.Tensor, params: SamplingTensors) -> Sampled:
     greedy_tokens = scores.argmax(dim=-1)
     if not columns.any_sampling and columns.max_logprobs is None:
         return Sampled(greedy_tokens)
-    # Shift by the max first: a tiny temperature then gives a one-hot, never inf - inf = NaN.
-    scaled = (scores - scores.max(dim=-1, keepdim=True).values) / params.temperature[:, None]
-    scaled = _filtered(scaled, params)
+    scaled = _scaled_and_filtered(scores, params)
     tokens = greedy_tokens
     if columns.any_sampling:
         probs = torch.softmax(scaled, dim=-1)
@@ -267,9 +265,14 @@ def sample(logits: torch.Tensor, params: SamplingTensors) -> Sampled:
 
 def filtered_probs(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
     """Next-token probabilities (R, V) after each row's temperature, top-k and top-p."""
-    scores = logits.float()
+    return torch.softmax(_scaled_and_filtered(logits.float(), params), dim=-1)
+
+
+def _scaled_and_filtered(scores: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
+    """Each row's scores over its temperature, its top-k and top-p applied (-inf outside)."""
+    # Shift by the max first: a tiny temperature then gives a one-hot, never inf - inf = NaN.
     scaled = (scores - scores.max(dim=-1, keepdim=True).values) / params.temperature[:, None]
-    return torch.softmax(_filtered(scaled, params), dim=-1)
+    return _filtered(scaled, params)
 
 
 def _penalise(scores: torch.Tensor, params: SamplingTensors) -> None:

@@ -10,6 +10,9 @@ from lmserve_server.engine.types import GenerationOutput, GenerationRequest
 from lmserve_server.errors import queue_full
 from lmserve_server.scheduling.batcher import Served
 
+# What a request stopped by the drain deadline (or a crash) tells its caller, in both modes.
+STOPPED = "the server shut down before this request finished"
+
 
 @dataclass(frozen=True)
 class Capacity:

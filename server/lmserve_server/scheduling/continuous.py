@@ -28,14 +28,12 @@ from lmserve_server.engine.rows import DeltaSink, Row
 from lmserve_server.engine.runner import Capture
 from lmserve_server.engine.types import GenerationOutput, GenerationRequest
 from lmserve_server.errors import InvalidArgumentError, ShuttingDownError
-from lmserve_server.scheduling.base import Capacity, check_room
+from lmserve_server.scheduling.base import STOPPED, Capacity, check_room
 from lmserve_server.scheduling.batcher import Served
 from lmserve_server.scheduling.continuous_batch import ContinuousBatch, Running, StepObserver
 from lmserve_server.scheduling.planner import StepPlanner
 
 log = logging.getLogger(__name__)
-
-STOPPED = "the server shut down before this request finished"
 
 
 @dataclass(eq=False)

@@ -21,13 +21,11 @@ from lmserve_server.engine.model import Engine
 from lmserve_server.engine.rows import DeltaSink, Row
 from lmserve_server.engine.types import GenerationOutput, GenerationRequest
 from lmserve_server.errors import ShuttingDownError
-from lmserve_server.scheduling.base import Capacity, check_room
+from lmserve_server.scheduling.base import STOPPED, Capacity, check_room
 from lmserve_server.scheduling.batcher import MicroBatcher, Served
 
 # (rows, seconds, outcomes or None when the batch raised)
 BatchObserver = Callable[[int, float, "list[GenerationOutput | Exception] | None"], None]
-
-STOPPED = "the server shut down before this request finished"
 
 
 def affinity(row: Row) -> float:
@@ -109,8 +107,7 @@ class StaticScheduler:
     async def submit(
         self, request: GenerationRequest, on_delta: DeltaSink | None = None
     ) -> Served[GenerationOutput]:
-        self.check_room()
-        row = self._engine.new_row(request, on_delta)
+        row = self._engine.new_row(request, on_delta)  # the batcher checks the queue's bound
         try:
             return await self._batcher.submit(row)
         except asyncio.CancelledError:
