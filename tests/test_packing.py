@@ -3,8 +3,12 @@ results don't depend on the rows computed with them."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 
+from lmserve_server.config import EngineConfig
 from lmserve_server.engine.model import Engine
 from lmserve_server.engine.packing import PackedLinear, can_pack, pack_linears
 from tests.test_engine import PROMPTS, generate, request
@@ -46,3 +50,27 @@ def test_packed_rows_do_not_depend_on_their_companions() -> None:
     assert torch.equal(layer(rows[5:7]), together[5:7])
     assert torch.equal(layer(rows[:1]), torch.addmm(bias, rows[:1], weight))
     assert torch.allclose(layer(rows[:1]), together[:1], atol=1e-4)
+
+
+# The families whose MLP activation runs in its first matmul (``_FUSED_MLPS``).
+FUSED = {"gpt2": "NewGELUActivation", "gpt_neox": "GELUActivation", "opt": "ReLU"}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "opt", "llama"])
+def test_fused_activations_compute_what_the_plain_model_does(
+    family: str, family_model_dirs: dict[str, Path]
+) -> None:
+    """Fails when transformers renames an MLP's parts (nothing fused) or puts something
+    between its first linear and its activation (the logits differ)."""
+    path = str(family_model_dirs[family])
+    packed = Engine.load(EngineConfig(model=path)).model
+    plain = Engine.load(EngineConfig(model=path, pack_weights=False)).model
+    fused = [m.activation for m in packed.modules() if isinstance(m, PackedLinear) and m.activation]
+    layers = packed.config.num_hidden_layers
+    assert fused == ([FUSED[family]] * layers if family in FUSED else [])
+    ids = torch.tensor([[464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13] * 3])
+    with torch.inference_mode():
+        for rows in (ids[:, :1], ids):  # the one-row path and the packed one
+            assert torch.allclose(
+                packed(input_ids=rows).logits, plain(input_ids=rows).logits, atol=1e-4, rtol=1e-4
+            )
