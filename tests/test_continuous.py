@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from lmserve_server.engine import runner as runner_module
+from lmserve_server.engine.attention import DecodeRun, plan_decode_runs
 from lmserve_server.engine.model import Engine
 from lmserve_server.engine.rows import Row
 from lmserve_server.engine.runner import eager_capture
@@ -93,6 +95,34 @@ def test_random_joins_chunks_and_slots_get_their_solo_tokens(engine: Engine, see
     for r, out in zip(requests, outputs, strict=True):
         [alone] = engine.generate_batch([engine.new_row(r)])
         assert out == alone
+
+
+def test_rows_of_unlike_lengths_attend_in_runs_and_get_their_solo_tokens(
+    family_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Short and long rows side by side: decode steps are split into runs (each read up to its
+    own longest row: ragged runs with a mask, exact ones and single rows without), and every
+    row still gets its solo tokens."""
+    engine = family_engine
+    planned: list[tuple[DecodeRun, ...]] = []
+
+    def spy(slots, lengths):  # type: ignore[no-untyped-def]
+        planned.append(plan_decode_runs(slots, lengths))
+        return planned[-1]
+
+    monkeypatch.setattr(runner_module, "plan_decode_runs", spy)
+    rng = random.Random(5)
+    sizes = [3, 4, 180, 3, 5, 150]
+    requests = [GenerationRequest(tuple(rng.randrange(50000) for _ in range(n)), 12) for n in sizes]
+    rows = [engine.new_row(r) for r in requests]
+    outputs = run(batch_of(engine, rows=6, budget=400), rows, arrive_every=1)
+    for r, out in zip(requests, outputs, strict=True):
+        [alone] = engine.generate_batch([engine.new_row(r)])
+        assert out == alone
+    runs = [run for plan in planned for run in plan]
+    assert any(len(plan) >= 3 for plan in planned)
+    assert any(r.ragged for r in runs) and any(r.count > 1 and not r.ragged for r in runs)
+    assert any(r.count == 1 and r.window > 150 for r in runs), "a long row read on its own"
 
 
 def test_fixed_shape_steps_pad_to_a_bucket_and_change_no_token(engine: Engine) -> None:

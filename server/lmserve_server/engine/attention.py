@@ -29,6 +29,7 @@ What this relies on in transformers (``>=5.0,<6``), each checked by
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,13 +44,65 @@ ATTENTION = "lmserve_slots"
 STEP_KEYWORD = "lmserve_step"
 
 
+@dataclass(frozen=True)
+class DecodeRun:
+    """Decoding rows in neighbouring slots, attended by one SDPA call: tokens
+    ``[first_token, first_token + count)`` of the step, slots ``[first_slot, first_slot +
+    count)``, ``window`` columns (its longest row); ``ragged`` when its rows' lengths differ."""
+
+    first_token: int
+    first_slot: int
+    count: int
+    window: int
+    ragged: bool
+
+
+# What one more SDPA call costs in the currency of the plan: key/value columns read by one
+# row. A decode step on a CPU reads its keys and values from memory (they are evicted by the
+# weights every layer): about 0.7 us per row and column per layer on this project's CPU, and
+# a call's fixed cost is about 20 us.
+RUN_CALL_COST = 32
+
+
+def plan_decode_runs(slots: Sequence[int], lengths: Sequence[int]) -> tuple[DecodeRun, ...]:
+    """Splits decoding rows (sorted by ``slots``, tokens in each row ``lengths``) into runs of
+    neighbouring slots so that the columns read (each row up to its run's longest), plus
+    ``RUN_CALL_COST`` per run, are fewest: rows of a mixed load differ a lot in length, and
+    one call over all of them reads every row up to the longest. Slots with no decoding row
+    between two rows always split them. O(n^2) over at most a batch of rows."""
+    n = len(slots)
+    best = [0] + [0] * n  # best[j]: the cost of the first j rows
+    cut = [0] * (n + 1)  # cut[j]: where the last run of the first j rows starts
+    for j in range(1, n + 1):
+        longest, best[j] = 0, -1
+        for i in range(j - 1, -1, -1):
+            if i < j - 1 and slots[i + 1] != slots[i] + 1:
+                break  # a gap in the slots: no run spans it
+            longest = max(longest, lengths[i])
+            cost = best[i] + (j - i) * longest + RUN_CALL_COST
+            if best[j] < 0 or cost < best[j]:
+                best[j], cut[j] = cost, i
+    runs = []
+    j = n
+    while j > 0:
+        i = cut[j]
+        window = max(lengths[i:j])
+        ragged = min(lengths[i:j]) != window
+        runs.append(DecodeRun(i, slots[i], j - i, window, ragged))
+        j = i
+    return tuple(reversed(runs))
+
+
 @dataclass
 class StepAttention:
     """Where one packed forward's S tokens go and what each attends to; built once per step
     on the device from the step's uploaded inputs and used by every layer.
 
-    Tokens ``[0, decode_count)`` are single-token rows (decoding, or a one-token prompt):
-    their queries run as one batch over the slots ``[0, decode_span)`` (rows that are not
+    Tokens ``[0, decode_count)`` are single-token rows (decoding, or a one-token prompt).
+    With ``decode_runs`` (eager steps), they are in slot order and attend in runs of
+    neighbouring slots, each run one SDPA call over a view of its slots up to its own longest
+    row (``plan_decode_runs``). Without (fixed shapes, for captured graphs), they run as one
+    batch over the slots ``[0, decode_span)`` and ``decode_window`` columns (rows that are not
     decoding in that span attend to one column and are dropped). The other tokens are
     prefill chunks, ``prefill_count`` of them, padded to ``prefill_width`` queries each.
     """
@@ -60,9 +113,11 @@ class StepAttention:
     decode_count: int
     decode_slots: torch.Tensor  # (D,)
     decode_span: int
-    decode_contiguous: bool  # decode_slots == 0..D-1 and decode_span == D
-    decode_window: int  # columns read per decoding row
-    decode_lengths: torch.Tensor  # (decode_span,) tokens in each slot after this step
+    decode_runs: tuple[DecodeRun, ...] | None
+    decode_window: int  # the most columns a decoding row reads
+    # Tokens in each attended row after this step: (decode_count,) with runs, else
+    # (decode_span,) by slot.
+    decode_lengths: torch.Tensor
     prefill_count: int
     prefill_slots: torch.Tensor  # (P,)
     prefill_starts: torch.Tensor  # (P,) position of each chunk's first token
@@ -94,17 +149,9 @@ class StepAttention:
         heads, head_dim = query.shape[1], query.shape[3]
         out = query.new_empty((query.shape[2], heads, head_dim))  # (S, H, D)
         d = self.decode_count
-        if d:
+        if d and decode_mask is not None:
             q = query[0, :, :d].transpose(0, 1)  # (D, H, D)
-            if self.decode_contiguous:
-                rows = q.unsqueeze(2)  # (D, H, 1, D)
-            else:
-                rows = q.new_zeros((self.decode_span, heads, 1, head_dim))
-                rows[self.decode_slots] = q.unsqueeze(2)
-            window = slice(0, self.decode_window)
-            span = slice(0, self.decode_span)
-            o = _sdpa(rows, keys[span, :, window], values[span, :, window], decode_mask, scaling)
-            out[:d] = o[:, :, 0] if self.decode_contiguous else o[self.decode_slots, :, 0]
+            out[:d] = self._attend_decode(q, keys, values, decode_mask, scaling, sliding_window)
         if self.prefill_count:
             q = query[0, :, d:].transpose(0, 1)  # (Tp, H, D)
             if self.prefill_fresh and prefill_mask is None:
@@ -125,6 +172,39 @@ class StepAttention:
                 o = _sdpa(chunks, k, v, prefill_mask, scaling)  # (P, H, C, D)
                 out[d:] = o[self.prefill_rows, :, self.prefill_columns]
         return out[None]
+
+    def _attend_decode(
+        self,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor,
+        scaling: float | None,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        """(D, H, head_dim) decoding queries -> their (D, H, head_dim) outputs."""
+        if self.decode_runs is None:  # one batch over the span, as a captured graph runs
+            rows = q.new_zeros((self.decode_span, q.shape[1], 1, q.shape[2]))
+            rows[self.decode_slots] = q.unsqueeze(2)
+            span, window = slice(0, self.decode_span), slice(0, self.decode_window)
+            o = _sdpa(rows, keys[span, :, window], values[span, :, window], mask, scaling)
+            return o[self.decode_slots, :, 0]
+        out = torch.empty_like(q)
+        for run in self.decode_runs:
+            tokens = slice(run.first_token, run.first_token + run.count)
+            slots = slice(run.first_slot, run.first_slot + run.count)
+            window = slice(0, run.window)
+            # One row, or rows of one length, read exactly their keys: no mask.
+            masked = run.ragged or sliding_window is not None
+            o = _sdpa(
+                q[tokens].unsqueeze(2),
+                keys[slots, :, window],
+                values[slots, :, window],
+                mask[tokens, :, :, window] if masked else None,
+                scaling,
+            )
+            out[tokens] = o[:, :, 0]
+        return out
 
     def forget_masks(self) -> None:
         """Drops the masks built so far (a captured step is run again over new inputs)."""

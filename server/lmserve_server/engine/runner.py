@@ -33,7 +33,14 @@ from typing import Any
 
 import torch
 
-from lmserve_server.engine.attention import STEP_KEYWORD, StepAttention, install, mask_placeholder
+from lmserve_server.engine.attention import (
+    STEP_KEYWORD,
+    DecodeRun,
+    StepAttention,
+    install,
+    mask_placeholder,
+    plan_decode_runs,
+)
 from lmserve_server.engine.kv_cache import KVCache
 from lmserve_server.engine.sampling import RowSampling, columns_of, sample, tensors_from, unpack
 from lmserve_server.engine.types import TokenLogprob
@@ -244,7 +251,7 @@ class ModelRunner:
     def execute(self, chunks: Sequence[Chunk]) -> list[SampledToken]:
         """Runs the step; returns the new token of each chunk that has ``sampling``, in the
         order of ``chunks``."""
-        decode = [c for c in chunks if len(c.tokens) == 1]
+        decode = sorted((c for c in chunks if len(c.tokens) == 1), key=lambda c: c.slot)
         prefill = [c for c in chunks if len(c.tokens) > 1]
         padded = self.fixed_shapes and not prefill
         if padded:
@@ -308,23 +315,21 @@ class ModelRunner:
         last_token = list(accumulate(len(c.tokens) for c in ordered))
         columns["keep"] = [last_token[i] - 1 for i in sampled]
 
-        # Single-token rows attend as one batch over the slots [0, span).
+        # Single-token rows: eagerly in runs of neighbouring slots (``decode`` is in slot
+        # order), each run up to its longest row; with fixed shapes as one batch over every
+        # slot's whole length, as the captured graph did.
+        runs: tuple[DecodeRun, ...] | None = None
         if self.fixed_shapes:
             span, window = cache.slots + 1, cache.slot_tokens
+            lengths = [1] * span
+            for c in decode:
+                lengths[c.slot] = c.start + 1
         else:
-            span = max((c.slot for c in decode), default=-1) + 1
-            window = max((c.start + 1 for c in decode), default=0)
-        lengths = [1] * span
-        for c in decode:
-            lengths[c.slot] = c.start + 1
+            lengths = [c.start + 1 for c in decode]
+            span, window = len(decode), max(lengths, default=0)
+            runs = plan_decode_runs([c.slot for c in decode], lengths)
         columns["decode_slots"] = [c.slot for c in decode]
         columns["decode_lengths"] = lengths
-        # A fixed-shape step always takes the general path, as its captured graph did.
-        contiguous = (
-            not self.fixed_shapes
-            and span == len(decode)
-            and all(c.slot == i for i, c in enumerate(decode))
-        )
 
         columns["prefill_slots"] = [c.slot for c in prefill]
         columns["prefill_starts"] = [c.start for c in prefill]
@@ -343,7 +348,7 @@ class ModelRunner:
                 decode_count=len(decode),
                 decode_slots=views["decode_slots"],
                 decode_span=span,
-                decode_contiguous=contiguous,
+                decode_runs=runs,
                 decode_window=window,
                 decode_lengths=views["decode_lengths"],
                 prefill_count=len(prefill),

