@@ -167,8 +167,8 @@ def _serve_parser(sub: Any) -> None:
         _bool,
         True,
         "float32 on CPU: prepack the linear layers' weights for oneDNN once at load "
-        "(20-30%% faster matmuls at 2-256 rows; one more copy of those weights in memory); "
-        "ignored elsewhere",
+        "(20-30%% faster matmuls at 2-256 rows; one more copy of those weights in memory) "
+        "and run MLP activations inside them; ignored elsewhere",
     )
     _add(
         p,

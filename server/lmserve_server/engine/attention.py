@@ -7,9 +7,10 @@ model is switched to an attention function of ours (``slot_attention``), registe
 transformers' public ``AttentionInterface``; a step hands it a ``StepAttention`` as the
 ``lmserve_step`` keyword, which the model passes down to every attention call. The function
 writes the step's keys and values into the cache at each token's (slot, position) and gives
-every part its own attention: decoding rows together, prefill chunks together (at most two
-SDPA calls per layer, however many rows). Without ``lmserve_step`` (the static scheduler's
-``generate``) it is transformers' own SDPA, unchanged.
+every part its own attention: decoding rows in runs of neighbouring slots (one SDPA call
+per run, each row read up to its run's longest row: ``plan_decode_runs``), prefill chunks
+together (one call). Without ``lmserve_step`` (the static scheduler's ``generate``) it is
+transformers' own SDPA, unchanged.
 
 What this relies on in transformers (``>=5.0,<6``), each checked by
 ``tests/test_transformers_adapter.py`` so that an upgrade that changes one fails there:
