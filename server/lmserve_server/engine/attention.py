@@ -72,16 +72,17 @@ def plan_decode_runs(slots: Sequence[int], lengths: Sequence[int]) -> tuple[Deco
     one call over all of them reads every row up to the longest. Slots with no decoding row
     between two rows always split them. O(n^2) over at most a batch of rows."""
     n = len(slots)
-    best = [0] + [0] * n  # best[j]: the cost of the first j rows
+    best = [0] * (n + 1)  # best[j]: the cost of the first j rows
     cut = [0] * (n + 1)  # cut[j]: where the last run of the first j rows starts
     for j in range(1, n + 1):
-        longest, best[j] = 0, -1
-        for i in range(j - 1, -1, -1):
-            if i < j - 1 and slots[i + 1] != slots[i] + 1:
+        longest = lengths[j - 1]  # the last row alone: always a candidate
+        best[j], cut[j] = best[j - 1] + longest + RUN_CALL_COST, j - 1
+        for i in range(j - 2, -1, -1):
+            if slots[i + 1] != slots[i] + 1:
                 break  # a gap in the slots: no run spans it
             longest = max(longest, lengths[i])
             cost = best[i] + (j - i) * longest + RUN_CALL_COST
-            if best[j] < 0 or cost < best[j]:
+            if cost < best[j]:
                 best[j], cut[j] = cost, i
     runs = []
     j = n

@@ -147,9 +147,10 @@ def _fuse_activations(model: Any) -> dict[str, str]:
     returns, by the name of the linear before it, the activation that linear must apply."""
     fused = {}
     for name, module in model.named_modules():
-        linear_name, act_name = _FUSED_MLPS.get(type(module).__name__, (None, None))
-        if linear_name is None or act_name is None:
+        parts = _FUSED_MLPS.get(type(module).__name__)
+        if parts is None:
             continue
+        linear_name, act_name = parts
         linear, act = getattr(module, linear_name, None), getattr(module, act_name, None)
         if not isinstance(linear, (torch.nn.Linear, Conv1D)):
             continue
