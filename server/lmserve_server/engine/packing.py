@@ -4,11 +4,16 @@ On a CPU, a decode step multiplies a few rows of activations by every weight mat
 model. A plain ``addmm`` repacks each weight matrix into the library's blocked layout on
 every call, so at 2-256 rows it moves the weights through memory more than once (12 of this
 machine's 31 GB/s at 16 rows). Packing each matrix once at load (``_reorder_linear_weight``,
-the op PyTorch's own compiler uses for CPU linears) makes those calls 20-30% faster. At one
-row the plain call takes a matrix-vector path that the packed one can't beat (it is 30%
-slower there), and from about 500 rows both are compute-bound and equal; so a packed layer
-keeps its plain weight too and uses it for single rows. That costs one more copy of the
-linear weights in memory: the flag is ``--pack-weights``.
+the op PyTorch's own compiler uses for CPU linears) makes those calls 20-30% faster, and
+from about 500 rows both are compute-bound and equal.
+
+Every row count takes the same packed kernel, one row included, and a row's result is then
+bitwise the same whatever rows share the call (``tests/test_packing.py``): the plain
+matrix-vector product of a lone row sums in another order, so a request decoding alone got
+logits a few 1e-6 off those it got in company, enough to change a seeded draw from a flat
+distribution now and then. (At one row the packed call costs about the same as the plain
+one on this project's CPU: 37-38 ms for a 124M-parameter model's decode step.) The flag is
+``--pack-weights``.
 
 An MLP's activation runs inside its first matmul (oneDNN's post-op, as PyTorch's compiler
 fuses it): GPT-2's tanh GELU as five elementwise passes over the (rows, 3072) activations
@@ -26,9 +31,7 @@ libraries); both schedulers use the same packed model.
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -41,15 +44,15 @@ log = logging.getLogger(__name__)
 BATCH_HINT = 16
 
 
-# oneDNN post-op (attribute, algorithm) and the same function for the one-row path, by the
-# activation module's class name (transformers.activations, torch.nn).
-_TANH_GELU = ("gelu", "tanh", functools.partial(torch.nn.functional.gelu, approximate="tanh"))
-_ACTIVATIONS: dict[str, tuple[str, str, Callable[[torch.Tensor], torch.Tensor]]] = {
+# oneDNN post-op (attribute, algorithm) by the activation module's class name
+# (transformers.activations, torch.nn).
+_TANH_GELU = ("gelu", "tanh")
+_ACTIVATIONS: dict[str, tuple[str, str]] = {
     "NewGELUActivation": _TANH_GELU,  # gpt2's "gelu_new"
     "GELUTanh": _TANH_GELU,  # "gelu_pytorch_tanh"
     "FastGELUActivation": _TANH_GELU,  # "gelu_fast": the same formula, factored
-    "GELUActivation": ("gelu", "none", torch.nn.functional.gelu),  # exact (erf) GELU
-    "ReLU": ("relu", "", torch.nn.functional.relu),
+    "GELUActivation": ("gelu", "none"),  # exact (erf) GELU
+    "ReLU": ("relu", ""),
 }
 
 # MLPs whose forward starts ``activation(linear(x))``: class name -> (linear, activation).
@@ -61,11 +64,9 @@ _FUSED_MLPS = {
 
 
 class PackedLinear(torch.nn.Module):
-    """``y = x @ W + b`` with ``W`` (in, out): prepacked for two rows or more, the plain
-    weight (shared with the original layer, not copied) for one. With ``activation`` (a key of
+    """``y = x @ W + b`` with ``W`` (in, out) prepacked. With ``activation`` (a key of
     ``_ACTIVATIONS``), ``y`` is that function of it, computed in the matmul's epilogue."""
 
-    plain_weight: torch.Tensor
     packed_weight: torch.Tensor
     bias: torch.Tensor | None
 
@@ -78,30 +79,19 @@ class PackedLinear(torch.nn.Module):
         super().__init__()
         self.activation = activation
         self._post_op, self._algorithm = "none", ""
-        self._act: Callable[[torch.Tensor], torch.Tensor] | None = None
         if activation is not None:
-            self._post_op, self._algorithm, self._act = _ACTIVATIONS[activation]
+            self._post_op, self._algorithm = _ACTIVATIONS[activation]
         self.in_features, self.out_features = weight_in_out.shape
-        plain = weight_in_out.detach()
-        packed = torch.ops.mkldnn._reorder_linear_weight(plain.t().contiguous(), BATCH_HINT)
-        self.register_buffer("plain_weight", plain, persistent=False)  # (in, out)
+        weight = weight_in_out.detach().t().contiguous()
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT)
         self.register_buffer("packed_weight", packed, persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # (N, in)
-        if rows.shape[0] == 1:  # a matrix-vector product: the plain path is faster
-            y = (
-                rows @ self.plain_weight
-                if self.bias is None
-                else torch.addmm(self.bias, rows, self.plain_weight)
-            )
-            if self._act is not None:
-                y = self._act(y)
-        else:
-            y = torch.ops.mkldnn._linear_pointwise(
-                rows, self.packed_weight, self.bias, self._post_op, [], self._algorithm
-            )  # (N, out)
+        y = torch.ops.mkldnn._linear_pointwise(
+            rows, self.packed_weight, self.bias, self._post_op, [], self._algorithm
+        )  # (N, out)
         return y.view(*x.shape[:-1], self.out_features)
 
 
