@@ -4,12 +4,23 @@
 
 Drives ``ContinuousBatch`` (planner, runner, rows) as the scheduler's engine thread does, in
 a closed loop of ``--clients`` callers: every row that finishes is replaced by the next
-request. Runs the peer benchmark's mixed and uniform workloads (``peer.py``) and prints
-tok/s, and per step the wall time split into the device's part (the model's forward and
-the sampling: ``ModelRunner.last_device_s``) and the host's part (planning, packing the
-inputs, handing tokens to rows, retiring them), overall and for steps of about 16 rows.
-Then the uniform workload again with every row using penalties and logprobs (the request
-options' sampler at full work) and its decode step's cost beside the greedy one's.
+request. Prints tok/s, and per step the wall time split into the device's part (the model's
+forward and the sampling: ``ModelRunner.last_device_s``) and the host's part (planning,
+packing the inputs, handing tokens to rows, retiring them).
+
+The peer benchmark's mixed workload, then its uniform one under every kind of request a
+backend sends, in interleaved rounds (a slow spell of a shared machine hits all alike), each
+decode step of ~16 rows against a greedy one of the same round:
+
+- ``sampled``: every row samples (temperature 0.8, top-p 0.95, top-k 50);
+- ``sampled+options``: the same with repetition/presence/frequency penalties and 5 logprobs;
+- ``nucleus``: temperature 0.8, top-p 0.95 and no top-k (a flat random model's nucleus is
+  most of the vocabulary: the sampler's exact pass, every row, every step);
+- ``streams+stops``: every row streams, with 16 stop strings of 256 characters (the most a
+  request may send) that never match.
+
+Last, ``--host-rows`` rows (64) of the tiny test model in decode steps, one torch thread:
+the host's CPU time per step (everything but the forward and the sampling).
 """
 
 from __future__ import annotations
@@ -17,15 +28,18 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import random
 import statistics
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peer import mixed_specs, uniform_specs
+from peer import WORDS, mixed_specs, uniform_specs
 
 from lmserve.bench_workload import RequestSpec
 
@@ -35,13 +49,36 @@ class _Entry:
     row: object
 
 
-# Every row with every per-token option that costs sampler work.
-OPTIONS = {"repetition_penalty": 1.2, "presence_penalty": 0.5, "frequency_penalty": 0.5}
-LOGPROBS = 5
+# (name, sampling settings, logprobs, stream with stop strings)
+def variants() -> list[tuple[str, dict[str, Any], int | None, bool]]:
+    sampled = {"temperature": 0.8, "top_p": 0.95, "top_k": 50}
+    penalties = {"repetition_penalty": 1.2, "presence_penalty": 0.5, "frequency_penalty": 0.5}
+    return [
+        ("greedy", {}, None, False),
+        ("sampled", sampled, None, False),
+        ("sampled+options", {**sampled, **penalties}, 5, False),
+        ("nucleus", {"temperature": 0.8, "top_p": 0.95}, None, False),
+        ("streams+stops", {}, None, True),
+    ]
+
+
+def stop_strings() -> tuple[str, ...]:
+    """16 strings of 256 characters that a random model's text will not contain."""
+    rng = random.Random(2)
+    return tuple(
+        ("~" + " ".join(rng.choices(WORDS, k=60)))[:256].ljust(256, "~") for _ in range(16)
+    )
 
 
 def run(
-    engine: object, specs: list[RequestSpec], clients: int, budget: int, options: bool = False
+    engine: object,
+    specs: list[RequestSpec],
+    clients: int,
+    budget: int,
+    sampling: dict[str, Any] | None = None,
+    logprobs: int | None = None,
+    streams: bool = False,
+    step_clock: Any = None,
 ) -> dict[str, object]:
     from lmserve_server.engine.model import Engine
     from lmserve_server.engine.types import GenerationRequest, SamplingParams
@@ -49,31 +86,38 @@ def run(
     from lmserve_server.scheduling.planner import StepPlanner
 
     assert isinstance(engine, Engine)
-    sampling = SamplingParams(**OPTIONS) if options else SamplingParams()
-    logprobs = LOGPROBS if options else None
+    params = SamplingParams(**(sampling or {}))
+    stops = stop_strings() if streams else ()
     todo = collections.deque(
         GenerationRequest(
-            tuple(engine.tokenize(str(s.prompt))), s.max_new_tokens, sampling, logprobs=logprobs
+            tuple(engine.tokenize(str(s.prompt))),
+            s.max_new_tokens,
+            replace(params, seed=i) if not params.greedy else params,
+            stop=stops,
+            logprobs=logprobs,
         )
-        for s in specs
+        for i, s in enumerate(specs)
     )
     runner = engine.continuous_runner(
         slots=clients, slot_tokens=engine.max_context, max_step_tokens=budget
     )
     batch = ContinuousBatch(runner, StepPlanner(max_rows=clients, max_step_tokens=budget))
     waiting: collections.deque[_Entry] = collections.deque()
+    deltas: list[object] = []
     steps: list[tuple[int, bool, float, float]] = []  # rows, prefill?, wall s, device s
     tokens = 0
+    clock = step_clock or time.perf_counter
     started = time.perf_counter()
     while todo or waiting or batch.running:
         while todo and len(batch.running) + len(waiting) < clients:  # a caller sends again
-            waiting.append(_Entry(engine.new_row(todo.popleft())))
-        step_started = time.perf_counter()
-        work = batch.plan(waiting)  # type: ignore[arg-type]
+            on_delta = deltas.append if streams else None
+            waiting.append(_Entry(engine.new_row(todo.popleft(), on_delta)))
+        step_started = clock()
+        work = batch.admit_and_plan(waiting)  # type: ignore[arg-type]
         batch.run(work)
         for ended in batch.retire():
-            tokens += ended.row.generated
-        wall = time.perf_counter() - step_started
+            tokens += ended.row.output().token_ids.__len__()
+        wall = clock() - step_started
         prefill = any(len(w.chunk.tokens) > 1 for w in work)
         steps.append((len(work), prefill, wall, runner.last_device_s))
     seconds = time.perf_counter() - started
@@ -96,12 +140,57 @@ def describe(name: str, f: dict[str, object]) -> str:
     host16 = statistics.mean(s[2] - s[3] for s in near16)
     wall16 = statistics.mean(s[2] for s in near16)
     return (
-        f"{name:>7}: {f['tokens'] / f['seconds']:6.1f} tok/s, {f['seconds']:5.2f} s, "
+        f"{name:>15}: {f['tokens'] / f['seconds']:6.1f} tok/s, {f['seconds']:5.2f} s, "
         f"{len(steps)} steps ({len(steps) - len(decode)} with prefill); host "
         f"{100 * host / wall:.1f}% of all step time; decode steps of "
         f"{statistics.mean(s[0] for s in near16):.0f} rows: {1000 * wall16:.1f} ms, of which "
         f"host {1000 * host16:.2f} ms ({100 * host16 / wall16:.1f}%)"
     )
+
+
+def host_time(model: str, rows: int) -> tuple[float, float]:
+    """(host CPU ms, step wall ms) of the median decode step of ``rows`` rows, one torch
+    thread: the thread's CPU time over the whole step, less its time between the runner's
+    device marks (the forward and the sampling)."""
+    import torch
+
+    from lmserve_server.config import EngineConfig
+    from lmserve_server.engine import runner as runner_module
+    from lmserve_server.engine.model import Engine
+
+    torch.set_num_threads(1)
+    engine = Engine.load(EngineConfig(model=model))
+    device_cpu = [0.0, 0.0]  # thread time at the last start mark; since the step began
+
+    class Marked(runner_module._Device):
+        def mark(self, which: int) -> None:
+            super().mark(which)
+            if which == 0:
+                device_cpu[0] = time.thread_time()
+            else:
+                device_cpu[1] += time.thread_time() - device_cpu[0]
+
+    def clock() -> float:  # read at a step's start and end: the step's device time restarts
+        now = time.thread_time()
+        clock.started = not getattr(clock, "started", False)  # type: ignore[attr-defined]
+        if clock.started:  # type: ignore[attr-defined]
+            device_cpu[1] = 0.0
+            return now
+        return now - device_cpu[1]  # the step's CPU time, less the device part's
+
+    original = runner_module._Device
+    runner_module._Device = Marked  # type: ignore[misc]
+    try:
+        specs = uniform_specs(rows * 2, words=8, new_tokens=32)
+        run(engine, specs[:rows], rows, 4 * rows)  # warm-up
+        host_steps = run(engine, specs, rows, 4 * rows, step_clock=clock)["steps"]
+        wall_steps = run(engine, specs, rows, 4 * rows)["steps"]
+    finally:
+        runner_module._Device = original  # type: ignore[misc]
+    assert isinstance(host_steps, list) and isinstance(wall_steps, list)
+    host = [s[2] for s in host_steps if not s[1] and s[0] == rows]
+    wall = [s[2] for s in wall_steps if not s[1] and s[0] == rows]
+    return 1000 * statistics.median(host), 1000 * statistics.median(wall)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,7 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--max-step-tokens", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--host-rows", type=int, default=64)
+    parser.add_argument(
+        "--tiny-model", default="", help="the tiny test model's directory (made if not given)"
+    )
     parser.add_argument(
         "--huge-pages", type=int, default=1, help="as lmserve serve --huge-pages (1) or not (0)"
     )
@@ -123,25 +216,48 @@ def main(argv: list[str] | None = None) -> int:
 
     from lmserve_server.config import EngineConfig
     from lmserve_server.engine.model import Engine
+    from lmserve_server.testmodel import write_test_model
 
     engine = Engine.load(
         EngineConfig(model=args.model, device=args.device, pack_weights=not args.plain_weights)
     )
     run(engine, mixed_specs()[:4], args.clients, args.max_step_tokens)  # warm-up
+    f = run(engine, mixed_specs(), args.clients, args.max_step_tokens)
+    print(describe("mixed", f), flush=True)
     step_ms: dict[str, list[float]] = collections.defaultdict(list)
-    for name, specs, options in (
-        ("mixed", mixed_specs(), False),
-        ("uniform", uniform_specs(), False),
-        ("options", uniform_specs(), True),
-    ):
-        for _ in range(args.repeats):
-            f = run(engine, specs, args.clients, args.max_step_tokens, options)
-            print(describe(name, f), flush=True)
-            step_ms[name] += [1000 * s[2] for s in around16(f)]
-    greedy, optioned = statistics.median(step_ms["uniform"]), statistics.median(step_ms["options"])
+    ratios: dict[str, list[float]] = collections.defaultdict(list)
+    for round_ in range(args.rounds):
+        medians = {}
+        for name, sampling, logprobs, streams in variants():
+            f = run(
+                engine,
+                uniform_specs(),
+                args.clients,
+                args.max_step_tokens,
+                sampling,
+                logprobs,
+                streams,
+            )
+            print(f"round {round_ + 1} {describe(name, f)}", flush=True)
+            medians[name] = statistics.median(1000 * s[2] for s in around16(f))
+            step_ms[name].append(medians[name])
+        for name in medians:
+            ratios[name].append(medians[name] / medians["greedy"])
+    print(f"\ndecode step of ~{args.clients} rows, medians over {args.rounds} rounds:")
+    for name in step_ms:
+        print(
+            f"{name:>15}: {statistics.median(step_ms[name]):6.1f} ms, "
+            f"{statistics.median(ratios[name]):.3f}x greedy "
+            f"(rounds: {', '.join(f'{r:.3f}' for r in ratios[name])})",
+            flush=True,
+        )
+    tiny = args.tiny_model
+    if not tiny:
+        tiny = str(write_test_model(Path(tempfile.mkdtemp()) / "tiny-gpt2"))
+    host_ms, wall_ms = host_time(tiny, args.host_rows)
     print(
-        f"decode step, ~{args.clients} rows: greedy {greedy:.1f} ms, every row with penalties "
-        f"and {LOGPROBS} logprobs {optioned:.1f} ms: {optioned / greedy:.2f}x",
+        f"\nhost CPU time of a {args.host_rows}-row decode step (tiny model, one thread): "
+        f"{host_ms:.2f} ms of a {wall_ms:.2f} ms step",
         flush=True,
     )
     return 0

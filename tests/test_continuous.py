@@ -14,7 +14,7 @@ from lmserve_server.engine import runner as runner_module
 from lmserve_server.engine.attention import DecodeRun, plan_decode_runs
 from lmserve_server.engine.model import Engine
 from lmserve_server.engine.rows import Row
-from lmserve_server.engine.runner import eager_capture
+from lmserve_server.engine.runner import rerun_capture
 from lmserve_server.engine.types import (
     FinishReason,
     GenerationOutput,
@@ -58,7 +58,7 @@ def run(
             for _ in range(rng.randint(1, 4)):
                 if pending:
                     waiting.append(Entry(pending.popleft()))
-        batch.run(batch.plan(waiting))
+        batch.run(batch.admit_and_plan(waiting))
         batch.retire()
         step += 1
     return [r.output() for r in rows]
@@ -132,38 +132,40 @@ def test_fixed_shape_steps_pad_to_a_bucket_and_change_no_token(engine: Engine) -
     plain = run(batch_of(engine, rows=5), [engine.new_row(r) for r in requests])
     fixed_batch = batch_of(engine, rows=5, fixed=True)
     shapes: set[int] = set()
-    execute = fixed_batch.runner.execute
+    launch = fixed_batch.runner.launch
 
     def spy(chunks):  # type: ignore[no-untyped-def]
         if all(len(c.tokens) == 1 for c in chunks):
             shapes.add(len(chunks))
-        return execute(chunks)
+        return launch(chunks)
 
-    fixed_batch.runner.execute = spy  # type: ignore[method-assign]
+    fixed_batch.runner.launch = spy  # type: ignore[method-assign]
     fixed = run(fixed_batch, [engine.new_row(r) for r in requests])
     assert fixed == plain
     assert {3, 5} & shapes, "decode-only steps of 3 and 5 rows ran (padded to 4 and 8)"
 
 
 def test_captured_step_graphs_replay_over_the_persistent_buffers(family_engine: Engine) -> None:
-    """What CUDA graphs need, checked without a GPU: every decode-only step of a bucket
-    runs the forward captured for it (``eager_capture`` re-runs the captured closure over the
-    views it was built on), and the tokens are the eager steps' tokens, so each step wrote
-    its inputs exactly where the captured forward reads them."""
+    """What CUDA graphs need, checked without a GPU: every decode-only step runs the forward
+    captured for its buckets of rows and columns (``rerun_capture`` re-runs the captured
+    closure over the views it was built on), and the tokens are the eager steps' tokens, so
+    each step wrote its inputs exactly where the captured forward reads them."""
     engine = family_engine
     requests = [request(engine, p, n) for p, n in zip(PROMPTS, [9, 3, 14, 6, 11], strict=False)]
     plain = run(batch_of(engine, rows=5), [engine.new_row(r) for r in requests])
     batch = batch_of(engine, rows=5, fixed=True)
-    assert batch.runner.capture_graphs(eager_capture, max_rows=5) == [1, 2, 4, 8]
+    pairs = batch.runner.capture_graphs(rerun_capture, max_rows=5)
+    assert {rows for rows, _ in pairs} == {1, 2, 4, 8}
+    assert {window for _, window in pairs} == {64, 128, 256}
     decode_only = 0
-    execute = batch.runner.execute
+    launch = batch.runner.launch
 
     def count(chunks):  # type: ignore[no-untyped-def]
         nonlocal decode_only
         decode_only += all(len(c.tokens) == 1 for c in chunks)
-        return execute(chunks)
+        return launch(chunks)
 
-    batch.runner.execute = count  # type: ignore[method-assign]
+    batch.runner.launch = count  # type: ignore[method-assign]
     graphed = run(batch, [engine.new_row(r) for r in requests])
     assert graphed == plain
     assert batch.runner.graph_replays == decode_only > 10
@@ -193,12 +195,12 @@ def test_stop_strings_streams_and_cancellation(engine: Engine) -> None:
     leaving = engine.new_row(request(engine, "Bye", 50))
     batch = batch_of(engine)
     waiting = deque(Entry(r) for r in (stopping, streaming, leaving))
-    batch.run(batch.plan(waiting))
+    batch.run(batch.admit_and_plan(waiting))
     leaving.cancel()
     assert [r.row for r in batch.retire()] == [leaving]
     assert batch.runner.cache.free_slots == 2, "the cancelled row's slot is free at once"
     while batch.running:
-        batch.run(batch.plan(deque()))
+        batch.run(batch.admit_and_plan(deque()))
         batch.retire()
     assert stopping.output().finish_reason is FinishReason.STOP
     assert stopping.output().text == full.text[: full.text.index(stop)]
@@ -216,12 +218,12 @@ def test_a_long_prompt_never_stalls_decoding_rows_for_more_than_a_chunk(engine: 
     batch = batch_of(engine, rows=3, budget=24, slot_tokens=512)
     decoding = engine.new_row(request(engine, "Hello", 40))
     waiting = deque([Entry(decoding)])
-    batch.run(batch.plan(waiting))
+    batch.run(batch.admit_and_plan(waiting))
     waiting.append(Entry(engine.new_row(request(engine, long_prompt, 5))))
     steps = 0
     while batch.running[-1].prefilled < 200:
         before = decoding.generated
-        work = batch.plan(waiting)
+        work = batch.admit_and_plan(waiting)
         assert sum(len(w.chunk.tokens) for w in work) <= 24
         batch.run(work)
         assert decoding.generated == before + 1, "the running row got its token this step"

@@ -5,15 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmserve_server.engine.detokenizer import (
-    IncrementalDetokenizer,
-    find_stop,
-    stop_prefix_length,
-)
+from lmserve_server.engine.detokenizer import IncrementalDetokenizer
 from lmserve_server.engine.model import Engine
 
 MULTIBYTE = "naïve café — 世界の終わり 🙂🚀 ok"
@@ -76,24 +71,3 @@ def test_the_settled_text_is_the_whole_decode(engine: Engine, tokens: list[int])
     out, detok = pieces(engine, tokens)
     final = detok.flush()
     assert "".join(out) + final == detok.text == engine.decode(tokens)
-
-
-@pytest.mark.parametrize(
-    ("text", "new_from", "found"),
-    [
-        ("hello world", 0, 6),
-        ("hello world", 9, 6),  # "world" ends after position 9: still found
-        ("hello world", 11, None),  # already scanned up to its end
-        ("one STOP two END", 0, 4),
-        ("one two END", 0, 8),
-    ],
-)
-def test_find_stop_looks_at_the_new_tail(text: str, new_from: int, found: int | None) -> None:
-    assert find_stop(text, ["world", "STOP", "END"], new_from) == found
-
-
-def test_stop_prefix_length_is_the_longest_tail_a_stop_string_starts_with() -> None:
-    assert stop_prefix_length("one two thr", ["three f"]) == 3
-    assert stop_prefix_length("one two three ", ["three f"]) == 6
-    assert stop_prefix_length("one two", ["three f"]) == 0
-    assert stop_prefix_length("abc", ["c", "bcd", "x"]) == 2

@@ -1,67 +1,211 @@
-"""The batched sampler alone, on hand-made logits: per-row filters, counter-based draws
-that ignore the batch's company and padding, and a kernel count that ignores the rows."""
+"""The batched sampler alone, on hand-made logits: the filters against a sorted reference,
+draws against the exact filtered distribution, the candidates' way against the whole
+vocabulary's, counter-based draws that ignore the batch's company and padding, and a kernel
+count that ignores the rows."""
 
 from __future__ import annotations
 
 import collections
+import math
+from collections.abc import Sequence
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lmserve_server.engine.sampling import (
-    RowSampling,
-    filtered_probs,
+    CANDIDATES,
+    Sampled,
+    nucleus_threshold,
     sample,
-    sampling_tensors,
+    seed_hash,
     uniform,
+    uniform_tensor,
 )
-from lmserve_server.engine.types import SamplingParams
+from lmserve_server.engine.sampling_slots import SamplingSlots
+from lmserve_server.engine.types import GenerationRequest, SamplingParams
 
 CPU = torch.device("cpu")
-_PER_STEP = {"seed", "counter", "suppress", "prompt_tokens", "generated_counts", "logprobs"}
+END = 3  # the end token of these tests' vocabularies
 
 
-def row_of(**settings: object) -> RowSampling:
-    """A ``RowSampling`` from flat settings: the request's ones go to its ``params``."""
-    params = {k: v for k, v in settings.items() if k not in _PER_STEP}
-    step = {k: v for k, v in settings.items() if k in _PER_STEP}
-    return RowSampling(SamplingParams(**params), **step)  # type: ignore[arg-type]
+def request_of(
+    min_new_tokens: int = 0,
+    logprobs: int | None = None,
+    stop_token_ids: tuple[int, ...] = (),
+    **params: object,
+) -> GenerationRequest:
+    return GenerationRequest(
+        (1, 2),
+        16,
+        SamplingParams(**params),  # type: ignore[arg-type]
+        stop_token_ids=stop_token_ids,
+        min_new_tokens=min_new_tokens,
+        logprobs=logprobs,
+    )
 
 
-def probs_of(logits: list[float], **settings: float) -> torch.Tensor:
-    row = row_of(**{"temperature": 1.0, **settings})
-    return filtered_probs(torch.tensor([logits]), sampling_tensors([row], CPU))[0]
+def slots_for(
+    requests: Sequence[GenerationRequest],
+    vocab: int,
+    counters: Sequence[int] | None = None,
+    seen: Sequence[Sequence[int]] = (),
+    generated: Sequence[Sequence[int]] = (),
+) -> SamplingSlots:
+    """A table with request i in slot i, each having drawn ``counters[i]`` tokens (or
+    ``generated[i]``), having seen ``seen[i]``."""
+    slots = SamplingSlots(len(requests), vocab, CPU, frozenset({END}))
+    remaining = np.zeros(len(requests), dtype=np.int64)
+    for i, r in enumerate(requests):
+        tokens = list(generated[i]) if i < len(generated) else []
+        slots.admit(i, r, seed=r.sampling.seed or 0, generated=tokens)
+        if counters is not None:
+            remaining[i] = counters[i] - len(tokens)
+        if i < len(seen) and seen[i]:
+            ids = torch.tensor(list(seen[i]))
+            slots.mark_seen(torch.full_like(ids, i), ids)
+    for step in range(int(remaining.max(initial=0))):
+        slots.advance(np.nonzero(remaining > step)[0])
+    return slots
 
 
-def test_top_k_keeps_the_k_most_likely() -> None:
-    probs = probs_of([1.0, 5.0, 3.0, 4.0, 2.0], top_k=2)
-    assert (probs > 0).tolist() == [False, True, False, True, False]
-    assert abs(float(probs.sum()) - 1.0) < 1e-6
+def draw(
+    logits: torch.Tensor,
+    slots: SamplingSlots,
+    full_sort: bool = False,
+    rows: list[int] | None = None,
+) -> Sampled:
+    rows = list(range(logits.shape[0])) if rows is None else rows
+    return sample(logits, slots.rows(rows, torch.tensor(rows)), full_sort=full_sort)
 
 
-def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
-    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])).tolist()
-    assert (probs_of(logits, top_p=0.7) > 0).tolist() == [True, True, False, False]
-    assert (probs_of(logits, top_p=0.1) > 0).tolist() == [True, False, False, False]
-    assert (probs_of(logits, top_p=1.0) > 0).tolist() == [True] * 4
+def reference(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The filtered distribution by the book, in float64 over a sorted vocabulary:
+    temperature, top-k, top-p over what top-k kept, min-p; ties at a cut are kept."""
+    probs = torch.softmax(logits.double() / params.temperature, dim=-1)
+    ordered = probs.sort(descending=True).values
+    threshold = 0.0
+    if params.top_k:
+        threshold = float(ordered[min(params.top_k, len(ordered)) - 1])
+    if params.top_p < 1.0:
+        kept = ordered[ordered >= threshold]
+        before = torch.cat([torch.zeros(1, dtype=kept.dtype), kept.cumsum(0)[:-1]])
+        inside = int((before < params.top_p * kept.sum()).sum())
+        threshold = max(threshold, float(kept[inside - 1]))
+    threshold = max(threshold, params.min_p * float(ordered[0]))
+    kept_probs = probs * (probs >= threshold)
+    return kept_probs / kept_probs.sum()
 
 
-def test_temperature_sharpens_and_flattens() -> None:
-    cold = probs_of([2.0, 1.0, 0.0], temperature=0.1)
-    hot = probs_of([2.0, 1.0, 0.0], temperature=10.0)
-    assert cold[0] > 0.99 and float(hot.max() - hot.min()) < 0.1
+SETTINGS = [
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0.7, top_k=5),
+    SamplingParams(temperature=1.0, top_p=0.6),
+    SamplingParams(temperature=1.3, top_k=8, top_p=0.8),
+    SamplingParams(temperature=1.0, min_p=0.2),
+    SamplingParams(temperature=0.5, top_p=0.9, min_p=0.05),
+]
 
 
-def test_each_row_filters_with_its_own_settings() -> None:
-    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0]] * 3)
-    rows = [
-        row_of(temperature=1.0, top_k=1),
-        row_of(temperature=1.0, top_k=3),
-        row_of(temperature=1.0),
-    ]
-    kept = (filtered_probs(logits, sampling_tensors(rows, CPU)) > 0).sum(dim=1)
-    assert kept.tolist() == [1, 3, 5]
+@pytest.mark.parametrize("params", SETTINGS, ids=str)
+def test_draws_follow_the_exact_filtered_distribution(params: SamplingParams) -> None:
+    """4000 draws (one per counter) from a 12-token vocabulary: every token's frequency
+    within 0.03 of the reference probability, none drawn outside the kept set."""
+    logits = torch.tensor([[2.0, 1.5, 1.4, 1.0, 0.5, 0.4, 0.0, -0.5, -1.0, -1.0, -2.0, -3.0]])
+    expected = reference(logits[0], params)
+    counts: collections.Counter[int] = collections.Counter()
+    draws = 4000
+    for start in range(0, draws, 200):
+        requests = [request_of(**{**vars(params), "seed": 9})] * 200
+        slots = slots_for(requests, 12, counters=range(start, start + 200))
+        counts.update(draw(logits.expand(200, -1), slots).tokens.tolist())
+    for token, p in enumerate(expected.tolist()):
+        assert abs(counts[token] / draws - p) < 0.03, (token, counts[token], p)
+        assert p > 0 or counts[token] == 0
+
+
+PAST_THE_CANDIDATES = [
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=1.0, top_p=0.6),
+    SamplingParams(temperature=0.5, top_p=0.9, min_p=0.05),
+    SamplingParams(temperature=1.0, top_k=300, top_p=0.95),
+    SamplingParams(temperature=1.0, min_p=0.5),
+]
+
+
+@pytest.mark.parametrize("params", PAST_THE_CANDIDATES, ids=str)
+def test_draws_past_the_candidates_follow_the_exact_filtered_distribution(
+    params: SamplingParams,
+) -> None:
+    """A flat distribution over 2000 tokens, whose nucleus is far more than the candidates:
+    the exact pass. The kept set is the reference's, and the draws' mass over the kept
+    tokens in ten bands of probability follows the reference (chi-square, 9 degrees of
+    freedom, p = 0.001)."""
+    vocab = 2000
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn((1, vocab), generator=generator) * 0.3
+    expected = reference(logits[0], params)
+    draws = 3000
+    requests = [request_of(**{**vars(params), "seed": 4})] * draws
+    slots = slots_for(requests, vocab, counters=range(draws))
+    tokens = draw(logits.expand(draws, -1), slots).tokens
+    assert bool((expected[tokens] > 0).all()), "a token outside the kept set was drawn"
+    kept = (expected > 0).nonzero()[:, 0]
+    assert len(kept) > CANDIDATES + 1
+    bands = kept[expected[kept].argsort()].tensor_split(10)
+    observed = [int(torch.isin(tokens, band).sum()) for band in bands]
+    mass = [float(expected[band].sum()) * draws for band in bands]
+    chi2 = sum((o - m) ** 2 / m for o, m in zip(observed, mass, strict=True))
+    assert chi2 < 27.9, (observed, mass)
+
+
+def random_logits(rows: int, vocab: int, generator: torch.Generator) -> torch.Tensor:
+    """Peaked, flat and tied rows."""
+    spread = torch.tensor([4.0, 0.2, 1.0, 2.0])[torch.arange(rows) % 4][:, None]
+    logits = torch.randn((rows, vocab), generator=generator) * spread
+    logits[3::4, : vocab // 2] = logits[3::4, :1]  # many equal logits
+    return logits
+
+
+@pytest.mark.parametrize("params", SETTINGS, ids=str)
+def test_candidates_and_the_whole_vocabulary_draw_the_same_tokens(
+    params: SamplingParams,
+) -> None:
+    """Either way (candidates then the exact pass on a CPU, a sort of the vocabulary on a
+    GPU) a row keeps the reference's tokens and draws the same one for the same number."""
+    generator = torch.Generator().manual_seed(1)
+    vocab = 700
+    logits = random_logits(32, vocab, generator)
+    for seed in range(6):
+        requests = [request_of(**{**vars(params), "seed": seed * 100 + i}) for i in range(32)]
+        slots = slots_for(requests, vocab)
+        by_candidates = draw(logits, slots).tokens
+        by_sorting = draw(logits, slots, full_sort=True).tokens
+        assert torch.equal(by_candidates, by_sorting)
+        for row, token in enumerate(by_candidates.tolist()):
+            assert float(reference(logits[row], params)[token]) > 0
+
+
+def test_nucleus_threshold_is_the_sorted_cumulative_threshold() -> None:
+    generator = torch.Generator().manual_seed(2)
+    probs = torch.softmax(random_logits(24, 5000, generator), dim=-1)
+    probs[5, 100:] = 0.0  # zeros, as top-k leaves them
+    mass = torch.rand(24, generator=generator) * 0.98 + 0.01
+    ordered = probs.sort(dim=-1, descending=True).values
+    before = ordered.double().cumsum(dim=-1) - ordered.double()
+    inside = (before < mass.double()[:, None]).sum(dim=-1)
+    expected = ordered.gather(1, (inside - 1)[:, None])[:, 0]
+    assert torch.equal(nucleus_threshold(probs, mass), expected)
+
+
+def test_uniform_on_the_device_is_the_host_function() -> None:
+    seeds = [0, 1, 7, 2**31, 2**63 - 1, 2**64 - 1, 123456789123456789]
+    counters = [0, 1, 2, 1000, 2**40 + 3]
+    hashed = torch.tensor([seed_hash(s) for s in seeds for _ in counters])
+    counter = torch.tensor([c for _ in seeds for c in counters])
+    on_device = uniform_tensor(hashed, counter).tolist()
+    assert on_device == [uniform(s, c) for s in seeds for c in counters]
 
 
 def test_uniform_is_a_function_of_seed_and_counter() -> None:
@@ -72,65 +216,66 @@ def test_uniform_is_a_function_of_seed_and_counter() -> None:
     assert 0.45 < sum(draws) / len(draws) < 0.55
 
 
-def test_draws_follow_the_filtered_distribution() -> None:
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    counts: collections.Counter[int] = collections.Counter()
-    for counter in range(4000):
-        row = row_of(temperature=1.0, seed=3, counter=counter)
-        counts[int(sample(logits, sampling_tensors([row], CPU)).tokens[0])] += 1
-    for token, p in enumerate([0.5, 0.3, 0.15, 0.05]):
-        assert abs(counts[token] / 4000 - p) < 0.03, counts
+def test_each_token_of_a_row_draws_a_new_number() -> None:
+    """One slot, drawn from again and again over a uniform distribution of 1000 tokens as
+    its counter advances: its tokens spread over the vocabulary."""
+    slots = slots_for([request_of(temperature=1.0, seed=3)], 1000)
+    logits = torch.zeros((1, 1000))
+    tokens = []
+    for _ in range(64):
+        tokens.append(int(draw(logits, slots).tokens[0]))
+        slots.advance([0])
+    assert len(set(tokens)) > 55
+    assert {t * 4 // 1000 for t in tokens} == {0, 1, 2, 3}
 
 
-def random_rows(n: int, generator: torch.Generator) -> list[RowSampling]:
-    """Greedy rows and sampling rows with every option: top-k, top-p, penalties over a
-    history, logit bias, suppressed tokens, logprobs."""
-    rows = []
+def company(n: int) -> list[GenerationRequest]:
+    """Greedy rows and sampling rows with every option: top-k (within the candidates and
+    beyond), top-p, min-p, penalties, logit bias, suppressed tokens, logprobs."""
+    requests = []
     for i in range(n):
-        kind = i % 4
-        prompt, generated = {3, 5, 7, i}, {9: 2, 2 * i: 1}
-        rows.append(
-            row_of(
-                repetition_penalty=1.3,
-                prompt_tokens=prompt,
-                generated_counts=generated,
-                logprobs=2,
-                logit_bias=((1, 2.0),),
+        kind = i % 5
+        if kind == 0:
+            requests.append(request_of(repetition_penalty=1.3, logprobs=2, logit_bias=((1, 2.0),)))
+        else:
+            requests.append(
+                request_of(
+                    temperature=0.5 + 0.1 * kind,
+                    top_k=[0, 5, 50, 300][kind % 4],
+                    top_p=[1.0, 0.9, 0.5, 0.95][i % 4],
+                    min_p=0.05 * (i % 3 == 0),
+                    seed=i,
+                    frequency_penalty=0.5 * (i % 2),
+                    presence_penalty=0.3,
+                    min_new_tokens=2 * (i % 2),
+                    stop_token_ids=(7,) if i % 2 else (),
+                    logprobs=[None, 5, 0][i % 3],
+                )
             )
-            if kind == 0
-            else row_of(
-                temperature=0.5 + float(torch.rand((), generator=generator)),
-                top_k=[0, 5, 50][i % 3],
-                top_p=[1.0, 0.9, 0.5][i % 3] if kind != 3 else 1.0,
-                seed=i,
-                counter=i * 7,
-                frequency_penalty=0.5 * (i % 2),
-                presence_penalty=0.3,
-                prompt_tokens=prompt,
-                generated_counts=generated,
-                suppress=(0, 4) if i % 2 else (),
-                logprobs=[None, 5, 0][i % 3],
-            )
-        )
-    return rows
+    return requests
 
 
 @pytest.mark.parametrize("position", [0, 5, 12])
 def test_a_row_s_token_ignores_its_company_and_padding(position: int) -> None:
     generator = torch.Generator().manual_seed(0)
     vocab = 1000
-    row = row_of(temperature=0.8, top_k=40, top_p=0.9, seed=11, counter=3)
+    row = request_of(temperature=0.8, top_k=40, top_p=0.9, seed=11)
     row_logits = torch.randn((1, vocab), generator=generator)
-    alone = sample(row_logits, sampling_tensors([row], CPU)).tokens[0]
-    company = random_rows(16, generator)  # every option, none of which may leak into `row`
+    alone = draw(row_logits, slots_for([row], vocab, counters=[3])).tokens[0]
+    others = company(16)  # every option, none of which may leak into `row`
     logits = torch.randn((17, vocab), generator=generator)
     logits[position] = row_logits[0]
-    rows = [*company[:position], row, *company[position:]]
-    assert sample(logits, sampling_tensors(rows, CPU)).tokens[position] == alone
-    greedy_alone = sample(row_logits, sampling_tensors([RowSampling()], CPU)).tokens[0]
-    rows[position] = RowSampling()
-    assert sample(logits, sampling_tensors(rows, CPU)).tokens[position] == greedy_alone
-    assert greedy_alone == row_logits.argmax()
+    requests = [*others[:position], row, *others[position:]]
+    counters = [i * 7 for i in range(17)]
+    counters[position] = 3
+    history = [[3, 5, 7, i] for i in range(17)]
+    slots = slots_for(requests, vocab, counters=counters, seen=history)
+    assert draw(logits, slots).tokens[position] == alone
+    greedy = request_of()
+    greedy_alone = draw(row_logits, slots_for([greedy], vocab)).tokens[0]
+    requests[position] = greedy
+    slots = slots_for(requests, vocab, counters=counters, seen=history)
+    assert draw(logits, slots).tokens[position] == greedy_alone == row_logits.argmax()
 
 
 class _CountOps(TorchDispatchMode):
@@ -144,55 +289,76 @@ class _CountOps(TorchDispatchMode):
 
 
 def test_the_kernels_of_a_step_do_not_grow_with_the_rows() -> None:
-    """Every option in use (penalties, bias, suppression, logprobs, top-k, top-p), from 4
-    rows to 64: the same kernels."""
+    """Every option in use (penalties, bias, suppression, logprobs, top-k within and beyond
+    the candidates, top-p on peaked and flat rows, min-p), from 5 rows to 60: the same
+    kernels."""
     generator = torch.Generator().manual_seed(1)
     counts = []
-    for n in (4, 8, 64):
-        rows = random_rows(n, generator)
-        params = sampling_tensors(rows, CPU)
-        logits = torch.randn((n, 500), generator=generator)
+    for n in (5, 10, 60):
+        slots = slots_for(company(n), 500, counters=[i for i in range(n)], seen=[[1, 2]] * n)
+        logits = random_logits(n, 500, generator)
         with _CountOps() as mode:
-            sample(logits, params)
+            draw(logits, slots)
         counts.append(mode.ops)
     assert counts[0] == counts[1] == counts[2], counts
 
 
 def test_penalties_bias_and_suppression_change_only_their_row() -> None:
-    logits = torch.tensor([[2.0, -1.0, 0.5, 1.0, 3.0]] * 4)
-    rows = [
-        RowSampling(),
-        row_of(repetition_penalty=2.0, prompt_tokens=(4, 1)),
-        row_of(
-            frequency_penalty=1.0,
-            presence_penalty=0.5,
-            prompt_tokens=(0,),
-            generated_counts={4: 2, 3: 1},
-        ),
-        row_of(logit_bias=((1, 10.0),), suppress=(4,)),
+    logits = torch.tensor([[2.0, -1.0, 0.5, 1.0, 3.0]] * 5)
+    requests = [
+        request_of(),
+        request_of(repetition_penalty=2.0),
+        request_of(frequency_penalty=1.0, presence_penalty=0.5),
+        request_of(logit_bias=((1, 10.0),), min_new_tokens=1, stop_token_ids=(4,)),
+        request_of(min_new_tokens=1),  # suppresses the end token 3 (and nothing else)
     ]
-    params = sampling_tensors(rows, CPU)
-    from lmserve_server.engine.sampling import _penalise
-
-    scores = logits.index_put(
-        (params.edit_rows, params.edit_tokens), params.edit_values.float(), accumulate=True
+    slots = slots_for(
+        requests,
+        5,
+        seen=[[], [4, 1], [0], [], []],
+        generated=[[], [], [4, 4, 3], [], []],
     )
-    _penalise(scores, params)
-    assert scores[0].tolist() == [2.0, -1.0, 0.5, 1.0, 3.0]
-    assert scores[1].tolist() == [2.0, -2.0, 0.5, 1.0, 1.5]  # seen: 4 (/2) and 1 (*2)
-    # generated 4 twice and 3 once: 4 - 2*1 - 0.5, 3 - 1 - 0.5; the prompt's 0 untouched
-    assert scores[2].tolist() == [2.0, -1.0, 0.5, -0.5, 0.5]
-    assert scores[3].tolist() == [2.0, 9.0, 0.5, 1.0, float("-inf")]
-    assert sample(logits, params).tokens.tolist() == [4, 0, 0, 1]
+    out = draw(logits, slots)
+    # row 1: seen 4 (3 / 2) and 1 (-1 * 2): 0 wins. row 2: generated 4 twice, 3 once:
+    # 3 - 2 - 0.5 = 0.5 and 1 - 1 - 0.5 = -0.5: 0 wins. row 3: 1 + 10, and 4 suppressed.
+    # row 4: 4 still wins (only 3 is suppressed).
+    assert out.tokens.tolist() == [4, 0, 0, 1, 4]
+    slots.advance([3])  # row 3 has its one token: 4 allowed again, but 1 has the bias
+    logits[3, 4] = 20.0
+    assert int(draw(logits, slots).tokens[3]) == 4
 
 
 def test_logprobs_are_of_the_distribution_drawn_from() -> None:
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 2))
-    rows = [row_of(logprobs=2), row_of(temperature=1.0, top_k=2, seed=1, logprobs=3)]
-    out = sample(logits, sampling_tensors(rows, CPU))
+    requests = [request_of(logprobs=2), request_of(temperature=1.0, top_k=2, seed=1, logprobs=3)]
+    out = draw(logits, slots_for(requests, 4))
     assert out.top_ids is not None and out.top_logprobs is not None and out.logprobs is not None
     greedy, sampled = out.top_logprobs.exp().tolist()
     assert [round(p, 4) for p in greedy[:2]] == [0.5, 0.3]
     # top-k 2 renormalises to 0.625 / 0.375, and the others can't be drawn
     assert [round(p, 4) for p in sampled] == [0.625, 0.375, 0.0]
     assert out.tokens[0] == 0 and round(float(out.logprobs[0].exp()), 4) == 0.5
+
+
+def test_a_drawn_token_s_logprob_is_its_own() -> None:
+    """Over many draws from a flat distribution, each reported logprob is the log of the
+    drawn token's filtered probability (not the most likely token's), and it appears as
+    that token's entry among the alternatives when it is one."""
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn((1, 50), generator=generator) * 0.5
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=2)
+    expected = reference(logits[0], params)
+    requests = [request_of(**{**vars(params)}, logprobs=20)] * 100
+    out = draw(logits.expand(100, -1), slots_for(requests, 50, counters=range(100)))
+    assert out.logprobs is not None and out.top_ids is not None and out.top_logprobs is not None
+    assert len(set(out.tokens.tolist())) > 10
+    for token, logprob, ids, top in zip(
+        out.tokens.tolist(),
+        out.logprobs.tolist(),
+        out.top_ids.tolist(),
+        out.top_logprobs.tolist(),
+        strict=True,
+    ):
+        assert math.isclose(logprob, math.log(expected[token]), abs_tol=1e-5)
+        if token in ids:
+            assert math.isclose(top[ids.index(token)], logprob, abs_tol=1e-6)

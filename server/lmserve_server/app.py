@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from lmserve.v1 import lmserve_pb2_grpc
 from lmserve_server.config import ServerConfig
 from lmserve_server.engine.model import Engine
-from lmserve_server.engine.runner import cuda_graph_capture
+from lmserve_server.engine.runner import CudaGraphCapture
 from lmserve_server.engine.types import GenerationOutput
 from lmserve_server.interceptors import ErrorInterceptor, RequestInterceptor
 from lmserve_server.metrics import Metrics
@@ -85,7 +85,7 @@ class Daemon:
                 kv_cache_tokens=config.kv_cache_tokens,
                 kv_cache_memory=config.kv_cache_memory,
                 step_graphs=(
-                    cuda_graph_capture
+                    CudaGraphCapture()
                     if config.cuda_graphs and engine.input_device.type == "cuda"
                     else None
                 ),

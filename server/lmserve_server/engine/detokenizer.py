@@ -8,8 +8,6 @@ in U+FFFD, i.e. once a multi-byte character split across tokens is whole. Decodi
 token boundary where the text was settled gives the same characters as decoding everything
 (UTF-8 resynchronises after a complete character), and decoding the window with its context
 keeps tokenizers that strip a leading space at the start of a text (SentencePiece) right.
-
-The stop-string helpers look only at the tail that a new piece of text can affect.
 """
 
 from __future__ import annotations
@@ -52,26 +50,3 @@ class IncrementalDetokenizer:
         self._prefix, self._read = self._read, len(self.tokens)
         self._prefix_text = self._decode(self.tokens[self._prefix : self._read])
         return delta
-
-
-def find_stop(text: str, stops: Sequence[str], new_from: int) -> int | None:
-    """Where the earliest stop string in ``text`` begins, looking only at matches that end
-    at or after ``new_from`` (the text before it was scanned already); None if none."""
-    found = None
-    for stop in stops:
-        at = text.find(stop, max(0, new_from - len(stop) + 1))
-        if at >= 0 and (found is None or at < found):
-            found = at
-    return found
-
-
-def stop_prefix_length(text: str, stops: Sequence[str]) -> int:
-    """The longest tail of ``text`` that a stop string begins with: a stream holds it back,
-    since the unary text is cut before a stop string."""
-    longest = 0
-    for stop in stops:
-        for size in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:size]):
-                longest = size
-                break
-    return longest

@@ -95,11 +95,22 @@ class Engine:
     def generate_batch(self, rows: Sequence[Row]) -> list[GenerationOutput | Exception]:
         """One ``generate`` for the rows that still need tokens (``static.py``)."""
         return generate_batch(
-            self.model, rows, pad_token_id=self.eos_token_id, device=self.input_device
+            self.model,
+            rows,
+            pad_token_id=self.eos_token_id,
+            device=self.input_device,
+            vocab=self.vocab_size,
+            end_token_ids=self.end_token_ids,
         )
 
     def continuous_runner(
-        self, *, slots: int, slot_tokens: int, max_step_tokens: int, fixed_shapes: bool = False
+        self,
+        *,
+        slots: int,
+        slot_tokens: int,
+        max_step_tokens: int,
+        fixed_shapes: bool = False,
+        staged: bool = False,
     ) -> ModelRunner:
         """A ``ModelRunner`` over a new ``KVCache`` of ``slots`` rows of ``slot_tokens``."""
         cache = KVCache(
@@ -112,7 +123,13 @@ class Engine:
             cache.nbytes / 2**20,
         )
         return ModelRunner(
-            self.model, cache, max_step_tokens=max_step_tokens, fixed_shapes=fixed_shapes
+            self.model,
+            cache,
+            vocab=self.vocab_size,
+            end_token_ids=self.end_token_ids,
+            max_step_tokens=max_step_tokens,
+            fixed_shapes=fixed_shapes,
+            staged=staged,
         )
 
     def warm_up(self) -> None:

@@ -3,24 +3,31 @@
 A step is a list of ``Chunk``s from the scheduler: for each row in it, the tokens to put
 through the model now (one for a decoding row, part of the prompt for a prefilling row),
 the slot and position they go to, and whether to sample the row's next token after them.
-The runner packs every integer and float the step needs into ONE host buffer, copies it to
-the device in ONE upload, builds the attention layout there, runs ONE forward of the model
-over the packed tokens, samples every row at once, and copies the sampled tokens back in
-ONE download. Nothing else waits for the device.
+The runner packs every integer the step needs into ONE host buffer (headed by the slots'
+sampling table, ``SamplingSlots``), copies it to the device in ONE upload, builds the
+attention layout there, runs ONE forward of the model over the packed tokens, samples every
+row at once, and copies the sampled tokens back in ONE download. Nothing else waits for the
+device. The buffers are sized for the largest step up front and never move.
+
+``launch`` queues all of that and returns; ``collect`` waits for the download and reads the
+tokens. On a GPU the caller does the previous step's host work (text, stop strings,
+streams) in between, while the device runs; on a CPU ``launch`` computes everything.
 
 Shapes: a step has as many tokens as its chunks. With ``fixed_shapes`` (for CUDA graphs),
 steps where every chunk is one token are padded to the next bucket of rows (1, 2, 4, 8, ...)
-with rows that write to the cache's scratch slot, and attention reads every slot's whole
-length, so such a step's shapes depend on its bucket alone; and the model's inputs of such a
-step sit at the same places of the persistent buffer for every step of the bucket.
+with rows that write to the cache's scratch slot, and attention reads every slot up to a
+bucket of columns (64, 128, ... the slot's length) that holds the longest row, so such a
+step's shapes depend on its two buckets alone; and the model's inputs of such a step sit at
+the same places of the persistent buffer for every step of the row bucket.
 
-Step graphs (``capture_graphs``): the forward of a decode-only step of each bucket is captured
-once (``torch.cuda.graph`` on CUDA), over views of the persistent buffer; a later step of that
-bucket writes its inputs where the capture read them and replays it, so the step's hundreds
-of kernel launches cost one. Sampling runs after it, eagerly. ``eager_capture`` is the same
-discipline without a GPU: its "replay" runs the captured closure again, over the same views,
-so a step that put its inputs anywhere else would get a captured step's tokens (the tests'
-check that the discipline holds).
+Step graphs (``capture_graphs``): the forward of a decode-only step of each pair of buckets is
+captured once (``CudaGraphCapture``: ``torch.cuda.graph``, all in one memory pool, largest
+first, as vLLM does), over views of the persistent buffer; a later step of those buckets
+writes its inputs where the capture read them and replays it, so the step's hundreds of
+kernel launches cost one. Sampling runs after it, eagerly. ``rerun_capture`` stands in for
+it without a GPU: its "replay" runs the captured closure again over the same views, so a step
+that put its inputs anywhere else would get a captured step's tokens (the tests' check that
+the discipline holds).
 """
 
 from __future__ import annotations
@@ -42,21 +49,26 @@ from lmserve_server.engine.attention import (
     plan_decode_runs,
 )
 from lmserve_server.engine.kv_cache import KVCache
-from lmserve_server.engine.sampling import RowSampling, columns_of, sample, tensors_from, unpack
+from lmserve_server.engine.sampling import Sampled, sample, unpack
+from lmserve_server.engine.sampling_slots import SamplingSlots
 from lmserve_server.engine.types import TokenLogprob
 
-_GREEDY = RowSampling()
+# The most logprobs a request may ask (validation's limit): the download buffer holds them.
+MAX_LOGPROBS = 20
+# The narrowest attention window of a captured decode step.
+MIN_WINDOW = 64
 
 
 @dataclass(frozen=True)
 class Chunk:
     """One row's part of a step: ``tokens`` go to ``slot`` at positions ``start, start+1, ...``;
-    with ``sampling`` set, the row's next token is drawn from the last one's logits."""
+    with ``sample``, the row's next token is drawn from the last one's logits (with its
+    slot's sampling settings)."""
 
     slot: int
     tokens: Sequence[int]
     start: int
-    sampling: RowSampling | None = None
+    sample: bool = False
 
 
 def bucket(rows: int) -> int:
@@ -64,29 +76,53 @@ def bucket(rows: int) -> int:
     return 1 << max(rows - 1, 0).bit_length()
 
 
+def window_buckets(slot_tokens: int) -> list[int]:
+    """The attention windows of captured decode steps: powers of two from ``MIN_WINDOW``,
+    and the slot's whole length."""
+    windows = []
+    size = MIN_WINDOW
+    while size < slot_tokens:
+        windows.append(size)
+        size *= 2
+    return [*windows, slot_tokens]
+
+
+def window_bucket(longest: int, slot_tokens: int) -> int:
+    """The smallest captured window that holds a row of ``longest`` tokens."""
+    return next(w for w in window_buckets(slot_tokens) if w >= longest)
+
+
 # How a forward is captured: returns a replay function and the forward's output tensor,
 # which every replay writes anew.
 Capture = Callable[[Callable[[], torch.Tensor]], tuple[Callable[[], None], torch.Tensor]]
 
 
-def cuda_graph_capture(
-    forward: Callable[[], torch.Tensor],
-) -> tuple[Callable[[], None], torch.Tensor]:
-    """Captures ``forward`` as a CUDA graph (after warming it up on a side stream, as
-    PyTorch's CUDA-graph notes ask)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            forward()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        output = forward()
-    return graph.replay, output
+class CudaGraphCapture:
+    """Captures forwards as CUDA graphs (after warming each up on a side stream, as
+    PyTorch's CUDA-graph notes ask), all in one memory pool: a step replays one graph at a
+    time, and each graph keeps its own output, so their work memory can be shared."""
+
+    def __init__(self) -> None:
+        self._pool: Any = None
+
+    def __call__(
+        self, forward: Callable[[], torch.Tensor]
+    ) -> tuple[Callable[[], None], torch.Tensor]:
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                forward()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            output = forward()
+        return graph.replay, output
 
 
-def eager_capture(forward: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
+def rerun_capture(forward: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
     """A graph's discipline without a GPU: the output tensor is fixed, and a replay runs the
     captured closure again over the same input views."""
     output = forward()
@@ -101,7 +137,7 @@ def eager_capture(forward: Callable[[], torch.Tensor]) -> tuple[Callable[[], Non
 class _StepGraph:
     replay: Callable[[], None]
     logits: torch.Tensor  # (1, bucket, V): written by every replay
-    placed: dict[str, tuple[int, int, bool]]  # where its inputs must be
+    placed: dict[str, tuple[int, int]]  # where its inputs must be
 
 
 @dataclass(frozen=True)
@@ -113,60 +149,78 @@ class SampledToken:
 
 
 class _Inputs:
-    """A step's inputs by name: integer columns, and float columns (sent as float64 bits)."""
+    """A step's integer inputs by name."""
 
     def __init__(self) -> None:
         self.ints: dict[str, Sequence[int]] = {}
-        self.floats: dict[str, Sequence[float]] = {}
 
     @property
     def size(self) -> int:
-        return sum(map(len, self.ints.values())) + sum(map(len, self.floats.values()))
+        return sum(map(len, self.ints.values()))
 
-    def write(self, host: torch.Tensor) -> dict[str, tuple[int, int, bool]]:
-        """Writes every column into ``host`` (int64), side by side; returns where each went
-        as (start, length, is_float)."""
+    def write(self, host: torch.Tensor, at: int) -> dict[str, tuple[int, int]]:
+        """Writes every column into ``host`` (int64) from ``at``, side by side; returns
+        where each went as (start, length)."""
         buffer = host.numpy()
         placed = {}
-        at = 0
         for name, values in self.ints.items():
             buffer[at : at + len(values)] = values
-            placed[name] = (at, len(values), False)
+            placed[name] = (at, len(values))
             at += len(values)
-        for name, floats in self.floats.items():
-            buffer[at : at + len(floats)].view("float64")[:] = floats
-            placed[name] = (at, len(floats), True)
-            at += len(floats)
         return placed
 
 
-class _DeviceTimer:
-    """The device's time for the model and sampling of a step: CUDA events on a GPU (read
-    after the step's download has synchronised anyway), the wall clock on a CPU."""
+class _Device:
+    """What differs between a GPU and a CPU for a step: where the host stages the inputs and
+    the outputs (pinned memory on a GPU), how the host waits for the device, and how the
+    device's time is measured (CUDA events; the wall clock on a CPU). ``staged`` on a CPU
+    stages through separate buffers as a GPU does, so a test reaches those paths."""
 
-    def __init__(self, device: torch.device) -> None:
-        self._cuda = device.type == "cuda"
-        if self._cuda:
-            self._begin = torch.cuda.Event(enable_timing=True)
-            self._end = torch.cuda.Event(enable_timing=True)
-        self._started = self._stopped = 0.0
+    def __init__(self, device: torch.device, *, staged: bool) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.staged = staged or self.cuda
+        self._events: tuple[Any, Any] | None = None
+        if self.cuda:
+            self._events = (
+                torch.cuda.Event(enable_timing=True),
+                torch.cuda.Event(enable_timing=True),
+            )
+        self._times = [0.0, 0.0]
 
-    def start(self) -> None:
-        if self._cuda:
-            self._begin.record()
+    def host_buffer(self, size: int, dtype: torch.dtype) -> torch.Tensor:
+        return torch.zeros(size, dtype=dtype, pin_memory=self.cuda)
+
+    def device_buffer(self, host: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(host, device=self.device) if self.staged else host
+
+    def synchronize(self) -> None:
+        if self.cuda:
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def mark(self, which: int) -> None:
+        """Notes the start (0) or the end (1) of the device's part of a step."""
+        if self._events is not None:
+            self._events[which].record()
         else:
-            self._started = time.perf_counter()
-
-    def stop(self) -> None:
-        if self._cuda:
-            self._end.record()
-        else:
-            self._stopped = time.perf_counter()
+            self._times[which] = time.perf_counter()
 
     def seconds(self) -> float:
-        if self._cuda:
-            return float(self._begin.elapsed_time(self._end)) / 1000.0
-        return self._stopped - self._started
+        """Between the marks (after ``synchronize``)."""
+        if self._events is not None:
+            return float(self._events[0].elapsed_time(self._events[1])) / 1000.0
+        return self._times[1] - self._times[0]
+
+
+@dataclass
+class Launched:
+    """A step queued on the device: what ``collect`` needs to read its tokens."""
+
+    chunks: Sequence[Chunk]
+    places: dict[int, int]  # id of a sampling chunk -> its row of the download
+    slots: list[int]  # the sampled rows' slots (bucket padding excluded)
+    packed: torch.Tensor | None  # (R, width) on the host buffer once collected
+    width: int
 
 
 class ModelRunner:
@@ -177,8 +231,11 @@ class ModelRunner:
         model: Any,
         cache: KVCache,
         *,
+        vocab: int,
+        end_token_ids: frozenset[int],
         max_step_tokens: int,
         fixed_shapes: bool = False,
+        staged: bool = False,
     ) -> None:
         install(model)
         self._model = model
@@ -186,15 +243,28 @@ class ModelRunner:
         self.device = cache.device
         self.max_step_tokens = max_step_tokens
         self.fixed_shapes = fixed_shapes
-        self._pinned = self.device.type == "cuda"
-        # The persistent buffers: every input of a step side by side, grown (rarely: long
-        # penalty histories) when a step needs more.
-        rows = max(max_step_tokens, 2 * (cache.slots + 1))  # a padded bucket included
-        self._allocate(16 * rows)
+        self._device = _Device(self.device, staged=staged)
+        # The persistent buffers, sized for the largest step: the slots' sampling table,
+        # then every column of a step (at most 12 values per token of a step of the most
+        # tokens, a padded bucket of every slot included), side by side.
+        table = SamplingSlots.size_of(cache.slots + 1)
+        self._most_tokens = max(max_step_tokens, bucket(cache.slots + 1))
+        self._host = self._device.host_buffer(table + 16 * self._most_tokens, torch.long)
+        self._on_device = self._device.device_buffer(self._host)
+        self._table_size = table
+        self.sampling = SamplingSlots(
+            cache.slots + 1,
+            vocab,
+            self.device,
+            end_token_ids,
+            host=self._host[:table],
+            on_device=self._on_device[:table],
+        )
+        rows = bucket(cache.slots + 1)
+        self._host_out = self._device.host_buffer(rows * (2 + 2 * MAX_LOGPROBS), torch.float64)
         self._mask = mask_placeholder(self.device)
-        self._device_timer = _DeviceTimer(self.device)
         self.last_device_s = 0.0  # the last step's model and sampling time on the device
-        self._graphs: dict[int, _StepGraph] = {}  # by bucket (fixed shapes only)
+        self._graphs: dict[tuple[int, int], _StepGraph] = {}  # by (rows, window) bucket
         self.graph_replays = 0
 
     def drop_graphs(self) -> None:
@@ -202,9 +272,9 @@ class ModelRunner:
         self._graphs.clear()
         self.fixed_shapes = False
 
-    def capture_graphs(self, capture: Capture, max_rows: int) -> list[int]:
-        """Captures a decode-only step for every bucket up to ``max_rows`` rows (fixed shapes
-        only); returns the buckets captured."""
+    def capture_graphs(self, capture: Capture, max_rows: int) -> list[tuple[int, int]]:
+        """Captures a decode-only step for every bucket of rows up to ``max_rows`` and every
+        window bucket (fixed shapes only), largest first; returns the (rows, window) pairs."""
         if not self.fixed_shapes:
             raise ValueError("step graphs need fixed_shapes")
         buckets = []
@@ -212,9 +282,14 @@ class ModelRunner:
         while size <= bucket(max_rows):
             buckets.append(size)
             size *= 2
-        for rows in buckets:
-            chunks = [Chunk(self.cache.scratch_slot, (0,), 0, _GREEDY)] * rows
-            inputs, build_attention = self._layout(chunks, [], chunks, list(range(rows)))
+        pairs = [
+            (rows, window)
+            for rows in reversed(buckets)
+            for window in reversed(window_buckets(self.cache.slot_tokens))
+        ]
+        for rows, window in pairs:
+            chunks = [Chunk(self.cache.scratch_slot, (0,), 0, True)] * rows
+            inputs, build_attention = self._layout(chunks, [], chunks, window)
             views, placed = self._upload(inputs)
             attention = build_attention(views)
 
@@ -236,38 +311,34 @@ class ModelRunner:
                 return out.logits
 
             replay, logits = capture(forward)
-            self._graphs[rows] = _StepGraph(replay, logits, placed)
-        return buckets
+            self._graphs[rows, window] = _StepGraph(replay, logits, placed)
+        return list(reversed(pairs))
 
-    def _allocate(self, size: int) -> None:
-        self._host = torch.zeros(size, dtype=torch.long, pin_memory=self._pinned)
-        self._on_device = (
-            self._host
-            if self.device.type == "cpu"
-            else torch.zeros_like(self._host, device=self.device)
-        )
-        self._host_out = torch.zeros(size, dtype=torch.float64, pin_memory=self._pinned)
+    # ---- a step ---------------------------------------------------------------------------------
 
     def execute(self, chunks: Sequence[Chunk]) -> list[SampledToken]:
-        """Runs the step; returns the new token of each chunk that has ``sampling``, in the
-        order of ``chunks``."""
+        """``launch`` then ``collect``."""
+        return self.collect(self.launch(chunks))
+
+    def launch(self, chunks: Sequence[Chunk]) -> Launched:
+        """Queues the step on the device: upload, forward, sampling, and the download of
+        its tokens into the host buffer (on a CPU, all of it done on return)."""
         decode = sorted((c for c in chunks if len(c.tokens) == 1), key=lambda c: c.slot)
         prefill = [c for c in chunks if len(c.tokens) > 1]
         padded = self.fixed_shapes and not prefill
+        window = 0
         if padded:
-            scratch = Chunk(self.cache.scratch_slot, (0,), 0, _GREEDY)
+            window = window_bucket(max(c.start + 1 for c in decode), self.cache.slot_tokens)
+            scratch = Chunk(self.cache.scratch_slot, (0,), 0, True)
             decode += [scratch] * (bucket(len(decode)) - len(decode))
         ordered = decode + prefill  # the packed order: single tokens first
-        sampled = [i for i, c in enumerate(ordered) if c.sampling is not None or padded]
-        settings = [ordered[i].sampling or _GREEDY for i in sampled]
-        inputs, build_attention = self._layout(decode, prefill, ordered, sampled)
-        sampling = columns_of(settings)
-        inputs.ints.update(sampling.ints)
-        inputs.floats.update(sampling.floats)
-        graph = self._graphs.get(len(decode)) if padded else None
+        sampled = [i for i, c in enumerate(ordered) if c.sample]
+        inputs, build_attention = self._layout(decode, prefill, ordered, window)
+        graph = self._graphs.get((len(decode), window)) if padded else None
         views, placed = self._upload(inputs)
         every_token_sampled = len(sampled) == len(ordered) and not prefill
-        self._device_timer.start()
+        device = self._device
+        device.mark(0)
         with torch.inference_mode():
             if graph is not None and _same_places(graph.placed, placed):
                 graph.replay()  # reads the inputs just written where it was captured
@@ -282,18 +353,44 @@ class ModelRunner:
                     logits_to_keep=0 if every_token_sampled else views["keep"],
                     **{STEP_KEYWORD: build_attention(views)},
                 ).logits
-            chosen = sample(logits[0], tensors_from(sampling, views))  # (R, ...)
-        self._device_timer.stop()
-        picked = self._download(chosen.packed())
-        self.last_device_s = self._device_timer.seconds()
-        by_place = dict(zip(sampled, picked, strict=True))
-        place = {id(c): i for i, c in enumerate(ordered)}
+            slots = [ordered[i].slot for i in sampled]
+            chosen = self._sample(logits[0], views, slots)
+        device.mark(1)
+        packed = chosen.packed()
+        out = self._host_out[: packed.numel()].view(packed.shape) if device.staged else None
+        if out is not None:
+            out.copy_(packed, non_blocking=True)
+        places = {id(ordered[i]): n for n, i in enumerate(sampled)}
+        scratch_slot = self.cache.scratch_slot
+        real = [s for s in slots if s != scratch_slot]
+        return Launched(chunks, places, real, out if out is not None else packed, chosen.width)
+
+    def collect(self, launched: Launched) -> list[SampledToken]:
+        """Waits for the step; returns the new token of each chunk that samples, in the
+        order of its ``chunks``."""
+        self._device.synchronize()
+        self.last_device_s = self._device.seconds()
+        assert launched.packed is not None
+        picked = launched.packed.tolist()
+        self.sampling.advance(launched.slots)
         results = []
-        for c in chunks:
-            if c.sampling is not None:
-                token, logprob = unpack(by_place[place[id(c)]], c.sampling.logprobs)
+        for c in launched.chunks:
+            if c.sample:
+                values = picked[launched.places[id(c)]]
+                token, logprob = unpack(values, self.sampling.logprobs(c.slot))
                 results.append(SampledToken(token, logprob))
         return results
+
+    def _sample(
+        self, logits: torch.Tensor, views: dict[str, torch.Tensor], slots: list[int]
+    ) -> Sampled:
+        """Every sampled row's token, the slots' token history kept up to date."""
+        sampling = self.sampling
+        sampling.mark_seen(views["slots"], views["ids"])
+        on_device = views["sample_slots"]
+        chosen = sample(logits, sampling.rows(slots, on_device), full_sort=self._device.cuda)
+        sampling.count(on_device, chosen.tokens)
+        return chosen
 
     # ---- the step's inputs ------------------------------------------------------------------
 
@@ -302,10 +399,10 @@ class ModelRunner:
         decode: list[Chunk],
         prefill: list[Chunk],
         ordered: list[Chunk],
-        sampled: list[int],
+        window: int,
     ) -> tuple[_Inputs, Callable[[dict[str, torch.Tensor]], StepAttention]]:
         """The step's inputs, and how to build the ``StepAttention`` from their device
-        copies."""
+        copies. ``window``: the columns of a fixed-shape decode step."""
         cache = self.cache
         inputs = _Inputs()
         columns = inputs.ints
@@ -313,17 +410,20 @@ class ModelRunner:
         columns["positions"] = [c.start + i for c in ordered for i in range(len(c.tokens))]
         columns["slots"] = [c.slot for c in ordered for _ in c.tokens]
         last_token = list(accumulate(len(c.tokens) for c in ordered))
+        sampled = [i for i, c in enumerate(ordered) if c.sample]
         columns["keep"] = [last_token[i] - 1 for i in sampled]
+        columns["sample_slots"] = [ordered[i].slot for i in sampled]
 
         # Single-token rows: eagerly in runs of neighbouring slots (``decode`` is in slot
         # order), each run up to its longest row; with fixed shapes as one batch over every
-        # slot's whole length, as the captured graph did.
+        # slot up to ``window``, as the captured graph did.
         runs: tuple[DecodeRun, ...] | None = None
         if self.fixed_shapes:
-            span, window = cache.slots + 1, cache.slot_tokens
+            span = cache.slots + 1
             lengths = [1] * span
             for c in decode:
                 lengths[c.slot] = c.start + 1
+            window = window or cache.slot_tokens
         else:
             lengths = [c.start + 1 for c in decode]
             span, window = len(decode), max(lengths, default=0)
@@ -366,38 +466,26 @@ class ModelRunner:
 
     def _upload(
         self, inputs: _Inputs
-    ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, int, bool]]]:
-        """The one host-to-device copy of the step; returns the columns' device views, and
-        where each column went."""
-        if inputs.size > self._host.numel():
-            self._allocate(2 * inputs.size)
-            self._graphs.clear()  # they read the old buffer; steps run eagerly from now on
-        placed = inputs.write(self._host)
-        used = inputs.size
-        if self._on_device is not self._host:
+    ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, int]]]:
+        """The one host-to-device copy of the step (the sampling table and the step's
+        columns); returns the columns' device views, and where each column went."""
+        used = self._table_size + inputs.size
+        if used > self._host.numel():  # the buffer is sized for the largest step
+            raise RuntimeError(
+                f"a step of {len(inputs.ints['ids'])} tokens needs {used} input values; "
+                f"the buffer holds {self._host.numel()}"
+            )
+        placed = inputs.write(self._host, self._table_size)
+        if self._device.staged:
             self._on_device[:used].copy_(self._host[:used], non_blocking=True)
-        views = {}
-        for name, (start, n, is_float) in placed.items():
-            view = self._on_device[start : start + n]
-            views[name] = view.view(torch.float64) if is_float else view
+        views = {name: self._on_device[start : start + n] for name, (start, n) in placed.items()}
         return views, placed
-
-    def _download(self, packed: torch.Tensor) -> list[list[float]]:
-        """The one device-to-host copy of the step: its sampled tokens (and logprobs)."""
-        if self.device.type == "cpu":
-            return list(packed.tolist())
-        out = self._host_out[: packed.numel()].view(packed.shape)
-        out.copy_(packed, non_blocking=True)
-        torch.cuda.current_stream(self.device).synchronize()
-        return list(out.tolist())
 
 
 # The columns a captured forward reads; the sampling columns after them may vary.
 _MODEL_INPUTS = ("ids", "positions", "slots", "decode_slots", "decode_lengths")
 
 
-def _same_places(
-    captured: dict[str, tuple[int, int, bool]], now: dict[str, tuple[int, int, bool]]
-) -> bool:
+def _same_places(captured: dict[str, tuple[int, int]], now: dict[str, tuple[int, int]]) -> bool:
     """Whether this step's model inputs sit where the captured forward reads them."""
     return all(captured[name] == now[name] for name in _MODEL_INPUTS)

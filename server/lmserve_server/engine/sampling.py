@@ -1,32 +1,55 @@
 """Batched sampling: the next token of every row at once, each with its own settings.
 
-Every setting is a per-row tensor over the whole batch, so a step costs the same handful of
-kernels however many rows use it (a feature no row uses costs nothing). In order:
+A step's rows arrive as ``StepRows``: per-row settings as device tensors gathered from the
+per-slot tables (``sampling_slots.py``), plus what the host knows of them (which features any
+row uses), so that a feature no row uses costs nothing and nothing waits for the device. In
+order:
 
-1. logit bias and suppressed tokens (end tokens under ``min_new_tokens``): one scatter-add of
-   (row, token, value) triples;
-2. penalties, on the tokens each row has seen only (a gather and a scatter over those, never
-   a pass over the vocabulary): repetition (transformers') over its prompt's and generated
-   tokens, then presence and frequency (OpenAI's) over its generated tokens' counts;
+1. logit bias and suppressed tokens (end tokens under ``min_new_tokens``): scatter-adds;
+2. penalties from each slot's token history: repetition (transformers') over every token the
+   row has seen, presence and frequency (OpenAI's) over its generated tokens' counts;
 3. greedy rows take the argmax of that;
-4. sampling rows divide by their temperature, keep their top-k and top-p (nucleus), and
-   draw by inverting the cumulative distribution with ONE uniform number each: a hash of
-   the row's seed and of how many tokens it has generated (``uniform``), computed on the
-   host and uploaded with the step's inputs. A seeded row's tokens so depend on its seed,
-   its position and its own logits only: never on its company, on bucket padding, or on a
-   retry;
-5. log-probabilities, when a row asks for them, from the distribution the token was drawn
-   from (a greedy row's: the penalised logits').
+4. every other row divides by its temperature and keeps the tokens at or above ONE
+   probability threshold, the tightest of its filters, in transformers' order: top-k (the
+   k-th largest probability, ties kept), top-p on what top-k kept (the smallest set of most
+   likely tokens reaching ``top_p`` of that mass, ties kept), min-p (``min_p`` times the
+   largest probability);
+5. it draws by inverting the cumulative distribution of the kept tokens, in vocabulary
+   order, with ONE uniform number: a hash of the row's seed and of how many tokens it has
+   generated (``uniform``), computed on the device from the slot's table. A seeded row's
+   tokens so depend on its seed, its position and its own logits only: never on its
+   company, on bucket padding, or on a retry;
+6. log-probabilities, when a row asks for them, of the distribution the token was drawn from
+   (a greedy row's: the penalised logits' at temperature 1).
+
+Thresholds without sorting the vocabulary (a sort of 16 rows x 50k tokens costs more than
+the model's LM head on a CPU): every row's ``CANDIDATES`` most likely tokens come from one
+``topk``, and a row whose threshold lies above its last candidate is settled there, its draw
+over those candidates alone. Only the other rows (a flat distribution whose nucleus holds
+thousands of tokens, or plain temperature sampling) take the exact pass over the whole
+vocabulary: the top-p threshold by a radix select (a histogram of probability mass over the
+float's high bits, then a sort of the one bucket it falls in) and the draw by one cumulative
+sum. Both ways keep the same tokens and draw the same one for the same uniform number (the
+kept probabilities, summed in vocabulary order either way), so which way a row went never
+shows. On a GPU, where a sort is cheap and a host round trip is not, ``full_sort`` takes every
+threshold from a sorted vocabulary instead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from lmserve_server.engine.types import SamplingParams, TokenLogprob
+from lmserve_server.engine.types import TokenLogprob
+
+# How many of a row's most likely tokens the filters look at before the whole vocabulary:
+# a real model's nucleus at top_p 0.9-0.95 mostly fits, and a top-k of up to this many
+# always does. ``topk`` costs ~1.3 ms for 16 rows of 50k tokens on this project's CPU at 64,
+# ~7 ms at 1024.
+CANDIDATES = 64
+MAX_CANDIDATES = 256  # a larger top_k than this goes to the exact pass
 
 _MASK64 = (1 << 64) - 1
 
@@ -38,166 +61,79 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+def seed_hash(seed: int) -> int:
+    """The first SplitMix64 round of a seed, as the signed 64-bit value a table stores."""
+    return _signed(_splitmix64(seed & _MASK64))
+
+
 def uniform(seed: int, counter: int) -> float:
     """A number in (0, 1], a function of (seed, counter) alone (SplitMix64, 53 bits)."""
     bits = _splitmix64(_splitmix64(seed & _MASK64) ^ (counter & _MASK64))
     return ((bits >> 11) + 1) * 2.0**-53
 
 
-@dataclass(frozen=True)
-class RowSampling:
-    """One row's settings for one token: its request's ``params``, its ``seed`` (drawn when
-    the request gave none), ``counter`` (how many tokens it has generated), the tokens this
-    step may not choose (``suppress``), the distinct tokens of its prompt and how often it
-    generated each token (read when it has a penalty), and how many logprobs it wants."""
-
-    params: SamplingParams = field(default_factory=SamplingParams)
-    seed: int = 0
-    counter: int = 0
-    suppress: tuple[int, ...] = ()
-    prompt_tokens: Collection[int] = ()
-    generated_counts: Mapping[int, int] = field(default_factory=dict)
-    logprobs: int | None = None
-
-    @property
-    def greedy(self) -> bool:
-        return self.params.greedy
+def _signed(x: int) -> int:
+    return x - (1 << 64) if x >= 1 << 63 else x
 
 
-@dataclass
-class SamplingColumns:
-    """A batch's settings as flat columns, as the runner uploads them, and the batch-level
-    flags (read on the host, so that nothing waits for the device)."""
-
-    ints: dict[str, list[int]] = field(default_factory=dict)
-    floats: dict[str, list[float]] = field(default_factory=dict)
-    rows: int = 0
-    any_sampling: bool = False
-    max_top_k: int = 0
-    any_top_p: bool = False
-    any_edits: bool = False
-    any_repetition: bool = False
-    any_generated_penalty: bool = False
-    max_logprobs: int | None = None  # None: no row asks
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """A logical (unsigned) right shift of int64 values."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
 
 
-def columns_of(rows: Sequence[RowSampling]) -> SamplingColumns:
-    sampling = [r for r in rows if not r.greedy]
-    edits = [
-        (i, token, value)
-        for i, r in enumerate(rows)
-        for token, value in (*r.params.logit_bias, *((t, float("-inf")) for t in r.suppress))
-    ]
-    # (row, token) for every token a repetition-penalised row has seen (a token seen in both
-    # prompt and output comes twice: both places get the same new value).
-    repeated = [
-        (i, token)
-        for i, r in enumerate(rows)
-        if r.params.repetition_penalty != 1.0
-        for token in (*r.prompt_tokens, *r.generated_counts)
-    ]
-    generated = [
-        (i, token, count)
-        for i, r in enumerate(rows)
-        if r.params.presence_penalty != 0.0 or r.params.frequency_penalty != 0.0
-        for token, count in r.generated_counts.items()
-    ]
-    asked = [r.logprobs for r in rows if r.logprobs is not None]
-    return SamplingColumns(
-        ints={
-            "top_k": [r.params.top_k if not r.greedy else 0 for r in rows],
-            "edit_rows": [i for i, _, _ in edits],
-            "edit_tokens": [t for _, t, _ in edits],
-            "repeated_rows": [i for i, _ in repeated],
-            "repeated_tokens": [t for _, t in repeated],
-            "generated_rows": [i for i, _, _ in generated],
-            "generated_tokens": [t for _, t, _ in generated],
-            "generated_counts": [c for _, _, c in generated],
-        },
-        floats={
-            "temperature": [r.params.temperature for r in rows],
-            "top_p": [r.params.top_p if not r.greedy else 1.0 for r in rows],
-            "uniform": [uniform(r.seed, r.counter) if not r.greedy else 1.0 for r in rows],
-            "repetition": [r.params.repetition_penalty for r in rows],
-            "presence": [r.params.presence_penalty for r in rows],
-            "frequency": [r.params.frequency_penalty for r in rows],
-            "edit_values": [v for _, _, v in edits],
-        },
-        rows=len(rows),
-        any_sampling=bool(sampling),
-        max_top_k=max((r.params.top_k for r in sampling), default=0),
-        any_top_p=any(r.params.top_p < 1.0 for r in sampling),
-        any_edits=bool(edits),
-        any_repetition=bool(repeated),
-        any_generated_penalty=bool(generated),
-        max_logprobs=max(asked) if asked else None,
-    )
+def uniform_tensor(hashed_seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """``uniform`` on the device: (R,) int64 ``seed_hash`` values and counters -> (R,) float64.
+    int64 products wrap as uint64 ones do, so the bits are SplitMix64's."""
+    x = (hashed_seed ^ counter) + _signed(0x9E3779B97F4A7C15)
+    x = (x ^ _shift_right(x, 30)) * _signed(0xBF58476D1CE4E5B9)
+    x = (x ^ _shift_right(x, 27)) * _signed(0x94D049BB133111EB)
+    x = x ^ _shift_right(x, 31)
+    return (_shift_right(x, 11) + 1).double() * 2.0**-53
 
 
 @dataclass
-class SamplingTensors:
-    """The batch's settings as tensors on the model's device (R rows)."""
+class StepRows:
+    """A step's R rows as the sampler reads them: device tensors (R,) gathered from the
+    slots' tables, the tables the penalties and edits read (None when no admitted request
+    needs them), and the batch-level facts the host knows."""
 
-    columns: SamplingColumns
-    temperature: torch.Tensor  # (R,) float32; 1 for greedy rows (unused there)
+    slots: torch.Tensor  # (R,) int64: each row's slot in the tables below
     greedy: torch.Tensor  # (R,) bool
+    temperature: torch.Tensor  # (R,) float32; 1 for greedy rows
     top_k: torch.Tensor  # (R,) int64; 0 = no limit
     top_p: torch.Tensor  # (R,) float32; 1 = no limit
+    min_p: torch.Tensor  # (R,) float32; 0 = no limit
     uniform: torch.Tensor  # (R,) float64 in (0, 1]
     repetition: torch.Tensor  # (R,) float32
     presence: torch.Tensor  # (R,) float32
     frequency: torch.Tensor  # (R,) float32
-    edit_rows: torch.Tensor  # (E,)
-    edit_tokens: torch.Tensor  # (E,)
-    edit_values: torch.Tensor  # (E,) float64
-    repeated_rows: torch.Tensor  # (H,): the tokens a repetition-penalised row has seen
-    repeated_tokens: torch.Tensor  # (H,)
-    generated_rows: torch.Tensor  # (G,): the distinct tokens a row has generated
-    generated_tokens: torch.Tensor  # (G,)
-    generated_counts: torch.Tensor  # (G,) how often
+    suppressing: torch.Tensor  # (R,) bool: its end tokens may not be chosen this step
+    biased: torch.Tensor  # (R,) bool: it has a logit bias
+    seen: torch.Tensor | None  # (slots, V) bool: every token a slot's row has seen
+    counts: torch.Tensor | None  # (slots, V) int32: how often it generated each token
+    bias_tokens: torch.Tensor | None  # (slots, B) int64, padded with 0
+    bias_values: torch.Tensor | None  # (slots, B) float32, padded with 0
+    suppress_tokens: torch.Tensor | None  # (slots, S) int64, padded with -1
+    # What the host knows (read from its copy of the tables).
+    rows: int = 0
+    any_sampling: bool = False
+    any_filter: bool = False  # a sampling row with top-k, top-p or min-p
+    max_top_k: int = 0
+    any_top_p: bool = False
+    any_bias: bool = False
+    any_suppression: bool = False
+    any_repetition: bool = False
+    any_generated_penalty: bool = False
+    max_logprobs: int | None = None  # None: no row asks
 
-
-def tensors_from(columns: SamplingColumns, views: dict[str, torch.Tensor]) -> SamplingTensors:
-    """``SamplingTensors`` over device views of the uploaded columns (``views[name]``: ints
-    as int64, floats as float64)."""
-    raw_temperature = views["temperature"].float()
-    greedy = raw_temperature == 0.0
-    return SamplingTensors(
-        columns=columns,
-        temperature=raw_temperature.masked_fill(greedy, 1.0),
-        greedy=greedy,
-        top_k=views["top_k"],
-        top_p=views["top_p"].float(),
-        uniform=views["uniform"],
-        repetition=views["repetition"].float(),
-        presence=views["presence"].float(),
-        frequency=views["frequency"].float(),
-        edit_rows=views["edit_rows"],
-        edit_tokens=views["edit_tokens"],
-        edit_values=views["edit_values"],
-        repeated_rows=views["repeated_rows"],
-        repeated_tokens=views["repeated_tokens"],
-        generated_rows=views["generated_rows"],
-        generated_tokens=views["generated_tokens"],
-        generated_counts=views["generated_counts"],
-    )
-
-
-def sampling_tensors(rows: Sequence[RowSampling], device: torch.device) -> SamplingTensors:
-    """``SamplingTensors`` for ``rows``, each column uploaded on its own (the static path's
-    way; the continuous runner uploads them with the rest of its step)."""
-    columns = columns_of(rows)
-    views = {
-        name: torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
-        for name, values in columns.ints.items()
-    }
-    views.update(
-        {
-            name: torch.tensor(values, dtype=torch.float64).to(device, non_blocking=True)
-            for name, values in columns.floats.items()
-        }
-    )
-    return tensors_from(columns, views)
+    @property
+    def edits_scores(self) -> bool:
+        return (
+            self.any_bias
+            or self.any_suppression
+            or self.any_repetition
+            or self.any_generated_penalty
+        )
 
 
 @dataclass
@@ -210,13 +146,22 @@ class Sampled:
     top_ids: torch.Tensor | None = None
     top_logprobs: torch.Tensor | None = None
 
+    @property
+    def width(self) -> int:
+        """Values per row of ``packed()``."""
+        return 1 if self.top_ids is None else 2 + 2 * self.top_ids.shape[1]
+
     def packed(self) -> torch.Tensor:
-        """Everything in one (R, 2 + 2N) float64 tensor, for ONE device-to-host copy (token
+        """Everything in one (R, width) float64 tensor, for ONE device-to-host copy (token
         ids are exact in float64)."""
         parts = [self.tokens.double()[:, None]]
         if self.logprobs is not None and self.top_ids is not None:
             assert self.top_logprobs is not None
-            parts += [self.logprobs.double()[:, None], self.top_ids.double(), self.top_logprobs]
+            parts += [
+                self.logprobs.double()[:, None],
+                self.top_ids.double(),
+                self.top_logprobs.double(),
+            ]
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
@@ -231,81 +176,295 @@ def unpack(values: Sequence[float], logprobs: int | None) -> tuple[int, TokenLog
     return token, TokenLogprob(token, float(values[1]), top)
 
 
-def sample(logits: torch.Tensor, params: SamplingTensors) -> Sampled:
-    """The next token of each row from its logits (R, V)."""
-    columns = params.columns
+def sample(logits: torch.Tensor, rows: StepRows, *, full_sort: bool = False) -> Sampled:
+    """The next token of each row from its logits (R, V). ``full_sort``: thresholds from a
+    sort of the whole vocabulary (a GPU's way) instead of candidates and the exact pass."""
     scores = logits.float()
-    if columns.any_edits or columns.any_repetition or columns.any_generated_penalty:
+    if rows.edits_scores:
         scores = scores.clone()  # edited in place below; the model's logits stay as they are
-    if columns.any_edits:
-        scores.index_put_(
-            (params.edit_rows, params.edit_tokens), params.edit_values.float(), accumulate=True
-        )
-    _penalise(scores, params)
+    _edit(scores, rows)
+    scores = _penalise(scores, rows)
     # max's indices are argmax's (the first of equal maxima) in half the time on a CPU.
-    greedy_tokens = scores.max(dim=-1).indices
-    if not columns.any_sampling and columns.max_logprobs is None:
-        return Sampled(greedy_tokens)
-    scaled = _scaled_and_filtered(scores, params)
-    tokens = greedy_tokens
-    if columns.any_sampling:
-        probs = torch.softmax(scaled, dim=-1)
-        # Inverse transform sampling: the first token whose cumulative probability reaches u.
-        cdf = probs.cumsum(dim=-1, dtype=torch.float64)  # (R, V)
-        target = params.uniform[:, None] * cdf[:, -1:]
-        drawn = torch.searchsorted(cdf, target).squeeze(1).clamp_(max=logits.shape[-1] - 1)
-        tokens = torch.where(params.greedy, greedy_tokens, drawn)
-    if columns.max_logprobs is None:
-        return Sampled(tokens)
-    logprobs = torch.log_softmax(scaled, dim=-1)  # a greedy row's: temperature 1, unfiltered
-    top = torch.topk(logprobs, max(columns.max_logprobs, 1), dim=-1)
-    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
-    n = columns.max_logprobs
-    return Sampled(tokens, chosen, top.indices[:, :n], top.values[:, :n].double())
-
-
-def filtered_probs(logits: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
-    """Next-token probabilities (R, V) after each row's temperature, top-k and top-p."""
-    return torch.softmax(_scaled_and_filtered(logits.float(), params), dim=-1)
-
-
-def _scaled_and_filtered(scores: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
-    """Each row's scores over its temperature, its top-k and top-p applied (-inf outside)."""
+    best = scores.max(dim=-1)
+    if not rows.any_sampling and rows.max_logprobs is None:
+        return Sampled(best.indices)
     # Shift by the max first: a tiny temperature then gives a one-hot, never inf - inf = NaN.
-    scaled = (scores - scores.max(dim=-1, keepdim=True).values) / params.temperature[:, None]
-    return _filtered(scaled, params)
+    probs = torch.softmax((scores - best.values[:, None]) / rows.temperature[:, None], dim=-1)
+    choose = _choose_by_sorting if full_sort else _choose_by_candidates
+    chosen = choose(probs, rows)
+    tokens = best.indices
+    if rows.any_sampling:
+        tokens = torch.where(rows.greedy, best.indices, chosen.drawn)
+    if rows.max_logprobs is None:
+        return Sampled(tokens)
+    return _with_logprobs(tokens, probs, chosen, rows.max_logprobs)
 
 
-def _penalise(scores: torch.Tensor, params: SamplingTensors) -> None:
+# ---- 1, 2: edits and penalties ---------------------------------------------------------------
+
+
+def _edit(scores: torch.Tensor, rows: StepRows) -> None:
+    """Each row's logit bias, and -inf on its end tokens while it suppresses them; in place."""
+    if rows.any_bias:
+        assert rows.bias_tokens is not None and rows.bias_values is not None
+        values = rows.bias_values.index_select(0, rows.slots) * rows.biased[:, None]
+        scores.scatter_add_(1, rows.bias_tokens.index_select(0, rows.slots), values)
+    if rows.any_suppression:
+        assert rows.suppress_tokens is not None
+        tokens = rows.suppress_tokens.index_select(0, rows.slots)  # (R, S), -1 padded
+        active = (tokens >= 0) & rows.suppressing[:, None]
+        # Inactive entries add 0 to token 0: nothing changes.
+        minus_inf = torch.zeros_like(tokens, dtype=scores.dtype).masked_fill_(active, float("-inf"))
+        scores.scatter_add_(1, tokens.clamp(min=0), minus_inf)
+
+
+def _penalise(scores: torch.Tensor, rows: StepRows) -> torch.Tensor:
     """Repetition penalty on every token a row has seen, then presence and frequency
-    penalties on the tokens it has generated; in place, on those entries only."""
-    columns = params.columns
-    if columns.any_repetition:
-        seen = (params.repeated_rows, params.repeated_tokens)
-        before = scores[seen]
-        factor = params.repetition[params.repeated_rows]
-        scores.index_put_(seen, torch.where(before > 0, before / factor, before * factor))
-    if columns.any_generated_penalty:
-        rows = params.generated_rows
-        penalty = params.frequency[rows] * params.generated_counts.float() + params.presence[rows]
-        scores.index_put_((rows, params.generated_tokens), -penalty, accumulate=True)
+    penalties on the tokens it has generated. A row without a penalty has neutral factors
+    (1, 0, 0), which change no value, so every row goes through the same kernels."""
+    if rows.any_repetition:
+        assert rows.seen is not None
+        seen = rows.seen.index_select(0, rows.slots)
+        factor = rows.repetition[:, None]
+        penalised = torch.where(scores > 0, scores / factor, scores * factor)
+        scores = torch.where(seen, penalised, scores)
+    if rows.any_generated_penalty:
+        assert rows.counts is not None
+        counts = rows.counts.index_select(0, rows.slots)
+        penalty = rows.frequency[:, None] * counts + rows.presence[:, None] * (counts > 0)
+        scores = scores - penalty
+    return scores
 
 
-def _filtered(scaled: torch.Tensor, params: SamplingTensors) -> torch.Tensor:
-    """Each sampling row's top-k and top-p applied (-inf outside); greedy rows untouched."""
-    columns = params.columns
-    if columns.max_top_k:
-        kth = torch.topk(scaled, min(columns.max_top_k, scaled.shape[-1]), dim=-1).values
-        k = params.top_k.clamp(min=1, max=kth.shape[-1])
-        threshold = kth.gather(1, (k - 1)[:, None])  # (R, 1): each row's k-th largest
-        limited = (params.top_k > 0)[:, None]
-        scaled = scaled.masked_fill(limited & (scaled < threshold), float("-inf"))
-    if columns.any_top_p:
-        sorted_scores, order = torch.sort(scaled, dim=-1, descending=True)
-        sorted_probs = torch.softmax(sorted_scores, dim=-1)
-        # Drop a token once the tokens before it reach top_p (the most likely always stays).
-        before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        drop_sorted = (before >= params.top_p[:, None]) & (params.top_p < 1.0)[:, None]
-        drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
-        scaled = scaled.masked_fill(drop, float("-inf"))
-    return scaled
+# ---- 4: thresholds ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Chosen:
+    """What the filters and the draw decided: each row's token, its threshold (0: every
+    token kept), the mass its kept tokens hold (of the tempered distribution), and its most
+    likely tokens (ids, probabilities: sorted, most likely first), for the logprobs."""
+
+    drawn: torch.Tensor  # (R,)
+    threshold: torch.Tensor  # (R,) float32
+    kept_mass: torch.Tensor  # (R,) float32
+    top_ids: torch.Tensor  # (R, M)
+    top_probs: torch.Tensor  # (R, M)
+
+
+def sorted_thresholds(sorted_probs: torch.Tensor, rows: StepRows) -> torch.Tensor:
+    """Each row's probability threshold from its M most likely probabilities (R, M), most
+    likely first: the largest of its top-k, top-p and min-p thresholds (0 for a greedy row
+    or one with no filter). Exact when the threshold lies above the M-th value (or M is the
+    whole vocabulary)."""
+    m = sorted_probs.shape[1]
+    k = rows.top_k.clamp(max=m)
+    kth = sorted_probs.gather(1, (k.clamp(min=1) - 1)[:, None])[:, 0]
+    zero = torch.zeros_like(kth)
+    threshold = torch.where(k > 0, kth, zero)
+    if rows.any_top_p:
+        # Top-p over what top-k kept: its mass, then the prefix before which less than
+        # top_p of it lies; the threshold is that prefix's last value (its ties kept).
+        kept = sorted_probs * (sorted_probs >= threshold[:, None])
+        mass = torch.where(k > 0, _row_sums(kept), torch.ones_like(kth))
+        total = sorted_probs.cumsum(dim=-1)
+        before = torch.cat([torch.zeros_like(total[:, :1]), total[:, :-1]], dim=1)
+        inside = (before < (rows.top_p * mass)[:, None]).sum(dim=-1).clamp(min=1)
+        last = sorted_probs.gather(1, (inside - 1)[:, None])[:, 0]
+        threshold = torch.maximum(threshold, torch.where(rows.top_p < 1.0, last, zero))
+    threshold = torch.maximum(threshold, rows.min_p * sorted_probs[:, 0])
+    return threshold.masked_fill(rows.greedy, 0.0)
+
+
+def nucleus_threshold(probs: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """The top-p threshold of each row of ``probs`` (F, V) without sorting it: the smallest
+    probability p such that the tokens more likely than p hold less than ``mass`` (F,).
+    CPU only (it reads sizes on the host). A radix select: the mass of every value of the
+    float's high 16 bits (a histogram), the bucket where the mass above first reaches
+    ``mass``, then a sort of that bucket's tokens alone."""
+    rows = probs.shape[0]
+    bits = probs.view(torch.int32)  # probabilities are >= 0: their bits sort as they do
+    high = (bits >> 16).long()
+    histogram = torch.zeros((rows, 1 << 15), dtype=probs.dtype).scatter_add_(1, high, probs)
+    at_or_above = histogram.flip(-1).cumsum(dim=-1).flip(-1)
+    above = torch.cat([at_or_above[:, 1:], torch.zeros_like(at_or_above[:, :1])], dim=1)
+    # The mass above a bucket falls as the bucket rises: the first bucket where it is below
+    # ``mass`` holds the threshold (and is not empty).
+    bucket = (above >= mass[:, None]).sum(dim=-1)
+    base = above.gather(1, bucket[:, None])[:, 0].double()
+    row, column = (high == bucket[:, None]).nonzero(as_tuple=True)  # row-major: rows ascend
+    values = probs[row, column]
+    # Within each row, most likely first: rows ascending, then bits descending.
+    order = torch.argsort(row * (1 << 31) + ((1 << 31) - 1 - bits[row, column]))
+    row, values = row[order], values[order]
+    running = values.double().cumsum(dim=0)
+    before = running - values.double()
+    sizes = torch.bincount(row, minlength=rows)
+    starts = sizes.cumsum(dim=0) - sizes
+    before = before - before[starts][row] + base[row]  # the mass above each, in its row
+    inside = torch.bincount(row, weights=(before < mass.double()[row]).double(), minlength=rows)
+    if not values.numel():  # only when every row's mass rounds past its whole sum
+        return torch.zeros_like(mass)
+    last = values[(starts + inside.long() - 1).clamp(min=0)]
+    # A bucket can be empty only at the bottom (mass rounded past the whole sum): keep all.
+    return torch.where(sizes > 0, last, 0.0)
+
+
+def _row_sums(x: torch.Tensor) -> torch.Tensor:
+    """Sums along the last axis in a fixed order per row (a running sum), so that a row's sum
+    does not depend on how many rows there are (``sum`` splits a lone long row across
+    threads)."""
+    return x.cumsum(dim=-1)[:, -1]
+
+
+# ---- 5: the draw -----------------------------------------------------------------------------
+
+
+def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row of ``weights`` (n, M) (>= 0, not all 0), the first position where the
+    running sum reaches ``u`` (n,) times the total; and the total."""
+    # In float64: a flat distribution's boundaries (2e-5 apart over 50k tokens) would sit
+    # a float32 step (6e-8 near 1) from the target often enough for the logits' last bits
+    # (which differ with the batch's size: its matmuls' summation order) to change a token.
+    cdf = weights.cumsum(dim=-1, dtype=torch.float64)
+    total = cdf[:, -1]
+    position = torch.searchsorted(cdf, (u * total)[:, None])[:, 0]
+    return position.clamp_(max=weights.shape[1] - 1), total.float()
+
+
+def _draw_from_vocabulary(
+    probs: torch.Tensor, threshold: torch.Tensor, u: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens drawn from each row's probabilities at or above its threshold, in vocabulary
+    order; and the mass kept."""
+    return _inverse_cdf(probs * (probs >= threshold[:, None]), u)
+
+
+def _draw_from_candidates(
+    top_probs: torch.Tensor, top_ids: torch.Tensor, threshold: torch.Tensor, u: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same draw when every kept token is a candidate: the kept candidates put back in
+    vocabulary order, so the running sum adds the same numbers in the same order as the
+    draw over the vocabulary (the tokens in between add zeros)."""
+    kept = top_probs >= threshold[:, None]
+    vocabulary_order = torch.where(kept, top_ids, torch.iinfo(top_ids.dtype).max).argsort(dim=-1)
+    weights = (top_probs * kept).gather(1, vocabulary_order)
+    position, total = _inverse_cdf(weights, u)
+    ids = top_ids.gather(1, vocabulary_order)
+    return ids.gather(1, position[:, None])[:, 0], total
+
+
+def _choose_by_candidates(probs: torch.Tensor, rows: StepRows) -> _Chosen:
+    vocabulary = probs.shape[1]
+    count = min(vocabulary, max(CANDIDATES, min(rows.max_top_k, MAX_CANDIDATES)) + 1)
+    if not rows.any_filter and rows.max_logprobs is None:
+        # Plain temperature: every token kept, one pass over the vocabulary.
+        zero = torch.zeros(probs.shape[0], dtype=probs.dtype, device=probs.device)
+        drawn, mass = _draw_from_vocabulary(probs, zero, rows.uniform)
+        return _Chosen(drawn, zero, mass, drawn[:, None], zero[:, None])
+    top = torch.topk(probs, count, dim=-1)
+    threshold = sorted_thresholds(top.values, rows)
+    drawn, mass = _draw_from_candidates(top.values, top.indices, threshold, rows.uniform)
+    mass = mass.masked_fill(rows.greedy, 1.0)  # a greedy row keeps the whole distribution
+    if count == vocabulary:
+        return _Chosen(drawn, threshold, mass, top.indices, top.values)
+    # A row is settled by its candidates when its threshold drops the last of them (then
+    # every other token too), and its top-k fitted. The others, sampling rows only, take
+    # the exact pass.
+    settled = (threshold > top.values[:, -1]) & (rows.top_k < count)
+    exact = (~settled & ~rows.greedy).nonzero()[:, 0]  # CPU: the host reads it at no cost
+    if exact.numel():
+        subset = _select(rows, exact)
+        p = probs.index_select(0, exact)
+        threshold_exact = _exact_thresholds(p, top.values.index_select(0, exact), subset)
+        drawn_exact, mass_exact = _draw_from_vocabulary(p, threshold_exact, subset.uniform)
+        drawn = drawn.index_copy(0, exact, drawn_exact)
+        threshold = threshold.index_copy(0, exact, threshold_exact)
+        mass = mass.index_copy(0, exact, mass_exact)
+    return _Chosen(drawn, threshold, mass, top.indices, top.values)
+
+
+def _exact_thresholds(probs: torch.Tensor, top: torch.Tensor, rows: StepRows) -> torch.Tensor:
+    """``sorted_thresholds`` over the whole vocabulary for rows its candidates could not
+    settle: top-k from a larger ``topk`` when it asks more than the candidates, top-p by
+    ``nucleus_threshold``, min-p from the most likely probability."""
+    m = top.shape[1]
+    k = rows.top_k
+    zero = torch.zeros(probs.shape[0], dtype=probs.dtype, device=probs.device)
+    largest_k = int(k.max())
+    if largest_k >= m:  # more than the candidates: a larger topk, these rows only
+        top = torch.topk(probs, min(largest_k, probs.shape[1]), dim=-1).values
+    kth = top.gather(1, (k.clamp(min=1, max=top.shape[1]) - 1)[:, None])[:, 0]
+    threshold = torch.where(k > 0, kth, zero)
+    nucleus = (rows.top_p < 1.0).nonzero()[:, 0]
+    if nucleus.numel():
+        kept = probs.index_select(0, nucleus)
+        kept = kept * (kept >= threshold.index_select(0, nucleus)[:, None])
+        has_k = k.index_select(0, nucleus) > 0
+        mass = torch.where(has_k, _row_sums(kept), 1.0) * rows.top_p.index_select(0, nucleus)
+        last = nucleus_threshold(kept, mass)
+        threshold = threshold.index_copy(
+            0, nucleus, torch.maximum(threshold.index_select(0, nucleus), last)
+        )
+    return torch.maximum(threshold, rows.min_p * top[:, 0])
+
+
+def _choose_by_sorting(probs: torch.Tensor, rows: StepRows) -> _Chosen:
+    ordered = torch.sort(probs, dim=-1, descending=True)
+    threshold = sorted_thresholds(ordered.values, rows)
+    drawn, mass = _draw_from_vocabulary(probs, threshold, rows.uniform)
+    return _Chosen(drawn, threshold, mass, ordered.indices, ordered.values)
+
+
+def _select(rows: StepRows, index: torch.Tensor) -> StepRows:
+    """The settings of some of the rows (the tables stay whole)."""
+    return StepRows(
+        slots=rows.slots.index_select(0, index),
+        greedy=rows.greedy.index_select(0, index),
+        temperature=rows.temperature.index_select(0, index),
+        top_k=rows.top_k.index_select(0, index),
+        top_p=rows.top_p.index_select(0, index),
+        min_p=rows.min_p.index_select(0, index),
+        uniform=rows.uniform.index_select(0, index),
+        repetition=rows.repetition.index_select(0, index),
+        presence=rows.presence.index_select(0, index),
+        frequency=rows.frequency.index_select(0, index),
+        suppressing=rows.suppressing.index_select(0, index),
+        biased=rows.biased.index_select(0, index),
+        seen=rows.seen,
+        counts=rows.counts,
+        bias_tokens=rows.bias_tokens,
+        bias_values=rows.bias_values,
+        suppress_tokens=rows.suppress_tokens,
+        rows=int(index.numel()),
+        any_sampling=rows.any_sampling,
+        any_filter=rows.any_filter,
+        max_top_k=rows.max_top_k,
+        any_top_p=rows.any_top_p,
+        any_bias=rows.any_bias,
+        any_suppression=rows.any_suppression,
+        any_repetition=rows.any_repetition,
+        any_generated_penalty=rows.any_generated_penalty,
+        max_logprobs=rows.max_logprobs,
+    )
+
+
+# ---- 6: logprobs -----------------------------------------------------------------------------
+
+
+def _with_logprobs(tokens: torch.Tensor, probs: torch.Tensor, chosen: _Chosen, n: int) -> Sampled:
+    """Each row's token with its logprob and its ``n`` most likely alternatives, of the kept
+    tokens' distribution (the tempered probabilities over the kept mass; -inf outside)."""
+    log_mass = chosen.kept_mass.log()[:, None]
+    chosen_p = probs.gather(1, tokens[:, None])
+    kept = chosen_p >= chosen.threshold[:, None]
+    logprob = torch.where(kept, chosen_p.log() - log_mass, float("-inf"))[:, 0]
+    width = max(n, 1)
+    top_probs, top_ids = chosen.top_probs[:, :width], chosen.top_ids[:, :width]
+    if top_probs.shape[1] < width:  # a vocabulary smaller than n: pad with nothing kept
+        pad = width - top_probs.shape[1]
+        top_probs = torch.nn.functional.pad(top_probs, (0, pad))
+        top_ids = torch.nn.functional.pad(top_ids, (0, pad))
+    top_kept = top_probs >= chosen.threshold[:, None]
+    top_logprobs = torch.where(top_kept, top_probs.log() - log_mass, float("-inf"))
+    return Sampled(tokens, logprob, top_ids[:, :n], top_logprobs[:, :n])

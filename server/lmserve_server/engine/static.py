@@ -14,8 +14,10 @@ both adapters over the engine core:
   tells ``generate`` which rows have ended; it returns once they all have;
 - ``_RowSampling`` (a LogitsProcessor, when a row needs more than a plain argmax: sampling,
   penalties, bias, min_new_tokens, logprobs) draws every row's token at once with the
-  batched sampler (``sampling.py``) and leaves a one-hot score that the call's greedy argmax
-  then picks.
+  batched sampler (``sampling.py``) from the batch's slot tables (``sampling_slots.py``,
+  the continuous runner's too: row i of the batch is slot i), and leaves a one-hot score that
+  the call's greedy argmax then picks. Its tokens and logprobs reach the host in the one copy
+  per step that ``_RowSteps`` makes.
 
 A row that ran in a batch that failed keeps its tokens: run again, it continues after them
 (its prompt is its prompt plus those tokens), so a retried stream never repeats a token.
@@ -29,28 +31,47 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria
 
+from lmserve_server.engine.faults import out_of_memory
 from lmserve_server.engine.rows import Row
-from lmserve_server.engine.sampling import sample, sampling_tensors, unpack
-from lmserve_server.engine.types import GenerationOutput, TokenLogprob
-from lmserve_server.errors import OutOfMemoryError
+from lmserve_server.engine.sampling import sample, unpack
+from lmserve_server.engine.sampling_slots import SamplingSlots
+from lmserve_server.engine.types import GenerationOutput
 
 
 def generate_batch(
-    model: Any, rows: Sequence[Row], *, pad_token_id: int, device: torch.device
+    model: Any,
+    rows: Sequence[Row],
+    *,
+    pad_token_id: int,
+    device: torch.device,
+    vocab: int,
+    end_token_ids: frozenset[int],
 ) -> list[GenerationOutput | Exception]:
     """Runs the rows that still need tokens through one ``generate``; returns each row's
     outcome: its output, or the error it was stopped with."""
     running = [r for r in rows if not r.done]
     if running:
-        _generate(model, running, pad_token_id, device)
+        _generate(model, running, pad_token_id, device, vocab, end_token_ids)
     return [r.error if r.error is not None else r.output() for r in rows]
 
 
-def _generate(model: Any, rows: Sequence[Row], pad_token_id: int, device: torch.device) -> None:
+def _generate(
+    model: Any,
+    rows: Sequence[Row],
+    pad_token_id: int,
+    device: torch.device,
+    vocab: int,
+    end_token_ids: frozenset[int],
+) -> None:
     prompts = [(*r.request.prompt_ids, *r.tokens) for r in rows]  # a retry continues
     input_ids, attention_mask = left_pad(prompts, pad_token_id, device)
-    sampler = _RowSampling(rows, device) if any(not r.plain_greedy for r in rows) else None
-    steps = _RowSteps(rows, device, sampler)
+    sampler = None
+    if any(r.request.needs_sampler for r in rows):
+        slots = SamplingSlots(len(rows), vocab, device, end_token_ids)
+        for slot, row in enumerate(rows):
+            slots.admit(slot, row.request, row.seed, row.tokens)
+        sampler = _RowSampling(slots, attention_mask)
+    steps = _RowSteps(rows, sampler)
     processors = [sampler] if sampler is not None else []
     config = GenerationConfig(  # nothing from the checkpoint's defaults (penalties, ...)
         max_new_tokens=max(r.request.max_new_tokens - r.generated for r in rows),
@@ -67,12 +88,10 @@ def _generate(model: Any, rows: Sequence[Row], pad_token_id: int, device: torch.
                 logits_processor=processors,
             )
     except torch.OutOfMemoryError as err:
-        # Give the cached blocks back before the halves are retried.
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        raise OutOfMemoryError(
-            f"out of device memory for {len(rows)} row(s) of up to {input_ids.shape[1]} prompt "
-            f"+ {config.max_new_tokens} new tokens"
+        raise out_of_memory(
+            err,
+            f"for {len(rows)} row(s) of up to {input_ids.shape[1]} prompt "
+            f"+ {config.max_new_tokens} new tokens",
         ) from err
 
 
@@ -92,38 +111,54 @@ def left_pad(
 class _RowSteps(StoppingCriteria):
     """After each new token: each unfinished row takes its token; ended rows are done."""
 
-    def __init__(
-        self, rows: Sequence[Row], device: torch.device, sampler: _RowSampling | None
-    ) -> None:
+    def __init__(self, rows: Sequence[Row], sampler: _RowSampling | None) -> None:
         self._rows = rows
-        self._device = device
         self._sampler = sampler
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        tokens = input_ids[:, -1].tolist()
-        logprobs = self._sampler.last_logprobs if self._sampler else [None] * len(tokens)
-        done = [
-            row.accept(token, logprob)
-            for row, token, logprob in zip(self._rows, tokens, logprobs, strict=True)
-        ]
-        return torch.tensor(done, dtype=torch.bool, device=self._device)  # type: ignore[return-value]
+        if self._sampler is None:
+            tokens = input_ids[:, -1].tolist()
+            done = [row.accept(token) for row, token in zip(self._rows, tokens, strict=True)]
+        else:
+            done = []
+            for row, values in zip(self._rows, self._sampler.chosen(), strict=True):
+                token, logprob = unpack(values, row.request.logprobs)
+                done.append(row.accept(token, logprob))
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
 
 
 class _RowSampling(LogitsProcessor):
     """Draws every row's next token with its own settings; leaves a one-hot score."""
 
-    def __init__(self, rows: Sequence[Row], device: torch.device) -> None:
-        self._rows = rows
-        self._device = device
-        self.last_logprobs: list[TokenLogprob | None] = [None] * len(rows)
+    def __init__(self, slots: SamplingSlots, attention_mask: torch.Tensor) -> None:
+        self._slots = slots
+        self._slot_list = list(range(slots.slots))
+        self._on_device = torch.arange(slots.slots, device=slots.device)
+        self._prompt: torch.Tensor | None = attention_mask
+        self._packed: torch.Tensor | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        settings = [r.sampling() for r in self._rows]
-        chosen = sample(scores, sampling_tensors(settings, self._device))
-        if chosen.logprobs is not None:
-            self.last_logprobs = [
-                unpack(values, s.logprobs)[1]
-                for values, s in zip(chosen.packed().tolist(), settings, strict=True)
-            ]
+        slots = self._slots
+        if self._prompt is not None:  # the first step: every prompt token has been seen
+            rows, columns = self._prompt.nonzero(as_tuple=True)
+            slots.mark_seen(rows, input_ids[rows, columns])
+            self._prompt = None
+        else:
+            slots.mark_seen(self._on_device, input_ids[:, -1])
+        slots.upload()
+        chosen = sample(
+            scores,
+            slots.rows(self._slot_list, self._on_device),
+            full_sort=slots.device.type == "cuda",
+        )
+        slots.count(self._on_device, chosen.tokens)
+        slots.advance(self._slot_list)
+        self._packed = chosen.packed()
         one_hot = torch.full_like(scores, float("-inf"))
         return one_hot.scatter_(1, chosen.tokens[:, None], 0.0)  # type: ignore[return-value]
+
+    def chosen(self) -> list[list[float]]:
+        """The last step's tokens (and logprobs), each row's ``Sampled.packed()`` row: the
+        step's one copy to the host."""
+        assert self._packed is not None
+        return list(self._packed.tolist())

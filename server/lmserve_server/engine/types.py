@@ -24,6 +24,7 @@ class SamplingParams:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0  # keep tokens at least min_p times as likely as the most likely
     seed: int | None = None
     repetition_penalty: float = 1.0  # transformers': over the prompt and generated tokens
     presence_penalty: float = 0.0  # OpenAI's: once per token generated so far
@@ -54,6 +55,18 @@ class GenerationRequest:
     stop_token_ids: tuple[int, ...] = ()  # end the row like EOS, finish reason STOP
     min_new_tokens: int = 0  # EOS and stop tokens are suppressed until this many exist
     logprobs: int | None = None  # None: none; N: the chosen token's and the top N
+
+    @property
+    def needs_sampler(self) -> bool:
+        """Whether choosing its tokens takes more than the argmax of the raw logits."""
+        sampling = self.sampling
+        return (
+            not sampling.greedy
+            or sampling.penalised
+            or bool(sampling.logit_bias)
+            or self.min_new_tokens > 0
+            or self.logprobs is not None
+        )
 
     @property
     def total_tokens(self) -> int:

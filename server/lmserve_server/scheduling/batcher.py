@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from lmserve_server.errors import ShuttingDownError, queue_full
+from lmserve_server.scheduling.halves import run_in_halves_async
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -278,17 +279,14 @@ class MicroBatcher(Generic[T, R]):
                 pending.future.set_result(served)
 
     async def _run(self, items: list[T]) -> list[R | Exception]:
-        """One outcome per item. When run_batch raises, the halves are retried, so one bad
-        item (or one that runs out of memory in company) fails alone."""
-        try:
-            results: list[R | Exception] = list(await self._run_batch(items))
-        except Exception as exc:
-            if len(items) == 1:
-                return [exc]
-            logger.warning("a batch of %d failed (%r); retrying its halves", len(items), exc)
-            half = len(items) // 2
-            return await self._run(items[:half]) + await self._run(items[half:])
-        return _aligned(results, len(items), "run_batch")
+        """One outcome per item. When run_batch raises, the halves are retried
+        (``halves.py``), so one bad item (or one that runs out of memory in company) fails
+        alone."""
+
+        async def run(group: Sequence[T]) -> Sequence[R | Exception]:
+            return _aligned(list(await self._run_batch(list(group))), len(group), "run_batch")
+
+        return await run_in_halves_async(items, run, "batch")
 
     # ---- helpers -----------------------------------------------------------------------------
 

@@ -172,7 +172,7 @@ class ContinuousScheduler:
             if self._step_graphs is not None:
                 started = time.perf_counter()
                 try:
-                    buckets = runner.capture_graphs(self._step_graphs, max_rows=self._slots)
+                    pairs = runner.capture_graphs(self._step_graphs, max_rows=self._slots)
                 except Exception as err:  # serve eagerly rather than not at all
                     runner.drop_graphs()
                     log.warning(
@@ -180,9 +180,10 @@ class ContinuousScheduler:
                     )
                 else:
                     log.info(
-                        "captured the decode step for %d bucket(s) of rows (%s) in %.1f s",
-                        len(buckets),
-                        ", ".join(map(str, buckets)),
+                        "captured the decode step for %d bucket(s) of rows x attention "
+                        "window (%s) in %.1f s",
+                        len(pairs),
+                        ", ".join(f"{rows}x{window}" for rows, window in pairs),
                         time.perf_counter() - started,
                     )
             self._batch = ContinuousBatch(
@@ -201,7 +202,7 @@ class ContinuousScheduler:
                         self._wake.wait()
                     if self._closing and not self._inbox and not batch.running:
                         return
-                    work = batch.plan(self._inbox)
+                    work = batch.admit_and_plan(self._inbox)
                 batch.run(work)
         except BaseException as err:  # a bug: fail everything rather than hang its callers
             log.exception("the continuous scheduler's loop crashed")

@@ -1,15 +1,22 @@
 """``ContinuousBatch``: the running batch of the continuous scheduler, one step at a time.
 
-Synchronous and single-threaded (the engine thread): ``plan`` asks the ``StepPlanner`` what
-the next step runs and admits waiting entries into free KV-cache slots, ``run`` has the
-``ModelRunner`` execute it and hands every sampled token to its row (``Row.accept``: limits,
-stop strings, streams), ``retire`` frees the slots of the rows that ended. The asyncio side
-(``continuous.py``) only queues entries and settles the retired ones.
+Synchronous and single-threaded (the engine thread): ``admit_and_plan`` asks the
+``StepPlanner`` what the next step runs, gives the waiting entries it admits free KV-cache
+slots (and writes their sampling settings into the runner's slot tables), ``run`` has the
+``ModelRunner`` execute it and hands every sampled token to its row, ``retire`` frees the
+slots of the rows that ended. The asyncio side (``continuous.py``) only queues entries and
+settles the retired ones.
 
-Faults stay with their row: when a step fails, its rows are run again in halves (each half
-one forward; nothing has advanced yet, and writing a key again at the same place is
-harmless), so only a row that fails alone gets the error; out of memory frees the device's
-cached blocks first and becomes ``OutOfMemoryError``.
+A row's token is handed over in two parts (``Row.take``, cheap: end tokens and limits; then
+``Row.settle``: text, stop strings, the stream). ``run`` settles the previous step's tokens
+after launching its own step and before waiting for it, so on a GPU that host work runs
+while the device computes; a row that a stop string ended there has a token computed for
+nothing in this step, which it does not take.
+
+Faults stay with their row: when a step fails, its rows are run again in halves
+(``halves.py``; each half one forward: nothing has advanced yet, and writing a key again at
+the same place is harmless), so only a row that fails alone gets the error; out of memory
+becomes ``OutOfMemoryError`` (``engine/faults.py``).
 """
 
 from __future__ import annotations
@@ -23,10 +30,10 @@ from typing import Generic, Protocol, TypeVar
 
 import torch
 
+from lmserve_server.engine.faults import out_of_memory
 from lmserve_server.engine.rows import Row
 from lmserve_server.engine.runner import Chunk, ModelRunner, SampledToken
-from lmserve_server.engine.sampling import RowSampling
-from lmserve_server.errors import OutOfMemoryError
+from lmserve_server.scheduling.halves import run_in_halves
 from lmserve_server.scheduling.planner import StepPlanner
 
 log = logging.getLogger(__name__)
@@ -60,9 +67,6 @@ class Running(Generic[E]):
     def prompt(self) -> tuple[int, ...]:
         return self.entry.row.request.prompt_ids
 
-    def sampling(self) -> RowSampling:
-        return self.row.sampling()
-
 
 @dataclass(eq=False)
 class Work(Generic[E]):
@@ -93,9 +97,11 @@ class ContinuousBatch(Generic[E]):
         self.running: list[Running[E]] = []
         self._on_step = on_step
         self._clock = clock
+        self._unsettled: list[Row] = []  # rows given a token whose text is not followed yet
 
-    def plan(self, waiting: deque[E]) -> list[Work[E]]:
-        """The next step's work; admits entries from the left of ``waiting`` (popped)."""
+    def admit_and_plan(self, waiting: deque[E]) -> list[Work[E]]:
+        """Admits entries from the left of ``waiting`` (popped) into free slots, as far as
+        the planner lets them in; returns the next step's work."""
         cache = self.runner.cache
         running = self.running
         plan = self.planner.plan(
@@ -107,7 +113,10 @@ class ContinuousBatch(Generic[E]):
         for _ in plan.admit:
             slot = cache.allocate()
             assert slot is not None, "the planner admits into free slots only"
-            running.append(Running(waiting.popleft(), slot, now))
+            entry = waiting.popleft()
+            row = entry.row
+            self.runner.sampling.admit(slot, row.request, row.seed, row.tokens)
+            running.append(Running(entry, slot, now))
         decoding = sorted(plan.decode, key=lambda i: running[i].slot)  # slots 0, 1, ...: a view
         work = [self._decode(running[i]) for i in decoding]
         first_admitted = len(running) - len(plan.admit)
@@ -118,8 +127,10 @@ class ContinuousBatch(Generic[E]):
         return work
 
     def run(self, work: list[Work[E]]) -> None:
-        """Executes the step and hands each row its token (or its error)."""
+        """Executes the step and hands each row its token (or its error); the previous
+        step's tokens are settled while the device runs this one."""
         if not work:
+            self.settle()
             return
         started = time.perf_counter()
         self._execute(work)
@@ -131,17 +142,25 @@ class ContinuousBatch(Generic[E]):
             w.running.prefilled += w.prefill
             if w.token is not None:
                 tokens += 1
-                try:
-                    w.running.row.accept(w.token.token, w.token.logprob)
-                except Exception as err:  # e.g. a stream whose event loop is gone
-                    log.exception("a row failed taking its token")
-                    w.running.row.abort(err)
+                w.running.row.take(w.token.token, w.token.logprob)
+                self._unsettled.append(w.running.row)
         if self._on_step:
             failed = all(w.error is not None for w in work)
             self._on_step(len(work), time.perf_counter() - started, tokens, failed)
 
+    def settle(self) -> None:
+        """Follows the text of every token handed over and not yet settled."""
+        rows, self._unsettled = self._unsettled, []
+        for row in rows:
+            try:
+                row.settle()
+            except Exception as err:  # e.g. a stream whose event loop is gone
+                log.exception("a row failed taking its token")
+                row.abort(err)
+
     def retire(self) -> list[Running[E]]:
-        """Removes the rows that ended, failed, were aborted or cancelled; frees their slots."""
+        """Removes the rows that ended, failed, were aborted or cancelled; frees their slots.
+        (Their text is settled when their result is read: ``Row.output``.)"""
         ended = [r for r in self.running if r.row.done]
         if ended:
             self.running = [r for r in self.running if not r.row.done]
@@ -154,35 +173,32 @@ class ContinuousBatch(Generic[E]):
     def _decode(self, running: Running[E]) -> Work[E]:
         row = running.row
         position = len(running.prompt) + row.generated - 1  # where its last token goes
-        chunk = Chunk(running.slot, (row.tokens[-1],), position, running.sampling())
+        chunk = Chunk(running.slot, (row.tokens[-1],), position, sample=True)
         return Work(running, chunk)
 
     def _prefill(self, running: Running[E], n: int) -> Work[E]:
         start = running.prefilled
         last = start + n == len(running.prompt)
-        sampling = running.sampling() if last else None
-        chunk = Chunk(running.slot, running.prompt[start : start + n], start, sampling)
+        chunk = Chunk(running.slot, running.prompt[start : start + n], start, sample=last)
         return Work(running, chunk, prefill=n)
 
     def _execute(self, work: Sequence[Work[E]]) -> None:
-        """Runs ``work`` as one forward; when it fails, each half as its own, down to the
-        rows that fail alone (their ``error`` is set)."""
+        """Runs ``work`` as one step; when it fails, each half as its own, down to the rows
+        that fail alone (their ``error`` is set)."""
+        outcomes = run_in_halves(work, self._step, "step")
+        for w, outcome in zip(work, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                w.error = outcome
+            else:
+                w.token = outcome
+
+    def _step(self, work: Sequence[Work[E]]) -> list[SampledToken | None]:
+        """One step of ``work``, the previous step's tokens settled while it runs; each
+        row's new token (None for a prefill chunk that samples nothing)."""
         try:
-            tokens = iter(self.runner.execute([w.chunk for w in work]))
-        except Exception as err:
-            if isinstance(err, torch.OutOfMemoryError):
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                err = OutOfMemoryError(f"out of device memory in a step of {len(work)} row(s)")
-            if len(work) == 1:
-                log.warning("a row failed alone in its step: %r", err)
-                work[0].error = err
-                return
-            log.warning("a step of %d rows failed (%r); retrying its halves", len(work), err)
-            half = len(work) // 2
-            self._execute(work[:half])
-            self._execute(work[half:])
-            return
-        for w in work:
-            if w.chunk.sampling is not None:
-                w.token = next(tokens)
+            launched = self.runner.launch([w.chunk for w in work])
+            self.settle()
+            tokens = iter(self.runner.collect(launched))
+        except torch.OutOfMemoryError as err:
+            raise out_of_memory(err, f"in a step of {len(work)} row(s)") from err
+        return [next(tokens) if w.chunk.sample else None for w in work]
