@@ -3,7 +3,9 @@
     python benchmarks/peer.py --model models/gpt2-random
 
 The workload of the engine-performance issue: 48 requests with 3-150-word prompts and 4-96
-new tokens (seeded, the same for every server), 16 clients in a closed loop; a uniform one:
+new tokens (seeded, the same for every server), 16 clients in a closed loop; the same
+requests sampled (temperature 0.8, top-p 0.95, a seed each: what most traffic sends); a
+uniform one:
 16 equal requests, 16 clients; and a single client sending 6 requests one after another
 (what a quiet server gives one caller). The servers, each started, measured and stopped in
 turn (rounds alternate their order, so a slow spell of a shared machine hits all alike):
@@ -67,6 +69,18 @@ def mixed_specs(count: int = 48, seed: int = 0) -> list[RequestSpec]:
     ]
 
 
+# What most backend traffic sends: a seeded sample, temperature and nucleus (no top-k).
+SAMPLING = {"temperature": 0.8, "top_p": 0.95}
+
+
+def sampled_specs(count: int = 48, seed: int = 0) -> list[RequestSpec]:
+    """The mixed workload's requests, each sampling with ``SAMPLING`` and its own seed."""
+    return [
+        RequestSpec(spec.prompt, spec.max_new_tokens, (*SAMPLING.items(), ("seed", i)))
+        for i, spec in enumerate(mixed_specs(count, seed))
+    ]
+
+
 def uniform_specs(count: int = 16, words: int = 48, new_tokens: int = 64) -> list[RequestSpec]:
     rng = random.Random(1)
     return [RequestSpec(" ".join(rng.choices(WORDS, k=words)), new_tokens) for _ in range(count)]
@@ -107,7 +121,12 @@ def measure_peer(base_url: str, model: str) -> Measure:
                     if not todo:
                         return
                     spec = todo.pop(0)
-                body = {"model": model, "prompt": spec.prompt, "max_tokens": spec.max_new_tokens}
+                body = {
+                    "model": model,
+                    "prompt": spec.prompt,
+                    "max_tokens": spec.max_new_tokens,
+                    **dict(spec.options),  # temperature, top_p, seed: OpenAI's names too
+                }
                 request = urllib.request.Request(
                     f"{base_url}/v1/completions",
                     data=json.dumps(body).encode(),
@@ -176,12 +195,17 @@ def peer_server(setup: Setup) -> Iterator[str]:
 PEER = "transformers serve CB"
 
 
-def compare(setup: Setup, rounds: int, only: Sequence[str] = ()) -> dict[str, Any]:
+def compare(
+    setup: Setup, rounds: int, only: Sequence[str] = (), only_workloads: Sequence[str] = ()
+) -> dict[str, Any]:
     workloads = {
         "mixed": (mixed_specs(), 16),
+        "sampled": (sampled_specs(), 16),
         "uniform": (uniform_specs(), 16),
         "single": (uniform_specs(6, new_tokens=32), 1),
     }
+    if only_workloads:
+        workloads = {k: v for k, v in workloads.items() if k in only_workloads}
     results: dict[str, dict[str, list[dict[str, float]]]] = {w: {} for w in workloads}
     servers: list[tuple[str, Callable[[], Any]]] = [
         ("lmserve static", lambda: daemon(setup)),
@@ -260,6 +284,11 @@ def main(argv: list[str] | None = None) -> int:
         "(the peer always runs: every ratio is to it)",
     )
     parser.add_argument(
+        "--workloads",
+        default="",
+        help="a comma-separated subset of: mixed, sampled, uniform, single (default: all)",
+    )
+    parser.add_argument(
         "--skip-extras",
         action="store_true",
         help="only the side-by-side comparison: no --group-similar legs, no in-process ceiling",
@@ -267,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup = Setup(model=args.model, device=args.device)
     only = [n.strip() for n in args.servers.split(",") if n.strip()]
-    results = compare(setup, args.rounds, [*only, PEER] if only else ())
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    results = compare(setup, args.rounds, [*only, PEER] if only else (), workloads)
     if args.skip_extras:
         return report(args.json, results, None, None)
     grouped = grouping(setup, args.rounds)
@@ -318,7 +348,7 @@ def report(
             "lmserve continuous": "packed",
         }
         for name, weights in serves.items():
-            uniform = summary["workloads"]["uniform"].get(name)
+            uniform = summary["workloads"].get("uniform", {}).get(name)
             if uniform:
                 ratio = uniform["tokens_per_s"] / ceilings[weights]
                 uniform["ratio_to_in_process"] = ratio

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
-from collections.abc import AsyncIterator, Callable, Hashable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import pytest
@@ -165,35 +165,6 @@ async def test_max_wait_zero_forms_the_batch_immediately(make: Factory) -> None:
     assert one.value == 70 and one.batch_size == 1
 
 
-# ---- batch keys --------------------------------------------------------------------------------
-
-
-async def test_keys_never_mix_and_the_oldest_goes_first(make: Factory) -> None:
-    run = FakeRun(blocked=True)
-    batcher = make(run, max_batch_size=32, max_wait_s=0.01, batch_key=lambda i: i // 100)
-    first = asyncio.create_task(batcher.submit(0))
-    await run.wait_batches(1)
-    later = submit_all(batcher, [100, 200, 201, 202, 101, 300, 102])
-    await settle()
-    run.gate.set()
-    results = await asyncio.wait_for(asyncio.gather(first, *later), 2.0)
-    assert run.batches == [[0], [100, 101, 102], [200, 201, 202], [300]]
-    assert [r.value for r in results] == [0, 1000, 2000, 2010, 2020, 1010, 3000, 1020]
-
-
-async def test_full_counts_only_the_oldest_items_key(make: Factory) -> None:
-    run = FakeRun()
-    key: Callable[[int], Hashable] = lambda i: i // 100  # noqa: E731
-    batcher = make(run, max_batch_size=2, max_wait_s=0.1, batch_key=key)
-    t0 = time.monotonic()
-    tasks = submit_all(batcher, [100, 200, 201])
-    await asyncio.wait_for(asyncio.gather(*tasks), 2.0)
-    # Key 2 is full, but the oldest item (key 1) is not: its batch waits out max_wait.
-    assert run.batches == [[100], [200, 201]]
-    assert run.started_at[0] - t0 >= 0.09
-    assert run.started_at[1] - run.started_at[0] < 0.05  # the full key-2 batch went at once
-
-
 # ---- results -----------------------------------------------------------------------------------
 
 
@@ -296,19 +267,6 @@ async def test_wrong_length_result_fails_the_whole_batch(make: Factory) -> None:
     assert "returned 2 results for a batch of 3 items" in str(got[0])
     run.fn = lambda items: [i * 10 for i in items]
     assert (await asyncio.wait_for(batcher.submit(4), 2.0)).value == 40  # loop still alive
-
-
-async def test_batch_key_error_fails_only_that_submit(make: Factory) -> None:
-    def key(i: int) -> Hashable:
-        if i < 0:
-            raise KeyError("no key")
-        return 0
-
-    run = FakeRun()
-    batcher = make(run, max_wait_s=0.01, batch_key=key)
-    with pytest.raises(KeyError):
-        await batcher.submit(-1)
-    assert (await asyncio.wait_for(batcher.submit(5), 2.0)).value == 50
 
 
 # ---- admission and cancellation ----------------------------------------------------------------

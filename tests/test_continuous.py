@@ -259,3 +259,37 @@ async def test_a_failed_capture_leaves_the_scheduler_serving_eagerly(engine: Eng
         await scheduler.close()
         executor.shutdown()
     assert served.value == solo(engine, "Hello", 8)
+
+
+@pytest.mark.parametrize("warm_up", [True, False])
+def test_warm_up_runs_steps_through_the_runner_before_serving(
+    engine: Engine, warm_up: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--warm-up under the continuous scheduler warms what it serves with: the runner's
+    steps (not ``generate``), and leaves every slot free."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lmserve_server.engine.runner import ModelRunner
+    from lmserve_server.scheduling.continuous import ContinuousScheduler
+
+    launched: list[int] = []
+    launch = ModelRunner.launch
+
+    def counting(self, chunks):  # type: ignore[no-untyped-def]
+        launched.append(len(chunks))
+        return launch(self, chunks)
+
+    monkeypatch.setattr(ModelRunner, "launch", counting)
+    monkeypatch.setattr(Engine, "generate_batch", None)  # would raise if warm-up used it
+    scheduler = ContinuousScheduler(
+        engine,
+        max_batch_size=4,
+        max_queue=8,
+        max_step_tokens=64,
+        kv_cache_tokens=1024,
+        warm_up=warm_up,
+        executor=ThreadPoolExecutor(1),
+    )
+    scheduler.prepare()
+    assert bool(launched) == warm_up
+    assert scheduler._batch is not None and scheduler._batch.runner.cache.free_slots == 4

@@ -90,6 +90,7 @@ class Daemon:
                     else None
                 ),
                 on_step=self._record_step,
+                warm_up=config.warm_up,
                 executor=self._executor,
             )
         else:
@@ -101,6 +102,7 @@ class Daemon:
                 max_batch_tokens=config.max_batch_tokens,
                 group_similar=config.group_similar,
                 on_batch=self._record_batch,
+                warm_up=config.warm_up,
                 executor=self._executor,
             )
         self.health: health.aio.HealthServicer | None = None
@@ -109,7 +111,7 @@ class Daemon:
         # Always recorded (cheap, and a registry per daemon); served only with a metrics port.
         self.metrics = Metrics(
             queue_depth=lambda: self.scheduler.queue_depth,
-            kv_cache_usage=lambda: self.scheduler.kv_cache_usage,
+            kv_cache_usage=lambda: self.scheduler.kv_slot_occupancy,
         )
         self.metrics.set_model(engine.name, engine.device, engine.dtype)
 
@@ -141,7 +143,8 @@ class Daemon:
         )
 
     async def start(self) -> int:
-        """Binds, starts serving and reports SERVING; the engine must be loaded (and warm)."""
+        """Prepares (and warms up) the scheduler, binds, starts serving and reports SERVING; the
+        engine must be loaded."""
         # Both belong to the running event loop, so they are made here, not in __init__.
         self.health = health.aio.HealthServicer()
         prefix = f"/{SERVICE_NAME}/"

@@ -194,7 +194,7 @@ def _serve_parser(sub: Any) -> None:
     _add(p, "--max-new-tokens-cap", int, 1024, "largest max_new_tokens a request may ask for")
     _add(p, "--drain-timeout", float, 30.0, "seconds accepted requests get to finish on SIGTERM")
     _add(p, "--reflection", _bool, True, "serve gRPC server reflection (grpcurl list)")
-    _add(p, "--warm-up", _bool, True, "run one generate() before reporting SERVING")
+    _add(p, "--warm-up", _bool, True, "run two short requests before reporting SERVING")
     _add(
         p,
         "--log-level",
@@ -357,8 +357,6 @@ async def run_daemon(config: ServerConfig, exit_now: Callable[[int], None]) -> b
         # Load, warm up and serve on one thread: see engine_thread() for why.
         executor = engine_thread()
         engine = await loop.run_in_executor(executor, Engine.load, config.engine)
-        if config.warm_up:
-            await loop.run_in_executor(executor, engine.warm_up)
         daemon = Daemon(config, engine, executor)
         port = await daemon.start()
         notify(f"READY=1\nSTATUS=serving {engine.name} on {config.host}:{port}")

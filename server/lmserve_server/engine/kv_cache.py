@@ -76,10 +76,6 @@ class KVCache:
         self._free = list(range(slots))  # a heap: the lowest free slot first
 
     @property
-    def capacity_tokens(self) -> int:
-        return self.slots * self.slot_tokens
-
-    @property
     def free_slots(self) -> int:
         return len(self._free)
 

@@ -132,10 +132,15 @@ class Engine:
             staged=staged,
         )
 
-    def warm_up(self) -> None:
-        """One padded batch through ``generate`` so the first real request pays no set-up."""
+    def warm_up_rows(self) -> list[Row]:
+        """Two short requests of unlike lengths (a padded batch, a chunk of each kind), for a
+        scheduler to run before it serves, so the first real request pays no set-up."""
         requests = [
             GenerationRequest(prompt_ids=tuple(self.tokenize(text)), max_new_tokens=2)
             for text in ("Hello", "Hello World")
         ]
-        self.generate_batch([self.new_row(r) for r in requests])
+        return [self.new_row(r) for r in requests]
+
+    def warm_up(self) -> None:
+        """One padded batch through ``generate`` (the static scheduler's engine)."""
+        self.generate_batch(self.warm_up_rows())

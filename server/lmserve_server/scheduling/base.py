@@ -38,8 +38,9 @@ class Scheduler(Protocol):
     def capacity(self) -> Capacity: ...
 
     @property
-    def kv_cache_usage(self) -> float:
-        """The share of a preallocated KV cache that running requests hold (0 if none)."""
+    def kv_slot_occupancy(self) -> float:
+        """The share of a preallocated KV cache's slots that running requests hold (0 if
+        none)."""
 
     def prepare(self) -> None:
         """Allocates what the scheduler needs ahead (on the engine thread, before start)."""

@@ -5,9 +5,9 @@ forms batches and awaits ``run_batch`` on them, one batch at a time, and hands e
 own result. A batch is formed only when ``run_batch`` is free: everything that arrived while the
 previous batch ran goes in at once (up to ``max_batch_size``); if fewer are waiting, the loop
 waits until ``max_wait_s`` after the *oldest* waiting item arrived, or until the batch fills.
-With a ``batch_key``, items whose keys differ never share a batch; each batch is built around
-the oldest waiting item, so nothing starves. With a ``batch_cost`` and ``max_batch_cost`` (e.g.
-padded tokens), a batch also closes when the next waiting item would take it over budget.
+Each batch is built around the oldest waiting item, so nothing starves. With a
+``batch_cost`` and ``max_batch_cost`` (e.g. padded tokens), a batch also closes when the next
+waiting item would take it over budget.
 With an ``affinity`` (a number per item), when more items wait than fit, the batch takes the
 oldest and those closest to it, so alike requests share batches; the oldest always goes, so
 nothing waits for ever.
@@ -31,7 +31,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -57,7 +57,6 @@ class Served(Generic[R]):
 @dataclass(eq=False)
 class _Pending(Generic[T, R]):
     item: T
-    key: Hashable
     arrived: float
     future: asyncio.Future[Served[R]]
     queued: bool = field(default=True)
@@ -73,7 +72,6 @@ class MicroBatcher(Generic[T, R]):
         max_batch_size: int,
         max_wait_s: float,
         max_queue: int,
-        batch_key: Callable[[T], Hashable] | None = None,
         batch_cost: Callable[[Sequence[T]], int] | None = None,
         max_batch_cost: int | None = None,
         affinity: Callable[[T], float] | None = None,
@@ -89,13 +87,11 @@ class MicroBatcher(Generic[T, R]):
         self._max_batch_size = max_batch_size
         self._max_wait_s = max_wait_s
         self._max_queue = max_queue
-        self._batch_key = batch_key
         self._batch_cost = batch_cost
         self._max_batch_cost = max_batch_cost if batch_cost is not None else None
         self._affinity = affinity
         self._clock = clock
         self._queue: deque[_Pending[T, R]] = deque()
-        self._key_counts: dict[Hashable, int] = {}  # waiting items per key
         self._wakeup = asyncio.Event()  # set on every change the loop must look at
         self._busy = False
         self._closing = False
@@ -139,13 +135,11 @@ class MicroBatcher(Generic[T, R]):
             raise ShuttingDownError("the server is shutting down and accepts no new requests")
         if self._task is None:
             raise RuntimeError("MicroBatcher.submit() before start()")
-        key = self._batch_key(item) if self._batch_key is not None else None
         future: asyncio.Future[Served[R]] = asyncio.get_running_loop().create_future()
-        pending = _Pending(item, key, self._clock(), future)
+        pending = _Pending(item, self._clock(), future)
         if pending.arrived - self._freed_at <= self._max_wait_s:
             self._arrived_after_free += 1
         self._queue.append(pending)
-        self._key_counts[key] = self._key_counts.get(key, 0) + 1
         self._wakeup.set()
         try:
             return await future
@@ -202,8 +196,8 @@ class MicroBatcher(Generic[T, R]):
                 await self._wakeup.wait()
                 continue
             oldest = self._queue[0]
-            candidates = self._candidates(oldest.key)
-            if self._closing or len(candidates) < self._key_counts[oldest.key]:
+            candidates = self._candidates()
+            if self._closing or len(candidates) < len(self._queue):
                 return self._take(candidates)  # full: by size, or the next one is over budget
             if len(candidates) >= self._max_batch_size:
                 return self._take(candidates)
@@ -223,11 +217,11 @@ class MicroBatcher(Generic[T, R]):
             self._arrived_after_free < self._expected_after_free and waiting < self._max_batch_size
         )
 
-    def _candidates(self, key: Hashable) -> list[_Pending[T, R]]:
-        """The next batch: waiting items with ``key`` in arrival order, up to the size limit
+    def _candidates(self) -> list[_Pending[T, R]]:
+        """The next batch: waiting items in arrival order, up to the size limit
         and the cost budget. The oldest always goes in, whatever its cost."""
         batch: list[_Pending[T, R]] = []
-        for pending in self._in_affinity_order(key):
+        for pending in self._in_affinity_order():
             if len(batch) == self._max_batch_size:
                 break
             if batch and self._max_batch_cost is not None and self._batch_cost is not None:
@@ -240,11 +234,11 @@ class MicroBatcher(Generic[T, R]):
             batch.sort(key=lambda p: position[id(p)])
         return batch
 
-    def _in_affinity_order(self, key: Hashable) -> list[_Pending[T, R]]:
-        """Waiting items with ``key``: the oldest first, then (with an ``affinity``) the
+    def _in_affinity_order(self) -> list[_Pending[T, R]]:
+        """Waiting items: the oldest first, then (with an ``affinity``) the
         others closest to it, so rows that would pad each other least share a batch; without
         one, or while they all fit anyway, in arrival order."""
-        same = [p for p in self._queue if p.key == key]
+        same = list(self._queue)
         if self._affinity is None or len(same) <= self._max_batch_size:
             return same
         anchor = self._affinity(same[0].item)
@@ -290,13 +284,9 @@ class MicroBatcher(Generic[T, R]):
 
     # ---- helpers -----------------------------------------------------------------------------
 
-    def _unqueue(self, pending: _Pending[T, R]) -> None:
+    @staticmethod
+    def _unqueue(pending: _Pending[T, R]) -> None:
         pending.queued = False
-        count = self._key_counts[pending.key] - 1
-        if count:
-            self._key_counts[pending.key] = count
-        else:
-            del self._key_counts[pending.key]
 
     def _fail_waiting(self, error: Exception) -> None:
         while self._queue:

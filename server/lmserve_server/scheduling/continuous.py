@@ -55,6 +55,7 @@ class ContinuousScheduler:
         kv_cache_memory: float = 0.0,
         step_graphs: Capture | None = None,
         on_step: StepObserver | None = None,
+        warm_up: bool = False,
         executor: Executor,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -74,6 +75,7 @@ class ContinuousScheduler:
         )
         self._max_step_tokens = max_step_tokens
         self._step_graphs = step_graphs
+        self._warm_up = warm_up
         self._on_step = on_step
         self._clock = clock
         self._inbox: deque[_Ticket] = deque()
@@ -106,7 +108,7 @@ class ContinuousScheduler:
         )
 
     @property
-    def kv_cache_usage(self) -> float:
+    def kv_slot_occupancy(self) -> float:
         """The share of the KV cache's slots that running rows hold now."""
         return len(self._batch.running) / self._slots if self._batch else 0.0
 
@@ -159,9 +161,10 @@ class ContinuousScheduler:
     # ---- the engine thread -------------------------------------------------------------------
 
     def prepare(self) -> None:
-        """Allocates the KV cache and the step buffers, and captures the decode steps' graphs
-        (``step_graphs``: one per bucket of rows); call it on the engine thread before
-        ``start`` (a cache that does not fit is then a start-up error, not a request's)."""
+        """Allocates the KV cache and the step buffers, captures the decode steps' graphs
+        (``step_graphs``: one per bucket of rows and of columns), and with ``warm_up`` runs
+        two short requests through the steps; call it on the engine thread before ``start``
+        (a cache that does not fit is then a start-up error, not a request's)."""
         if self._batch is None:
             runner = self._engine.continuous_runner(
                 slots=self._slots,
@@ -186,6 +189,13 @@ class ContinuousScheduler:
                         ", ".join(f"{rows}x{window}" for rows, window in pairs),
                         time.perf_counter() - started,
                     )
+            batch: ContinuousBatch[_Ticket] = ContinuousBatch(runner, self._planner)
+            if self._warm_up:
+                rows = self._engine.warm_up_rows()
+                waiting = deque(_Ticket(row, None, 0.0) for row in rows)  # type: ignore[arg-type]
+                while waiting or batch.running:
+                    batch.run(batch.admit_and_plan(waiting))
+                    batch.retire()
             self._batch = ContinuousBatch(
                 runner, self._planner, on_step=self._on_step, clock=self._clock
             )

@@ -26,10 +26,6 @@ class Plan:
     prefill: list[tuple[int, int]] = field(default_factory=list)
     admit: list[int] = field(default_factory=list)  # the first chunk of waiting request i
 
-    @property
-    def tokens(self) -> int:
-        return len(self.decode) + sum(n for _, n in self.prefill) + sum(self.admit)
-
 
 class StepPlanner:
     def __init__(self, *, max_rows: int, max_step_tokens: int) -> None:

@@ -53,9 +53,11 @@ class StaticScheduler:
         max_batch_tokens: int = 0,
         group_similar: bool = True,
         on_batch: BatchObserver | None = None,
+        warm_up: bool = False,
         executor: Executor,
     ) -> None:
         self._engine = engine
+        self._warm_up = warm_up
         self._executor = executor
         self._max_queue = max_queue
         self._max_batch_tokens = max_batch_tokens
@@ -92,11 +94,14 @@ class StaticScheduler:
         )
 
     @property
-    def kv_cache_usage(self) -> float:
+    def kv_slot_occupancy(self) -> float:
         return 0.0  # generate() makes a cache per batch
 
     def prepare(self) -> None:
-        """Nothing to allocate ahead: ``generate`` makes its own cache per batch."""
+        """Nothing to allocate ahead (``generate`` makes its own cache per batch); with
+        ``warm_up``, one small batch runs first."""
+        if self._warm_up:
+            self._engine.warm_up()
 
     def start(self) -> None:
         self._batcher.start()
