@@ -33,10 +33,20 @@ class Entry:
 
 
 def batch_of(
-    engine: Engine, *, rows: int = 4, budget: int = 16, slot_tokens: int = 256, fixed: bool = False
+    engine: Engine,
+    *,
+    rows: int = 4,
+    budget: int = 16,
+    slot_tokens: int = 256,
+    fixed: bool = False,
+    staged: bool = False,
 ) -> ContinuousBatch[Entry]:
     runner = engine.continuous_runner(
-        slots=rows, slot_tokens=slot_tokens, max_step_tokens=budget, fixed_shapes=fixed
+        slots=rows,
+        slot_tokens=slot_tokens,
+        max_step_tokens=budget,
+        fixed_shapes=fixed,
+        staged=staged,
     )
     return ContinuousBatch(runner, StepPlanner(max_rows=rows, max_step_tokens=budget))
 
@@ -293,3 +303,73 @@ def test_warm_up_runs_steps_through_the_runner_before_serving(
     scheduler.prepare()
     assert bool(launched) == warm_up
     assert scheduler._batch is not None and scheduler._batch.runner.cache.free_slots == 4
+
+
+def test_the_gpu_s_staging_path_gives_the_same_tokens(engine: Engine) -> None:
+    """``staged``: the inputs copied from a host buffer to a device buffer and the tokens
+    back through a download buffer, as on a GPU; every option, sampling included."""
+    kinds = [
+        {"sampling": SamplingParams(temperature=0.9, top_p=0.9, seed=1), "logprobs": 3},
+        {"sampling": SamplingParams(repetition_penalty=1.3, logit_bias=((11, 2.0),))},
+        {"min_new_tokens": 4, "stop": ("the",)},
+        {},
+    ]
+    requests = [request(engine, p, 10, **k) for p, k in zip(PROMPTS, kinds, strict=False)]
+    plain = run(batch_of(engine), [engine.new_row(r) for r in requests])
+    staged = run(batch_of(engine, staged=True), [engine.new_row(r) for r in requests])
+    assert staged == plain
+
+
+def test_the_largest_bucket_with_the_most_logprobs_fits_the_download(engine: Engine) -> None:
+    """128 slots, fixed shapes, staged: a 128-row bucket where one row asks 20 logprobs
+    (2 + 2 x 20 values a row) downloads whole (the buffer once held 4096 values)."""
+    batch = batch_of(engine, rows=128, budget=512, slot_tokens=32, fixed=True, staged=True)
+    pairs = batch.runner.capture_graphs(rerun_capture, max_rows=128)
+    assert (128, 32) in pairs
+    rows = [engine.new_row(request(engine, "Hi", 4)) for _ in range(127)]
+    asking = engine.new_row(request(engine, "Hello", 4, logprobs=20))
+    waiting = deque(Entry(r) for r in [*rows, asking])  # all at once
+    while waiting or batch.running:
+        batch.run(batch.admit_and_plan(waiting))
+        batch.retire()
+    assert len(asking.output().logprobs) == 4
+    assert all(len(lp.top) == 20 for lp in asking.output().logprobs)
+    assert batch.runner.graph_replays > 0
+
+
+def test_graphs_survive_long_penalised_prompts(engine: Engine) -> None:
+    """Penalised rows with long prompts no longer grow the step's inputs (their history is
+    on the device): a plain load afterwards still replays every decode step's graph."""
+    batch = batch_of(engine, rows=4, budget=64, slot_tokens=512, fixed=True)
+    batch.runner.capture_graphs(rerun_capture, max_rows=4)
+    long_prompt = " ".join(["word"] * 450)
+    penalised = SamplingParams(repetition_penalty=1.2, frequency_penalty=0.5)
+    run(batch, [engine.new_row(request(engine, long_prompt, 5, sampling=penalised))] * 3)
+    before = batch.runner.graph_replays
+    launch = batch.runner.launch
+    decode_only = 0
+
+    def count(chunks):  # type: ignore[no-untyped-def]
+        nonlocal decode_only
+        decode_only += all(len(c.tokens) == 1 for c in chunks)
+        return launch(chunks)
+
+    batch.runner.launch = count  # type: ignore[method-assign]
+    run(batch, [engine.new_row(request(engine, p, 8)) for p in PROMPTS[:4]])
+    assert batch.runner.graph_replays - before == decode_only > 5
+
+
+def test_graphs_are_captured_largest_first(engine: Engine) -> None:
+    """Largest first, as vLLM does, so that the smaller graphs' work memory fits in what the
+    shared pool already holds."""
+    batch = batch_of(engine, rows=4, slot_tokens=128, fixed=True)
+    sizes: list[tuple[int, ...]] = []
+
+    def recording(forward):  # type: ignore[no-untyped-def]
+        replay, output = rerun_capture(forward)
+        sizes.append(tuple(output.shape))
+        return replay, output
+
+    batch.runner.capture_graphs(recording, max_rows=4)
+    assert [s[1] for s in sizes] == sorted((s[1] for s in sizes), reverse=True)
+    assert sizes[0][1] == 4 and sizes[-1][1] == 1

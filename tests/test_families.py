@@ -1,7 +1,8 @@
-"""Every decoder family end to end, under both schedulers: a real daemon on loopback serving
-a tiny random checkpoint of the family (GPT-2 with wide and with flat logits, Llama with
-grouped-query attention, Qwen2 with biases and a sliding-window layer, GPT-NeoX, OPT).
-A request's tokens never depend on its batch company, and a stream is the unary result."""
+"""Every decoder family end to end, under both schedulers (static with either engine): a real
+daemon on loopback serving a tiny random checkpoint of the family (GPT-2 with wide and with
+flat logits, Llama with grouped-query attention, Qwen2 with biases and a sliding-window
+layer, GPT-NeoX, OPT). A request's tokens never depend on its batch company, and a stream is
+the unary result."""
 
 from __future__ import annotations
 
@@ -18,15 +19,17 @@ from tests.conftest import RunningDaemon
 from tests.test_engine import PROMPTS
 
 
-@pytest.fixture(scope="module", params=["static", "continuous"])
+@pytest.fixture(scope="module", params=["static", "continuous", "static-steps"])
 def family_daemon(
     request: pytest.FixtureRequest, family_engine: Engine, tiny_model_dir: Path
 ) -> Iterator[RunningDaemon]:
+    scheduler, _, engine = request.param.partition("-")
     config = ServerConfig(
         engine=EngineConfig(model=family_engine.name),
         port=0,
         max_wait_ms=50,
-        scheduler=request.param,
+        scheduler=scheduler,
+        static_engine=engine or "auto",  # static-steps: batches through the runner's steps
         max_step_tokens=48,  # prompts go in chunks beside running rows
     )
     running = RunningDaemon(config, family_engine)

@@ -32,6 +32,7 @@ from lmserve_server.network import is_loopback
 from lmserve_server.scheduling.base import Scheduler
 from lmserve_server.scheduling.continuous import ContinuousScheduler
 from lmserve_server.scheduling.static import StaticScheduler
+from lmserve_server.scheduling.steps import StepSettings, capacity
 from lmserve_server.security import TokenAuthInterceptor, server_credentials
 from lmserve_server.service import SERVICE_NAME, GeneratorService
 
@@ -76,6 +77,8 @@ class Daemon:
             max_workers=TOKENIZER_WORKERS, thread_name_prefix="lmserve-tokenize"
         )
         self.scheduler: Scheduler
+        cuda = engine.input_device.type == "cuda"
+        step_graphs = CudaGraphCapture() if config.cuda_graphs and cuda else None
         if config.scheduler == "continuous":
             self.scheduler = ContinuousScheduler(
                 engine,
@@ -84,16 +87,26 @@ class Daemon:
                 max_step_tokens=config.max_step_tokens,
                 kv_cache_tokens=config.kv_cache_tokens,
                 kv_cache_memory=config.kv_cache_memory,
-                step_graphs=(
-                    CudaGraphCapture()
-                    if config.cuda_graphs and engine.input_device.type == "cuda"
-                    else None
-                ),
+                step_graphs=step_graphs,
                 on_step=self._record_step,
                 warm_up=config.warm_up,
                 executor=self._executor,
             )
         else:
+            steps = None
+            if config.static_engine == "steps" or (config.static_engine == "auto" and cuda):
+                steps = StepSettings(
+                    rows=config.max_batch_size,
+                    slot_tokens=capacity(
+                        engine,
+                        config.max_batch_size,
+                        config.kv_cache_tokens,
+                        config.kv_cache_memory,
+                    ),
+                    max_step_tokens=max(config.max_step_tokens, config.max_batch_size + 1),
+                    step_graphs=step_graphs,
+                    warm_up=config.warm_up,
+                )
             self.scheduler = StaticScheduler(
                 engine,
                 max_batch_size=config.max_batch_size,
@@ -103,6 +116,7 @@ class Daemon:
                 group_similar=config.group_similar,
                 on_batch=self._record_batch,
                 warm_up=config.warm_up,
+                steps=steps,
                 executor=self._executor,
             )
         self.health: health.aio.HealthServicer | None = None

@@ -110,6 +110,16 @@ def _serve_parser(sub: Any) -> None:
     )
     _add(
         p,
+        "--static-engine",
+        str,
+        "auto",
+        "static scheduler: how a batch runs: generate (one transformers generate(), "
+        "left-padded with EOS), steps (the continuous runner's packed steps, the batch run to "
+        "its end, decode steps as CUDA graphs on a GPU), auto (steps on CUDA, else generate)",
+        choices=["auto", "generate", "steps"],
+    )
+    _add(
+        p,
         "--max-batch-tokens",
         int,
         0,
@@ -131,7 +141,8 @@ def _serve_parser(sub: Any) -> None:
         "--kv-cache-tokens",
         int,
         0,
-        "continuous scheduler: the KV cache, allocated once, in tokens; each of the "
+        "continuous scheduler (and static with --static-engine steps): the KV cache, "
+        "allocated once, in tokens; each of the "
         "--max-batch-size rows holds an equal slot, the longest request it accepts "
         "(prompt + max_new_tokens); 0 = a full context per row (on CUDA at most "
         "--kv-cache-memory of the free memory)",
@@ -141,7 +152,8 @@ def _serve_parser(sub: Any) -> None:
         "--kv-cache-memory",
         float,
         0.5,
-        "continuous scheduler on CUDA with --kv-cache-tokens 0: the share of the device's free "
+        "continuous scheduler (and static steps) on CUDA with --kv-cache-tokens 0: the share "
+        "of the device's free "
         "memory (after loading) the KV cache may take",
     )
     _add(
@@ -149,9 +161,10 @@ def _serve_parser(sub: Any) -> None:
         "--cuda-graphs",
         _bool,
         True,
-        "continuous scheduler on CUDA: capture the decode step once per bucket of rows "
-        "(1, 2, 4, ... --max-batch-size) before serving, and replay it (one launch instead of "
-        "hundreds); decode steps then attend over every slot's whole length; ignored on CPU",
+        "continuous scheduler (and static with --static-engine steps) on CUDA: capture the "
+        "decode step once per bucket of rows (1, 2, 4, ... --max-batch-size) and of attention "
+        "columns (64, 128, ... a slot's length) before serving, and replay it (one launch "
+        "instead of hundreds); ignored on CPU",
     )
     _add(
         p,
@@ -286,6 +299,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         kv_cache_memory=args.kv_cache_memory,
         cuda_graphs=args.cuda_graphs,
         scheduler=args.scheduler,
+        static_engine=args.static_engine,
         group_similar=args.group_similar,
         max_prompt_chars=args.max_prompt_chars,
         max_message_bytes=args.max_message_bytes,

@@ -32,7 +32,10 @@ class ServerConfig:
     max_stop_strings: int = 16
     max_stop_chars: int = 256
     max_prompt_chars: int = 100_000  # refused before tokenizing
-    scheduler: str = "static"  # static: one generate per batch | continuous: per decode step
+    scheduler: str = "static"  # static: one engine call per batch | continuous: per decode step
+    # static: how a batch runs: generate (left-padded) | steps (the continuous runner's,
+    # graphed on CUDA) | auto: steps on CUDA, generate elsewhere
+    static_engine: str = "auto"
     group_similar: bool = True  # static: when more wait than fit, batch alike requests
     max_batch_tokens: int = (
         0  # static: padded (prompt + max_new_tokens) x rows per batch; 0 = no cap
@@ -67,6 +70,7 @@ class ServerConfig:
             "kv_cache_tokens": self.kv_cache_tokens >= 0,
             "kv_cache_memory": 0.0 < self.kv_cache_memory <= 1.0,
             "scheduler": self.scheduler in ("static", "continuous"),
+            "static_engine": self.static_engine in ("auto", "generate", "steps"),
             "max_message_bytes": self.max_message_bytes >= 1024,
             "default_max_new_tokens": 1 <= self.default_max_new_tokens <= self.max_new_tokens_cap,
             "port": 0 <= self.port <= 65535,

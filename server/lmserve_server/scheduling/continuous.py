@@ -20,9 +20,6 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-import torch
-
-from lmserve_server.engine.kv_cache import plan_capacity
 from lmserve_server.engine.model import Engine
 from lmserve_server.engine.rows import DeltaSink, Row
 from lmserve_server.engine.runner import Capture
@@ -31,7 +28,7 @@ from lmserve_server.errors import InvalidArgumentError, ShuttingDownError
 from lmserve_server.scheduling.base import STOPPED, Capacity, check_room
 from lmserve_server.scheduling.batcher import Served
 from lmserve_server.scheduling.continuous_batch import ContinuousBatch, Running, StepObserver
-from lmserve_server.scheduling.planner import StepPlanner
+from lmserve_server.scheduling.steps import StepSettings, capacity, planner, prepare_runner
 
 log = logging.getLogger(__name__)
 
@@ -61,21 +58,17 @@ class ContinuousScheduler:
     ) -> None:
         self._engine = engine
         self._max_queue = max_queue
-        self._planner = StepPlanner(max_rows=max_batch_size, max_step_tokens=max_step_tokens)
-        free_bytes = None
-        if engine.input_device.type == "cuda":
-            free_bytes, _ = torch.cuda.mem_get_info(engine.input_device)
-        self._slots, self._slot_tokens = plan_capacity(
-            engine.kv_shape,
+        self._slots = max_batch_size
+        self._slot_tokens = capacity(engine, max_batch_size, kv_cache_tokens, kv_cache_memory)
+        self._settings = StepSettings(
             rows=max_batch_size,
-            context=engine.max_context,
-            tokens=kv_cache_tokens,
-            free_bytes=free_bytes,
-            memory_fraction=kv_cache_memory,
+            slot_tokens=self._slot_tokens,
+            max_step_tokens=max_step_tokens,
+            step_graphs=step_graphs,
+            warm_up=warm_up,
         )
+        self._planner = planner(self._settings)  # checks the budget against the rows now
         self._max_step_tokens = max_step_tokens
-        self._step_graphs = step_graphs
-        self._warm_up = warm_up
         self._on_step = on_step
         self._clock = clock
         self._inbox: deque[_Ticket] = deque()
@@ -163,39 +156,11 @@ class ContinuousScheduler:
     def prepare(self) -> None:
         """Allocates the KV cache and the step buffers, captures the decode steps' graphs
         (``step_graphs``: one per bucket of rows and of columns), and with ``warm_up`` runs
-        two short requests through the steps; call it on the engine thread before ``start``
-        (a cache that does not fit is then a start-up error, not a request's)."""
+        two short requests through the steps (``steps.py``); call it on the engine thread
+        before ``start`` (a cache that does not fit is then a start-up error, not a
+        request's)."""
         if self._batch is None:
-            runner = self._engine.continuous_runner(
-                slots=self._slots,
-                slot_tokens=self._slot_tokens,
-                max_step_tokens=self._max_step_tokens,
-                fixed_shapes=self._step_graphs is not None,
-            )
-            if self._step_graphs is not None:
-                started = time.perf_counter()
-                try:
-                    pairs = runner.capture_graphs(self._step_graphs, max_rows=self._slots)
-                except Exception as err:  # serve eagerly rather than not at all
-                    runner.drop_graphs()
-                    log.warning(
-                        "could not capture the decode steps (%r); running them eagerly", err
-                    )
-                else:
-                    log.info(
-                        "captured the decode step for %d bucket(s) of rows x attention "
-                        "window (%s) in %.1f s",
-                        len(pairs),
-                        ", ".join(f"{rows}x{window}" for rows, window in pairs),
-                        time.perf_counter() - started,
-                    )
-            batch: ContinuousBatch[_Ticket] = ContinuousBatch(runner, self._planner)
-            if self._warm_up:
-                rows = self._engine.warm_up_rows()
-                waiting = deque(_Ticket(row, None, 0.0) for row in rows)  # type: ignore[arg-type]
-                while waiting or batch.running:
-                    batch.run(batch.admit_and_plan(waiting))
-                    batch.retire()
+            runner = prepare_runner(self._engine, self._settings)
             self._batch = ContinuousBatch(
                 runner, self._planner, on_step=self._on_step, clock=self._clock
             )

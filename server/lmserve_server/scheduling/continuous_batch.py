@@ -51,21 +51,21 @@ E = TypeVar("E", bound=Entry)
 
 @dataclass(eq=False)
 class Running(Generic[E]):
-    """An admitted entry: it holds ``slot`` until its row ends."""
+    """An admitted entry: it holds ``slot`` until its row ends. Its ``prompt`` is its
+    request's, followed by the tokens its row had when admitted (a static batch that failed
+    runs again in halves, each row continuing after its tokens)."""
 
     entry: E
     slot: int
     admitted: float
+    prompt: tuple[int, ...]
+    resumed: int = 0  # tokens the row had when admitted (the end of ``prompt``)
     prefilled: int = 0  # prompt tokens in the cache
     batch_size: int = 0  # the most rows of a step it was in
 
     @property
     def row(self) -> Row:
         return self.entry.row
-
-    @property
-    def prompt(self) -> tuple[int, ...]:
-        return self.entry.row.request.prompt_ids
 
 
 @dataclass(eq=False)
@@ -106,7 +106,10 @@ class ContinuousBatch(Generic[E]):
         running = self.running
         plan = self.planner.plan(
             [len(r.prompt) - r.prefilled for r in running],
-            [len(e.row.request.prompt_ids) for e in list(waiting)[: cache.free_slots]],
+            [
+                len(e.row.request.prompt_ids) + e.row.generated
+                for e in list(waiting)[: cache.free_slots]
+            ],
             cache.free_slots,
         )
         now = self._clock()
@@ -116,7 +119,8 @@ class ContinuousBatch(Generic[E]):
             entry = waiting.popleft()
             row = entry.row
             self.runner.sampling.admit(slot, row.request, row.seed, row.tokens)
-            running.append(Running(entry, slot, now))
+            prompt = (*row.request.prompt_ids, *row.tokens)
+            running.append(Running(entry, slot, now, prompt, resumed=len(row.tokens)))
         decoding = sorted(plan.decode, key=lambda i: running[i].slot)  # slots 0, 1, ...: a view
         work = [self._decode(running[i]) for i in decoding]
         first_admitted = len(running) - len(plan.admit)
@@ -172,7 +176,8 @@ class ContinuousBatch(Generic[E]):
 
     def _decode(self, running: Running[E]) -> Work[E]:
         row = running.row
-        position = len(running.prompt) + row.generated - 1  # where its last token goes
+        # Where its last token goes: after the prompt and what it generated since.
+        position = len(running.prompt) + row.generated - running.resumed - 1
         chunk = Chunk(running.slot, (row.tokens[-1],), position, sample=True)
         return Work(running, chunk)
 

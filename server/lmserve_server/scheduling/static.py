@@ -1,9 +1,20 @@
-"""``StaticScheduler``: the micro-batcher in front of the engine's one ``generate`` per batch.
+"""``StaticScheduler``: the micro-batcher in front of one engine call per batch.
 
 The ``MicroBatcher`` (``batcher.py``) decides when a batch runs and what it holds; here its
-items are the requests' rows (``engine/rows.py``) and a batch runs on the engine thread as
-``Engine.generate_batch``. When a batch fails, the batcher retries its halves; each row keeps
-the tokens it made before the failure and continues after them, so its stream never repeats.
+items are the requests' rows (``engine/rows.py``) and a batch runs on the engine thread, by
+one of two engines (``--static-engine``):
+
+- ``generate`` (a CPU's default): ``Engine.generate_batch``, one ``generate`` left-padded
+  with EOS;
+- ``steps`` (a GPU's default): the continuous runner's steps, the batch run to its end
+  (``steps.py``): packed rather than padded, over decode steps captured as CUDA graphs once
+  at start-up (transformers' ``generate`` runs its decode steps eagerly, a few hundred
+  kernel launches each, unless compiled per batch size and cache length, minutes of
+  compilation per shape before serving).
+
+Either way a row's tokens are the same (tested). When a batch fails, the batcher retries
+its halves; each row keeps the tokens it made before the failure and continues after them,
+so its stream never repeats.
 
 How a request was served (``Served``): ``batch_size`` is the rows of its batch (every step of
 a ``generate`` runs them all), ``queue_s`` from ``submit`` to the start of its batch,
@@ -19,10 +30,12 @@ from concurrent.futures import Executor
 
 from lmserve_server.engine.model import Engine
 from lmserve_server.engine.rows import DeltaSink, Row
+from lmserve_server.engine.runner import ModelRunner
 from lmserve_server.engine.types import GenerationOutput, GenerationRequest
 from lmserve_server.errors import ShuttingDownError
 from lmserve_server.scheduling.base import STOPPED, Capacity, check_room
 from lmserve_server.scheduling.batcher import MicroBatcher, Served
+from lmserve_server.scheduling.steps import StepSettings, planner, prepare_runner, run_to_end
 
 # (rows, seconds, outcomes or None when the batch raised)
 BatchObserver = Callable[[int, float, "list[GenerationOutput | Exception] | None"], None]
@@ -54,10 +67,13 @@ class StaticScheduler:
         group_similar: bool = True,
         on_batch: BatchObserver | None = None,
         warm_up: bool = False,
+        steps: StepSettings | None = None,
         executor: Executor,
     ) -> None:
         self._engine = engine
         self._warm_up = warm_up
+        self._steps = steps  # None: generate
+        self._runner: ModelRunner | None = None
         self._executor = executor
         self._max_queue = max_queue
         self._max_batch_tokens = max_batch_tokens
@@ -83,25 +99,39 @@ class StaticScheduler:
 
     @property
     def capacity(self) -> Capacity:
+        steps = self._steps
+        longest = steps.slot_tokens if steps is not None else self._engine.max_context
         return Capacity(
             scheduler="static",
-            max_request_tokens=min(
-                self._engine.max_context, self._max_batch_tokens or self._engine.max_context
-            ),
-            kv_cache_tokens=0,
-            max_step_tokens=0,
+            max_request_tokens=min(longest, self._max_batch_tokens or longest),
+            kv_cache_tokens=steps.rows * steps.slot_tokens if steps is not None else 0,
+            max_step_tokens=steps.max_step_tokens if steps is not None else 0,
             max_batch_tokens=self._max_batch_tokens,
         )
 
     @property
     def kv_slot_occupancy(self) -> float:
-        return 0.0  # generate() makes a cache per batch
+        if self._runner is None:
+            return 0.0  # generate() makes a cache per batch
+        cache = self._runner.cache
+        return 1.0 - cache.free_slots / cache.slots
 
     def prepare(self) -> None:
-        """Nothing to allocate ahead (``generate`` makes its own cache per batch); with
+        """With ``steps``: the runner (``steps.py``: its KV cache, graphs and warm-up).
+        Else nothing to allocate ahead (``generate`` makes its own cache per batch); with
         ``warm_up``, one small batch runs first."""
-        if self._warm_up:
+        if self._steps is not None:
+            if self._runner is None:
+                self._runner = prepare_runner(self._engine, self._steps)
+        elif self._warm_up:
             self._engine.warm_up()
+
+    def _run_rows(self, rows: list[Row]) -> list[GenerationOutput | Exception]:
+        """One batch on the engine thread, by the chosen engine."""
+        if self._steps is None:
+            return self._engine.generate_batch(rows)
+        assert self._runner is not None, "prepare() runs before serving"
+        return run_to_end(self._runner, planner(self._steps), rows)
 
     def start(self) -> None:
         self._batcher.start()
@@ -131,7 +161,7 @@ class StaticScheduler:
         outcomes: list[GenerationOutput | Exception] | None = None
         self._running = rows
         try:
-            outcomes = await loop.run_in_executor(self._executor, self._engine.generate_batch, rows)
+            outcomes = await loop.run_in_executor(self._executor, self._run_rows, rows)
             return outcomes
         finally:
             self._running = []

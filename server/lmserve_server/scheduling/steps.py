@@ -1,0 +1,111 @@
+"""The continuous runner as both schedulers use it: how big its KV cache is, how it is made
+ready before serving (cache and buffers allocated, decode steps captured as graphs, a
+warm-up through its steps), and a batch of rows run through its steps to the end.
+
+The continuous scheduler admits requests between any two steps; the static scheduler, when
+its engine is ``steps`` (a GPU's default), runs each batch the micro-batcher forms to the end
+(``run_to_end``): one call per batch, as with ``generate``, but packed instead of padded and
+over the same captured decode steps, so the GPU's fast path serves both modes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lmserve_server.engine.kv_cache import plan_capacity
+from lmserve_server.engine.model import Engine
+from lmserve_server.engine.rows import Row
+from lmserve_server.engine.runner import Capture, ModelRunner
+from lmserve_server.engine.types import GenerationOutput
+from lmserve_server.scheduling.continuous_batch import ContinuousBatch
+from lmserve_server.scheduling.planner import StepPlanner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """How the runner is built: ``rows`` slots of ``slot_tokens`` (``capacity``), steps of
+    at most ``max_step_tokens``, decode steps captured with ``step_graphs`` (None: eager),
+    and two short requests run through it first when ``warm_up``."""
+
+    rows: int
+    slot_tokens: int
+    max_step_tokens: int
+    step_graphs: Capture | None = None
+    warm_up: bool = False
+
+
+def capacity(engine: Engine, rows: int, kv_cache_tokens: int, kv_cache_memory: float) -> int:
+    """The tokens a slot holds (the longest request accepted) for ``rows`` rows."""
+    free_bytes = None
+    if engine.input_device.type == "cuda":
+        free_bytes, _ = torch.cuda.mem_get_info(engine.input_device)
+    _, slot_tokens = plan_capacity(
+        engine.kv_shape,
+        rows=rows,
+        context=engine.max_context,
+        tokens=kv_cache_tokens,
+        free_bytes=free_bytes,
+        memory_fraction=kv_cache_memory,
+    )
+    return slot_tokens
+
+
+@dataclass(eq=False)
+class _Entry:
+    row: Row
+
+
+def prepare_runner(engine: Engine, settings: StepSettings) -> ModelRunner:
+    """A runner with its KV cache and buffers allocated, its decode steps captured (a
+    capture that fails is a warning and eager steps: serving beats not serving), warmed up
+    when asked. On the engine thread."""
+    runner = engine.continuous_runner(
+        slots=settings.rows,
+        slot_tokens=settings.slot_tokens,
+        max_step_tokens=settings.max_step_tokens,
+        fixed_shapes=settings.step_graphs is not None,
+    )
+    if settings.step_graphs is not None:
+        started = time.perf_counter()
+        try:
+            pairs = runner.capture_graphs(settings.step_graphs, max_rows=settings.rows)
+        except Exception as err:
+            runner.drop_graphs()
+            log.warning("could not capture the decode steps (%r); running them eagerly", err)
+        else:
+            log.info(
+                "captured the decode step for %d bucket(s) of rows x attention window (%s) "
+                "in %.1f s",
+                len(pairs),
+                ", ".join(f"{rows}x{window}" for rows, window in pairs),
+                time.perf_counter() - started,
+            )
+    if settings.warm_up:
+        run_to_end(runner, planner(settings), engine.warm_up_rows())
+    return runner
+
+
+def planner(settings: StepSettings) -> StepPlanner:
+    return StepPlanner(max_rows=settings.rows, max_step_tokens=settings.max_step_tokens)
+
+
+def run_to_end(
+    runner: ModelRunner, step_planner: StepPlanner, rows: Sequence[Row]
+) -> list[GenerationOutput | Exception]:
+    """Runs ``rows`` (at most the runner's slots) through steps until every one has ended;
+    returns each row's outcome: its output, or the error it was stopped with. A row that
+    fails alone in a step gets the error; the others go on (``continuous_batch.py``)."""
+    batch: ContinuousBatch[_Entry] = ContinuousBatch(runner, step_planner)
+    waiting = deque(_Entry(row) for row in rows if not row.done)
+    while waiting or batch.running:
+        batch.run(batch.admit_and_plan(waiting))
+        batch.retire()
+    return [row.error if row.error is not None else row.output() for row in rows]
