@@ -9,17 +9,20 @@ short still leaves what it measured:
 - in process, transformers' own ``generate``: eager, and with the static cache
   (``cache_implementation="static"``: transformers compiles the decode step, CUDA graphs),
   at batch 1 (the *single* load's ceiling) and batch ``--clients`` (the *uniform* load's);
-- lmserve ``--scheduler static`` and ``--scheduler continuous``, and ``transformers serve
-  --continuous-batching`` (the peer, when installed): each on a *cold* uniform load (the
-  first after SERVING) then *single*, *uniform* and *mixed* loads, and the GPU memory its
-  process holds at the end;
+- lmserve ``--scheduler static --static-engine steps`` (CUDA's default: batches through
+  the continuous runner's captured steps), ``--scheduler static --static-engine generate``
+  (transformers' generate per batch), ``--scheduler continuous``, and
+  ``transformers serve --continuous-batching`` (the peer, when installed): each on a *cold*
+  uniform load (the first after SERVING) then *single*, *uniform*, *mixed* and *sampled*
+  loads, and the GPU memory its process holds at the end;
 - for both lmserve modes: greedy batch invariance (of 16 prompts, how many get the same
   tokens sent together as alone), stream == unary, seeded sampling repeatable in company.
 
 Loads (the GPU issue's): *single* = 8 requests one after another, a 48-word prompt, 64 new
 tokens; *uniform* = 256 such requests from 64 clients in a closed loop (more, when a run
 would last under 10 s); *mixed* = 256 requests, 3-150-word prompts, 4-96 new tokens, 64
-clients. ``--quick`` shrinks every count for a CPU smoke test. On a GPU host without a
+clients; *sampled* = the mixed requests with temperature 0.8, top-p 0.95 and a seed each.
+``--quick`` shrinks every count for a CPU smoke test. On a GPU host without a
 registry, ``../shared/gpu-host/wheels.sh --peer`` fetches what this needs (its header says
 how to install it); build the model there with ``make-test-model ... --size gpt2``.
 """
@@ -44,7 +47,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import Setup, daemon, headline, load
-from peer import WORDS, measure_peer, peer_server
+from peer import SAMPLING, WORDS, measure_peer, peer_server
 
 from lmserve import Client
 from lmserve.bench_workload import RequestSpec
@@ -87,6 +90,14 @@ def mixed_specs(loads: Loads) -> list[RequestSpec]:
     return [
         RequestSpec(" ".join(rng.choices(WORDS, k=rng.randint(3, 150))), rng.randint(4, top))
         for _ in range(loads.mixed_requests)
+    ]
+
+
+def sampled_specs(loads: Loads) -> list[RequestSpec]:
+    """The mixed requests, sampled as most traffic is (``peer.SAMPLING``, a seed each)."""
+    return [
+        RequestSpec(s.prompt, s.max_new_tokens, (*SAMPLING.items(), ("seed", i)))
+        for i, s in enumerate(mixed_specs(loads))
     ]
 
 
@@ -178,6 +189,7 @@ def served(
     results.put(name, "uniform", uniform)
     results.put(name, "cold / steady", cold["tokens_per_s"] / uniform["tokens_per_s"])
     results.put(name, "mixed", measure(mixed_specs(loads), loads.clients))
+    results.put(name, "sampled", measure(sampled_specs(loads), loads.clients))
 
 
 def measure_lmserve(address: str) -> Callable[[Sequence[RequestSpec], int], dict[str, float]]:
@@ -233,7 +245,7 @@ def summary(results: Results, loads: Loads) -> None:
     eager = d.get("generate, eager", {})
     best = ceiling or eager
     peer = d.get("transformers serve CB", {})
-    for mode in ("lmserve static", "lmserve continuous"):
+    for mode in ("lmserve static", "lmserve static generate", "lmserve continuous"):
         figures = d.get(mode, {})
         if not figures:
             continue
@@ -244,11 +256,12 @@ def summary(results: Results, loads: Loads) -> None:
         if best.get("batch 1") and figures.get("single"):
             ratio = figures["single"]["tokens_per_s"] / best["batch 1"]["tokens_per_s"]
             results.put("targets", f"{mode}: single / ceiling", round(ratio, 3))
-        if peer.get("mixed") and figures.get("mixed"):
-            tok = figures["mixed"]["tokens_per_s"] / peer["mixed"]["tokens_per_s"]
-            p99 = figures["mixed"]["p99_ms"] / peer["mixed"]["p99_ms"]
-            results.put("targets", f"{mode}: mixed / peer", round(tok, 2))
-            results.put("targets", f"{mode}: mixed p99 / peer", round(p99, 2))
+        for load_name in ("mixed", "sampled"):
+            if peer.get(load_name) and figures.get(load_name):
+                tok = figures[load_name]["tokens_per_s"] / peer[load_name]["tokens_per_s"]
+                p99 = figures[load_name]["p99_ms"] / peer[load_name]["p99_ms"]
+                results.put("targets", f"{mode}: {load_name} / peer", round(tok, 2))
+                results.put("targets", f"{mode}: {load_name} p99 / peer", round(p99, 2))
     results.put("targets", "ceiling", "static cache" if ceiling else "eager (no static cache)")
 
 
@@ -258,8 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="small counts: a smoke test")
     parser.add_argument("--out", default="bench-results/gpu.json")
-    parser.add_argument("--skip", default="", help="comma-separated legs to leave out: "
-                        "eager, static-cache, static, continuous, peer")  # fmt: skip
+    parser.add_argument("--skip", default="", help="comma-separated legs to leave out: eager, "
+                        "static-cache, static, static-generate, continuous, peer")  # fmt: skip
     args = parser.parse_args(argv)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     loads = Loads.quick() if args.quick else Loads()
@@ -274,12 +287,17 @@ def main(argv: list[str] | None = None) -> int:
     # The static cache is compiled: minutes on a CPU, so only where it is the ceiling.
     if "static-cache" not in skip and args.device.startswith("cuda"):
         in_process(setup, loads, results, compiled=True)
-    for mode in ("static", "continuous"):
+    modes = {
+        "static": ("--scheduler", "static", "--static-engine", "steps"),  # CUDA's default
+        "static-generate": ("--scheduler", "static", "--static-engine", "generate"),
+        "continuous": ("--scheduler", "continuous"),
+    }
+    for mode, flags in modes.items():
         if mode in skip:
             continue
-        name = f"lmserve {mode}"
+        name = f"lmserve {mode.replace('-', ' ')}"
         started = time.perf_counter()
-        with daemon(setup, "--scheduler", mode) as address:
+        with daemon(setup, *flags) as address:
             results.put(name, "start_to_serving_s", time.perf_counter() - started)
             served(name, measure_lmserve(address), loads, results)
             results.put(name, "correctness", correctness(address, loads))

@@ -23,9 +23,9 @@ def test_the_gpu_check_runs_every_leg_on_the_cpu(tiny_model_dir: Path, tmp_path:
     figures = json.loads(out.read_text())
     assert figures["run"]["device"].startswith("cpu")
     assert {"batch 1", "batch 4"} <= set(figures["generate, eager"])
-    for mode in ("lmserve static", "lmserve continuous"):
+    for mode in ("lmserve static", "lmserve static generate", "lmserve continuous"):
         legs = figures[mode]
-        for load in ("uniform, cold", "single", "uniform", "mixed"):
+        for load in ("uniform, cold", "single", "uniform", "mixed", "sampled"):
             assert legs[load]["tokens_per_s"] > 0 and legs[load]["p99_ms"] > 0, (mode, load)
         assert legs["cold / steady"] > 0
         checks = legs["correctness"]
