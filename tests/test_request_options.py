@@ -117,6 +117,21 @@ def test_logprobs_of_greedy_and_sampled_tokens(client: Client) -> None:
     assert all(lp.top == () and lp.logprob <= 0 for lp in chosen_only.logprobs)
 
 
+def test_min_p_keeps_the_tokens_close_to_the_likeliest(client: Client) -> None:
+    """min_p 1 keeps only the likeliest token: a sample at any temperature is the greedy
+    continuation; a small min_p still samples."""
+    greedy = client.generate("Once upon a time", max_new_tokens=10)
+    only_the_top = client.generate(
+        "Once upon a time", max_new_tokens=10, temperature=1.5, min_p=1.0, seed=4
+    )
+    assert only_the_top.token_ids == greedy.token_ids
+    loose = client.generate(
+        "Once upon a time", max_new_tokens=10, temperature=1.5, min_p=0.01, seed=4, logprobs=2
+    )
+    assert loose.token_ids != greedy.token_ids
+    check_logprobs(loose, 2, greedy=False)
+
+
 def test_streamed_logprobs_and_usage_match_the_unary_result(client: Client) -> None:
     options: dict[str, Any] = {"max_new_tokens": 16, "logprobs": 2, "temperature": 0.9, "seed": 8}
     unary = client.generate("Once upon a time", **options)
@@ -190,6 +205,9 @@ def test_a_batch_mixing_every_option_gives_each_request_its_solo_tokens(
         ({"logit_bias": {50257: 1.0}}, "logit_bias"),
         ({"logit_bias": {5: 101.0}}, "logit_bias"),
         ({"logprobs": 21}, "logprobs"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"min_p": -0.1}, "min_p"),
+        ({"min_p": float("nan")}, "min_p"),
         # Past 32 bits: read whole (uint64 on the wire) and refused, never wrapped to a
         # small valid value.
         ({"prompt": "", "prompt_token_ids": [2**32 + 5]}, "prompt_token_ids"),

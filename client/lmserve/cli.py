@@ -158,6 +158,12 @@ def _add_generate(subparsers: Subparsers, common: argparse.ArgumentParser) -> No
         "--top-k", metavar="K", type=non_negative_int, help="sample from the K likeliest only"
     )
     sampling.add_argument(
+        "--min-p",
+        metavar="P",
+        type=float,
+        help="keep tokens at least P times as likely as the likeliest, in [0, 1]",
+    )
+    sampling.add_argument(
         "--seed",
         metavar="N",
         type=non_negative_int,
@@ -238,6 +244,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         "temperature": args.temperature,
         "top_p": args.top_p,
         "top_k": args.top_k,
+        "min_p": args.min_p,
         "seed": args.seed,
         "stop": args.stop,
         "stop_token_ids": args.stop_token_id,

@@ -62,6 +62,7 @@ class GenerateOptions(TypedDict, total=False):
     temperature: float | None  # unset or 0: greedy
     top_p: float | None  # nucleus sampling, in (0, 1]
     top_k: int | None  # keep the k most likely; 0: no limit
+    min_p: float | None  # keep tokens at least min_p times as likely as the top one; [0, 1]
     seed: int | None  # the same seed, the same sample
     stop: str | Iterable[str]  # end before any of these strings (a str is one string)
     stop_token_ids: Iterable[int]  # end at any of these tokens (finish reason STOP)
@@ -183,6 +184,7 @@ def build_request(prompt: str | Sequence[int], **options: Any) -> lmserve_pb2.Ge
         "temperature",
         "top_p",
         "top_k",
+        "min_p",
         "seed",
         "min_new_tokens",
         "repetition_penalty",

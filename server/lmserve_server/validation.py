@@ -118,6 +118,9 @@ def _sampling(msg: lmserve_pb2.GenerateRequest, limits: RequestLimits) -> Sampli
         raise InvalidArgumentError(
             f"top_k: {top_k} exceeds the vocabulary size {limits.vocab_size} (0 means no limit)"
         )
+    min_p = msg.min_p if msg.HasField("min_p") else 0.0
+    if not (0.0 <= min_p <= 1.0):
+        raise InvalidArgumentError(f"min_p: {min_p} must be in [0, 1] (0 means no limit)")
     seed = msg.seed if msg.HasField("seed") else None
     repetition = msg.repetition_penalty if msg.HasField("repetition_penalty") else 1.0
     if not math.isfinite(repetition) or repetition <= 0:
@@ -140,6 +143,7 @@ def _sampling(msg: lmserve_pb2.GenerateRequest, limits: RequestLimits) -> Sampli
         temperature=temperature,
         top_p=top_p,
         top_k=top_k,
+        min_p=min_p,
         seed=seed,
         repetition_penalty=repetition,
         presence_penalty=presence,
