@@ -480,7 +480,7 @@ class LLGuidance(Lib):
         # fresh matcher and hands out deep copies of it.
         if cached and (kind, text) in self.cache:
             return self.cache[kind, text].deep_copy()
-        matcher = self.llg.LLMatcher(self.tokenizer, self.grammar(kind, text))
+        matcher = self.llg.LLMatcher(self.tokenizer, self.grammar(kind, text), log_level=0)
         if matcher.is_error():
             raise ValueError(matcher.get_error())
         if cached:
