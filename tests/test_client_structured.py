@@ -147,7 +147,7 @@ def test_generate_with_messages_and_a_format_against_the_daemon(
     # The same prompt as the rendered text (the masks of --json-object land in the sampler).
     assert chat["prompt_tokens"] == plain["prompt_tokens"]
     assert cli.main([*base, "x", "--message", "user=Hi"]) == 2
-    assert "give PROMPT, --token-ids or --message/--messages" in capsys.readouterr().err
+    assert "give PROMPT or --token-ids or --message/--messages" in capsys.readouterr().err
     assert cli.main([*base, "x", "--regex", "(bad"]) == 1
     assert "structured_output.regex: " in capsys.readouterr().err
 

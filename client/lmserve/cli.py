@@ -254,7 +254,8 @@ def _add_structured_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         help="a message of the conversation, rendered by the model's chat template "
-        "(repeatable, in order): --message system='Be brief' --message user=Hi",
+        "(repeatable, in order, after those of --messages): --message system='Be brief' "
+        "--message user=Hi",
     )
     chat.add_argument(
         "--messages",
@@ -307,7 +308,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     given = sum((args.prompt is not None, args.token_ids is not None, bool(messages)))
     if given != 1:
         print(
-            "lmserve-client generate: give PROMPT, --token-ids or --message/--messages "
+            "lmserve-client generate: give PROMPT or --token-ids or --message/--messages "
             "(one of them)",
             file=sys.stderr,
         )
