@@ -56,8 +56,9 @@ class RowMatcher:
 
     def fill_bitmask(self, bitmask: torch.Tensor, index: int) -> None:
         """Writes the tokens allowed next into row ``index`` of ``bitmask`` (a CPU,
-        contiguous ``(rows, ceil(vocab_size / 32))`` int32 tensor): bit ``t % 32`` of word
-        ``t // 32`` set when token ``t`` is allowed. Once finished, only end tokens are."""
+        contiguous ``(rows, ceil(vocab_size / 32))`` int32 tensor, ``vocab_size`` the
+        grammar's: the library refuses any other width): bit ``t % 32`` of word ``t // 32``
+        set when token ``t`` is allowed. Once finished, only end tokens are."""
         _check_buffer(bitmask)
         row = bitmask[index]
         self._matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
