@@ -18,6 +18,7 @@ from lmserve.types import (
     GenerateOptions,
     GenerationResult,
     ModelInfo,
+    Prompt,
     StreamChunk,
     build_request,
     chunk_from_proto,
@@ -76,7 +77,7 @@ class AsyncClient(_Base):
 
     async def generate(
         self,
-        prompt: str | Sequence[int],
+        prompt: Prompt,
         *,
         timeout: Timeout = USE_CLIENT_DEFAULT,
         **options: Unpack[GenerateOptions],
@@ -91,7 +92,7 @@ class AsyncClient(_Base):
 
     async def stream(
         self,
-        prompt: str | Sequence[int],
+        prompt: Prompt,
         *,
         timeout: Timeout = USE_CLIENT_DEFAULT,
         **options: Unpack[GenerateOptions],

@@ -4,6 +4,13 @@ message that says what was wrong with it."""
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from lmserve.structured import ChatMessage
+from lmserve.structured import chat_message as _chat_message
 
 
 def _int(value: str) -> int:
@@ -54,3 +61,54 @@ def logit_bias(value: str) -> tuple[int, float]:
         return non_negative_int(token.strip()), float(bias)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {bias!r}") from None
+
+
+def chat_message(value: str) -> ChatMessage:
+    """``ROLE=CONTENT``: one message of a conversation."""
+    role, sep, content = value.partition("=")
+    if not sep or not role.strip():
+        raise argparse.ArgumentTypeError(f"expected ROLE=CONTENT, got {value!r}")
+    return ChatMessage(role.strip(), content)
+
+
+def text_file(path: str) -> str:
+    """A UTF-8 file's text; ``-`` reads stdin."""
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {err}") from None
+
+
+def _json_file(path: str) -> Any:
+    try:
+        return json.loads(text_file(path))
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"{path}: not JSON: {err}") from None
+
+
+def json_schema_file(path: str) -> str:
+    """A JSON Schema file, as its text (checked to be JSON here; the server says whether it
+    is a schema it can enforce)."""
+    text = text_file(path)
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"{path}: not JSON: {err}") from None
+    return text
+
+
+def messages_file(path: str) -> list[ChatMessage]:
+    """A JSON list of ``{"role": ..., "content": ...}``."""
+    value = _json_file(path)
+    if not isinstance(value, list) or not value:
+        raise argparse.ArgumentTypeError(f"{path}: expected a non-empty JSON list of messages")
+    try:
+        return [_chat_message(m) if isinstance(m, dict) else _not_a_message(m) for m in value]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{path}: {err}") from None
+
+
+def _not_a_message(value: Any) -> ChatMessage:
+    raise ValueError(f"a chat message is an object with role and content, not {value!r}")

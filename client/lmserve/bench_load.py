@@ -26,7 +26,7 @@ from lmserve.bench_progress import Progress
 from lmserve.bench_stats import RequestRecord, build_report
 from lmserve.bench_workload import Workload, poisson_arrivals
 from lmserve.errors import DeadlineExceededError, LmserveError, UnavailableError
-from lmserve.types import ModelInfo
+from lmserve.types import ModelInfo, Prompt
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ class _Runner:
 
     async def _stream(
         self,
-        prompt: str | tuple[int, ...],
+        prompt: Prompt,
         kwargs: dict[str, Any],
         record: RequestRecord,
         due: float,

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmserve.structured import ChatMessage, chat_message
+from lmserve.structured import from_json as structured_output_from_json
 from lmserve.types import GenerateOptions
 
 # Common English words, each a single GPT-2 token with its leading space (checked against
@@ -48,9 +50,10 @@ WORDS: tuple[str, ...] = tuple(_WORDS_TEXT.split())
 @dataclass(frozen=True)
 class RequestSpec:
     """One request of a workload. ``max_new_tokens`` 0 means the server's default; the
-    prompt is text or token ids; ``options`` are more ``GenerateOptions`` (a JSONL line's)."""
+    prompt is text, token ids or chat messages; ``options`` are more ``GenerateOptions`` (a
+    JSONL line's)."""
 
-    prompt: str | tuple[int, ...]
+    prompt: str | tuple[int, ...] | tuple[ChatMessage, ...]
     max_new_tokens: int
     options: tuple[tuple[str, Any], ...] = ()
 
@@ -105,9 +108,10 @@ class ListWorkload(Workload):
 
 def load_prompts_file(path: str | Path, default_max_new_tokens: int) -> ListWorkload:
     """A workload from ``path``: JSONL when it ends in ``.jsonl``/``.ndjson`` (objects with
-    ``prompt`` or ``prompt_token_ids``, optionally ``max_new_tokens`` and any other
-    ``GenerateOptions``: ``{"prompt": "Hi", "logprobs": 5, "logit_bias": {"50256": -100}}``),
-    else one prompt per non-empty line."""
+    ``prompt``, ``prompt_token_ids`` or ``messages``, optionally ``max_new_tokens`` and any
+    other ``GenerateOptions``: ``{"prompt": "Hi", "logprobs": 5, "logit_bias": {"50256":
+    -100}}``, ``{"messages": [{"role": "user", "content": "Hi"}], "structured_output":
+    {"choice": ["yes", "no"]}}``), else one prompt per non-empty line."""
     file = Path(path)
     lines = file.read_text(encoding="utf-8").splitlines()
     specs: list[RequestSpec] = []
@@ -132,16 +136,28 @@ def load_prompts_file(path: str | Path, default_max_new_tokens: int) -> ListWork
 def _spec_of(obj: Any, default_max_new_tokens: int) -> RequestSpec:
     """A JSONL line's request; the server checks the options' values."""
     if not isinstance(obj, dict):
-        raise ValueError("expected an object with a 'prompt' or 'prompt_token_ids'")
+        raise ValueError("expected an object with a 'prompt', 'prompt_token_ids' or 'messages'")
     fields = dict(obj)
-    prompt: str | tuple[int, ...] | None = fields.pop("prompt", None)
+    prompt: str | tuple[int, ...] | tuple[ChatMessage, ...] | None = fields.pop("prompt", None)
     ids = fields.pop("prompt_token_ids", None)
     if ids is not None:
         if prompt is not None or not _int_list(ids):
             raise ValueError("'prompt_token_ids' must be a list of token ids, without 'prompt'")
         prompt = tuple(ids)
+    messages = fields.pop("messages", None)
+    if messages is not None:
+        if prompt is not None or not isinstance(messages, list) or not messages:
+            raise ValueError(
+                "'messages' must be a non-empty list of chat messages, without 'prompt' or "
+                "'prompt_token_ids'"
+            )
+        if not all(isinstance(m, dict) for m in messages):
+            raise ValueError("a chat message is {'role': str, 'content': str}")
+        prompt = tuple(chat_message(m) for m in messages)
     if not prompt or not isinstance(prompt, (str, tuple)):
-        raise ValueError("expected an object with a non-empty 'prompt' or 'prompt_token_ids'")
+        raise ValueError(
+            "expected an object with a non-empty 'prompt', 'prompt_token_ids' or 'messages'"
+        )
     tokens = fields.pop("max_new_tokens", default_max_new_tokens)
     if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
         raise ValueError("max_new_tokens must be a non-negative integer")
@@ -153,6 +169,8 @@ def _spec_of(obj: Any, default_max_new_tokens: int) -> RequestSpec:
             fields["logit_bias"] = {int(k): float(v) for k, v in fields["logit_bias"].items()}
         except (TypeError, ValueError):
             raise ValueError("logit_bias must map token ids to numbers") from None
+    if "structured_output" in fields:
+        fields["structured_output"] = structured_output_from_json(fields["structured_output"])
     for name in ("stop", "stop_token_ids"):
         if isinstance(fields.get(name), list):
             fields[name] = tuple(fields[name])

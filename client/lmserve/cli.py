@@ -21,11 +21,27 @@ from collections.abc import Callable
 from typing import Any, TypeAlias
 
 from lmserve import __version__
-from lmserve.argtypes import logit_bias, non_negative_int, token_ids
+from lmserve.argtypes import (
+    chat_message,
+    json_schema_file,
+    logit_bias,
+    messages_file,
+    non_negative_int,
+    text_file,
+    token_ids,
+)
 from lmserve.client import Client
 from lmserve.errors import LmserveError, UnimplementedError
 from lmserve.health import SERVICE, SERVING
-from lmserve.types import GenerationResult, StreamChunk
+from lmserve.structured import (
+    Choice,
+    Grammar,
+    JsonObject,
+    JsonSchema,
+    Regex,
+    StructuredOutput,
+)
+from lmserve.types import GenerationResult, Prompt, StreamChunk
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT_S = 60.0
@@ -133,7 +149,9 @@ def _add_generate(subparsers: Subparsers, common: argparse.ArgumentParser) -> No
             "  lmserve-client generate 'def fib(n):' --stream --stop $'\\n\\n'\n"
             "  echo 'Hello' | lmserve-client generate - --temperature 0.8 --seed 1 --json\n"
             "  lmserve-client generate --token-ids 15496,2159 --logprobs 5 --json\n"
-            "  lmserve-client generate 'Say yes' --logit-bias 3763=5 --repetition-penalty 1.3"
+            "  lmserve-client generate 'Say yes' --logit-bias 3763=5 --repetition-penalty 1.3\n"
+            "  lmserve-client generate --message user='Name a colour' --choice red --choice blue\n"
+            "  lmserve-client generate 'A user record:' --json-schema user.schema.json"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -222,6 +240,7 @@ def _add_generate(subparsers: Subparsers, common: argparse.ArgumentParser) -> No
         type=non_negative_int,
         help="return each token's logprob and its N likeliest alternatives (--json shows them)",
     )
+    _add_structured_arguments(parser)
     output = parser.add_argument_group("output")
     output.add_argument("--stream", action="store_true", help="print the text as it is produced")
     output.add_argument(
@@ -232,12 +251,76 @@ def _add_generate(subparsers: Subparsers, common: argparse.ArgumentParser) -> No
     parser.set_defaults(handler=_run_generate)
 
 
+def _add_structured_arguments(parser: argparse.ArgumentParser) -> None:
+    chat = parser.add_argument_group("chat (instead of PROMPT)")
+    chat.add_argument(
+        "--message",
+        metavar="ROLE=CONTENT",
+        type=chat_message,
+        action="append",
+        default=[],
+        help="a message of the conversation, rendered by the model's chat template "
+        "(repeatable, in order, after those of --messages): --message system='Be brief' "
+        "--message user=Hi",
+    )
+    chat.add_argument(
+        "--messages",
+        metavar="FILE",
+        type=messages_file,
+        help='the conversation as a JSON list of {"role": ..., "content": ...}; - reads stdin',
+    )
+    group = parser.add_argument_group("structured output (one of them)")
+    formats = group.add_mutually_exclusive_group()
+    formats.add_argument(
+        "--json-schema",
+        metavar="FILE",
+        type=json_schema_file,
+        help="the output is compact JSON valid under this JSON Schema file",
+    )
+    formats.add_argument(
+        "--json-object", action="store_true", help="the output is a compact JSON object"
+    )
+    formats.add_argument("--regex", metavar="PATTERN", help="the output matches PATTERN")
+    formats.add_argument(
+        "--choice",
+        metavar="OPTION",
+        action="append",
+        help="the output is exactly one of the options (repeatable)",
+    )
+    formats.add_argument(
+        "--grammar",
+        metavar="FILE",
+        type=text_file,
+        help="the output is a sentence of this grammar (llguidance's Lark-like EBNF)",
+    )
+
+
+def _structured_output(args: argparse.Namespace) -> StructuredOutput | None:
+    if args.json_schema is not None:
+        return JsonSchema(args.json_schema)
+    if args.json_object:
+        return JsonObject()
+    if args.regex is not None:
+        return Regex(args.regex)
+    if args.choice:
+        return Choice(args.choice)
+    if args.grammar is not None:
+        return Grammar(args.grammar)
+    return None
+
+
 def _run_generate(args: argparse.Namespace) -> int:
-    if (args.prompt is None) == (args.token_ids is None):
-        print("lmserve-client generate: give PROMPT or --token-ids (one of them)", file=sys.stderr)
+    messages = [*(args.messages or ()), *args.message]
+    given = sum((args.prompt is not None, args.token_ids is not None, bool(messages)))
+    if given != 1:
+        print(
+            "lmserve-client generate: give PROMPT or --token-ids or --message/--messages "
+            "(one of them)",
+            file=sys.stderr,
+        )
         return 2
-    prompt: str | list[int] = args.token_ids or (
-        sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt: Prompt = (
+        messages or args.token_ids or (sys.stdin.read() if args.prompt == "-" else args.prompt)
     )
     sampling: dict[str, Any] = {
         "max_new_tokens": args.max_new_tokens,
@@ -254,6 +337,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         "frequency_penalty": args.frequency_penalty,
         "logit_bias": dict(args.logit_bias),
         "logprobs": args.logprobs,
+        "structured_output": _structured_output(args),
     }
     with client_from_args(args) as client:
         if not args.stream:

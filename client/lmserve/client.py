@@ -26,6 +26,7 @@ from lmserve.types import (
     GenerateOptions,
     GenerationResult,
     ModelInfo,
+    Prompt,
     StreamChunk,
     build_request,
     chunk_from_proto,
@@ -149,15 +150,18 @@ class Client(_Base):
 
     def generate(
         self,
-        prompt: str | Sequence[int],
+        prompt: Prompt,
         *,
         timeout: Timeout = USE_CLIENT_DEFAULT,
         **options: Unpack[GenerateOptions],
     ) -> GenerationResult:
-        """The continuation of ``prompt`` (text, or token ids), once it is complete.
+        """The continuation of ``prompt`` (text, token ids, or a conversation: a list of
+        ``ChatMessage``), once it is complete.
 
         ``options`` are ``GenerateOptions``: ``max_new_tokens=0`` means the server's default;
-        arguments left at None are not sent (greedy decoding unless ``temperature`` > 0).
+        arguments left at None are not sent (greedy decoding unless ``temperature`` > 0);
+        ``structured_output=JsonSchema(...)`` (or ``JsonObject()``, ``Regex``, ``Choice``,
+        ``Grammar``) constrains the continuation's format.
         """
         request = build_request(prompt, **options)
         try:
@@ -168,7 +172,7 @@ class Client(_Base):
 
     def stream(
         self,
-        prompt: str | Sequence[int],
+        prompt: Prompt,
         *,
         timeout: Timeout = USE_CLIENT_DEFAULT,
         **options: Unpack[GenerateOptions],

@@ -10,9 +10,20 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, TypedDict
+from typing import Any, TypeAlias, TypedDict, cast
 
+from lmserve.structured import (
+    ChatMessage,
+    StructuredOutput,
+    is_conversation,
+    messages_proto,
+    structured_output_proto,
+)
 from lmserve.v1 import lmserve_pb2
+
+# What to continue: text, token ids, or a conversation (rendered by the server's chat
+# template; a message may also be a {"role": ..., "content": ...} dict).
+Prompt: TypeAlias = str | Sequence[int] | Sequence[ChatMessage | Mapping[str, str]]
 
 
 class FinishReason(str, enum.Enum):
@@ -72,6 +83,7 @@ class GenerateOptions(TypedDict, total=False):
     frequency_penalty: float | None  # in [-2, 2], OpenAI's meaning
     logit_bias: Mapping[int, float] | None  # token id -> added to its logit, [-100, 100]
     logprobs: int | None  # 0-20: each token's logprob and this many top alternatives
+    structured_output: StructuredOutput | None  # JsonSchema, JsonObject, Regex, Choice, Grammar
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,8 +171,9 @@ class ModelInfo:
         return _jsonable(self)
 
 
-def build_request(prompt: str | Sequence[int], **options: Any) -> lmserve_pb2.GenerateRequest:
-    """The ``GenerateRequest`` for ``prompt`` (text, or token ids) and ``GenerateOptions``.
+def build_request(prompt: Prompt, **options: Any) -> lmserve_pb2.GenerateRequest:
+    """The ``GenerateRequest`` for ``prompt`` (text, token ids, or chat messages) and
+    ``GenerateOptions``.
 
     Optional fields are set only when given (not None), so the server can tell "unset" from
     an explicit value such as ``temperature=0.0``. A bare string for ``stop`` is one stop
@@ -178,8 +191,12 @@ def build_request(prompt: str | Sequence[int], **options: Any) -> lmserve_pb2.Ge
     )
     if isinstance(prompt, str):
         request.prompt = prompt
+    elif is_conversation(items := list(prompt)):
+        request.messages.extend(messages_proto(items))
     else:
-        request.prompt_token_ids.extend(prompt)
+        request.prompt_token_ids.extend(cast("list[int]", items))
+    if options.get("structured_output") is not None:
+        request.structured_output.CopyFrom(structured_output_proto(options["structured_output"]))
     for name in (
         "temperature",
         "top_p",

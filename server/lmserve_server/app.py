@@ -22,10 +22,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lmserve.v1 import lmserve_pb2_grpc
+from lmserve_server.chat import ChatRenderer, read_chat_template
 from lmserve_server.config import ServerConfig
 from lmserve_server.engine.model import Engine
 from lmserve_server.engine.runner import CudaGraphCapture
 from lmserve_server.engine.types import GenerationOutput
+from lmserve_server.grammar.compiler import GrammarCompiler
 from lmserve_server.interceptors import ErrorInterceptor, RequestInterceptor
 from lmserve_server.metrics import Metrics
 from lmserve_server.network import is_loopback
@@ -128,6 +130,18 @@ class Daemon:
             kv_cache_usage=lambda: self.scheduler.kv_slot_occupancy,
         )
         self.metrics.set_model(engine.name, engine.device, engine.dtype)
+        # Structured output's compiles, on threads of their own (grammar/compiler.py).
+        self.grammars = GrammarCompiler(
+            engine.tokenizer,
+            model_vocab_size=engine.vocab_size,
+            end_token_ids=engine.end_token_ids,
+            timeout_s=config.grammar_compile_timeout_s,
+            cache_size=config.grammar_cache_size,
+            on_compile=self.metrics.observe_grammar_compile,
+            on_hit=self.metrics.grammar_cache_hit,
+        )
+        template = read_chat_template(config.chat_template) if config.chat_template else None
+        self.chat = ChatRenderer(engine.tokenizer, template)
 
     def _record_step(self, rows: int, seconds: float, tokens: int, failed: bool) -> None:
         # In continuous mode a "batch" is one step (called on the engine thread).
@@ -177,7 +191,13 @@ class Daemon:
         )
         lmserve_pb2_grpc.add_GeneratorServicer_to_server(
             GeneratorService(
-                self.engine, self.scheduler, self.config, self._tokenizer_pool, self.metrics
+                self.engine,
+                self.scheduler,
+                self.config,
+                self._tokenizer_pool,
+                self.metrics,
+                self.grammars,
+                self.chat,
             ),
             self.server,
         )
@@ -193,6 +213,7 @@ class Daemon:
         # anything is served: one that doesn't fit fails the start, not a request.
         await asyncio.get_running_loop().run_in_executor(self._executor, self.scheduler.prepare)
         self.scheduler.start()
+        self.grammars.prepare()  # the tokenizer's index, on the compile threads meanwhile
         await self.server.start()
         for service in ("", SERVICE_NAME):
             await self.health.set(service, _SERVING)
@@ -272,6 +293,7 @@ class Daemon:
         await self.server.stop(_REPLY_FLUSH_S if engine_idle else _ABANDON_WAIT_S)
         self._executor.shutdown(wait=engine_idle, cancel_futures=True)
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+        self.grammars.close()
         await asyncio.to_thread(self.metrics.close)
         log.info("stopped")
         return engine_idle

@@ -36,7 +36,16 @@ log = logging.getLogger("lmserve")
 
 # Top-level modules of the ``server`` extra: without them the daemon can't run.
 _SERVER_MODULES = frozenset(
-    {"torch", "transformers", "accelerate", "grpc_health", "grpc_reflection", "prometheus_client"}
+    {
+        "torch",
+        "transformers",
+        "accelerate",
+        "grpc_health",
+        "grpc_reflection",
+        "prometheus_client",
+        "llguidance",
+        "jinja2",
+    }
 )
 
 
@@ -251,6 +260,30 @@ def _serve_parser(sub: Any) -> None:
         "(health and reflection stay open); without it, $LMSERVE_AUTH_TOKEN is the token",
         metavar="PATH",
     )
+    _add(
+        p,
+        "--grammar-compile-timeout-s",
+        float,
+        5.0,
+        "structured output: a grammar (JSON schema, regex, choice, grammar) that takes longer "
+        "to compile is INVALID_ARGUMENT; compiles run on threads of their own",
+    )
+    _add(
+        p,
+        "--grammar-cache-size",
+        int,
+        256,
+        "structured output: compiled grammars kept for requests that send the same one again",
+    )
+    _add(
+        p,
+        "--chat-template",
+        _optional,
+        None,
+        "Jinja chat template that renders a request's messages, instead of the model's own "
+        "(a model without one refuses messages)",
+        metavar="FILE",
+    )
     p.set_defaults(handler=_serve)
 
 
@@ -315,6 +348,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         auth_token=_auth_token(args.auth_token_file),
+        grammar_compile_timeout_s=args.grammar_compile_timeout_s,
+        grammar_cache_size=args.grammar_cache_size,
+        chat_template=args.chat_template,
     )
 
 
@@ -358,6 +394,10 @@ async def run_daemon(config: ServerConfig, exit_now: Callable[[int], None]) -> b
     problem = local_model_problem(config.engine.model)
     if problem is not None:
         raise ModelLoadError(problem)
+    if config.chat_template is not None:  # a bad file is reported now, not after the load
+        from lmserve_server.chat import read_chat_template
+
+        read_chat_template(config.chat_template)
     from lmserve_server.app import Daemon, engine_thread
     from lmserve_server.engine.model import Engine
 

@@ -56,6 +56,11 @@ class ServerConfig:
     tls_key: str | None = None
     tls_client_ca: str | None = None  # PEM CA; clients must present a certificate it signed
     auth_token: str | None = field(default=None, repr=False)  # bearer token; None = no auth
+    # Structured output: a compile that takes longer is INVALID_ARGUMENT; compiled grammars
+    # (and refused ones) kept, least recently used out first.
+    grammar_compile_timeout_s: float = 5.0
+    grammar_cache_size: int = 256
+    chat_template: str | None = None  # a Jinja file replacing the model's chat template
 
     def __post_init__(self) -> None:
         checks = {
@@ -78,6 +83,8 @@ class ServerConfig:
             "log_format": self.log_format in ("text", "json"),
             "metrics_port": 0 <= self.metrics_port <= 65535,
             "auth_token": self.auth_token is None or bool(self.auth_token.strip()),
+            "grammar_compile_timeout_s": self.grammar_compile_timeout_s > 0,
+            "grammar_cache_size": self.grammar_cache_size >= 1,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:

@@ -28,6 +28,8 @@ _SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 _BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # Between two tokens of a stream: one decode step, from a GPU's milliseconds to a CPU's tenths.
 _TOKEN_GAPS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5)
+# A grammar's compile: a millisecond for most, up to the compile timeout.
+_COMPILE_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
 class Metrics:
@@ -104,6 +106,19 @@ class Metrics:
         self.tokens = Counter(
             "lmserve_generated_tokens", "Tokens generated (continuations only)", registry=r
         )
+        self.grammar_compile = Histogram(
+            "lmserve_grammar_compile_seconds",
+            "Structured output: wall time of a grammar's compile (not served from the cache), "
+            "by kind; refused grammars included",
+            ["kind"],
+            buckets=_COMPILE_SECONDS,
+            registry=r,
+        )
+        self.grammar_cache_hits = Counter(
+            "lmserve_grammar_cache_hits",
+            "Structured output: grammars served from the compile cache (a refused one too)",
+            registry=r,
+        )
         self.model = Info("lmserve_model", "The served model", registry=r)
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -139,6 +154,13 @@ class Metrics:
             since_s = 0.0  # the first message's other tokens came with its first
         for _ in range(count):
             self.inter_token_latency.observe(since_s / count)
+
+    def observe_grammar_compile(self, kind: str, seconds: float) -> None:
+        """A grammar compiled (on a compile thread)."""
+        self.grammar_compile.labels(kind=kind).observe(seconds)
+
+    def grammar_cache_hit(self) -> None:
+        self.grammar_cache_hits.inc()
 
     # ---- the HTTP endpoint --------------------------------------------------------------------
 

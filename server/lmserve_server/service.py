@@ -3,12 +3,15 @@
 Errors are raised as LmserveError subclasses; the interceptor turns them into statuses.
 Tokenizing (Tokenize, and a prompt's validation) runs on a small worker pool of its own,
 never on the event loop (a 100k-character prompt takes ~0.2 s to tokenize, and health checks
-must answer meanwhile) nor on the engine thread (reserved for torch).
+must answer meanwhile) nor on the engine thread (reserved for torch); so does rendering chat
+messages. A request's structured_output is compiled (``grammar.compiler``, threads of its
+own) before the request is submitted: it waits for its grammar without holding a batch row.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Executor
@@ -17,6 +20,7 @@ from typing import Any
 import grpc
 
 from lmserve.v1 import lmserve_pb2, lmserve_pb2_grpc
+from lmserve_server.chat import ChatRenderer
 from lmserve_server.config import ServerConfig
 from lmserve_server.engine.model import Engine
 from lmserve_server.engine.types import (
@@ -27,10 +31,11 @@ from lmserve_server.engine.types import (
     TokenLogprob,
 )
 from lmserve_server.errors import InvalidArgumentError
+from lmserve_server.grammar.compiler import GrammarCompiler
 from lmserve_server.metrics import Metrics
 from lmserve_server.scheduling.base import Scheduler
 from lmserve_server.scheduling.batcher import Served
-from lmserve_server.validation import RequestLimits, build_generation_request
+from lmserve_server.validation import RequestLimits, build_generation_request, grammar_spec
 
 # Prompts up to this many characters are tokenized on the event loop, longer ones on the
 # tokenizer pool (about 0.25 ms per thousand characters for GPT-2's tokenizer).
@@ -53,12 +58,16 @@ class GeneratorService(lmserve_pb2_grpc.GeneratorServicer):
         config: ServerConfig,
         tokenizer_pool: Executor,
         metrics: Metrics,
+        grammars: GrammarCompiler,
+        chat: ChatRenderer,
     ) -> None:
         self._engine = engine
         self._scheduler = scheduler
         self._config = config
         self._tokenizer_pool = tokenizer_pool
         self._metrics = metrics
+        self._grammars = grammars
+        self._chat = chat
         capacity = scheduler.capacity
         self._limits = RequestLimits(
             max_context=engine.max_context,
@@ -72,6 +81,7 @@ class GeneratorService(lmserve_pb2_grpc.GeneratorServicer):
             request_tokens_flag=(
                 "--max-batch-tokens" if capacity.scheduler == "static" else "--kv-cache-tokens"
             ),
+            max_grammar_chars=config.max_prompt_chars,
         )
 
     async def Generate(
@@ -127,18 +137,25 @@ class GeneratorService(lmserve_pb2_grpc.GeneratorServicer):
     async def _build(self, request: lmserve_pb2.GenerateRequest) -> GenerationRequest:
         # Refuse before spending any work (tokenizing) on a request that can't be queued.
         self._scheduler.check_room()
-        if len(request.prompt) <= INLINE_TOKENIZE_CHARS:
+        spec = grammar_spec(request, self._limits)
+        if len(request.prompt) <= INLINE_TOKENIZE_CHARS and not request.messages:
             # A short prompt tokenizes in well under a millisecond: a hop to a worker thread
             # (which must wait for a core the engine's threads keep busy) would only delay
             # the request's admission, a step's worth on a loaded CPU.
-            return build_generation_request(request, self._engine.tokenize, self._limits)
-        return await asyncio.get_running_loop().run_in_executor(
-            self._tokenizer_pool,
-            build_generation_request,
-            request,
-            self._engine.tokenize,
-            self._limits,
-        )
+            built = build_generation_request(request, self._engine.tokenize, self._limits)
+        else:
+            built = await asyncio.get_running_loop().run_in_executor(
+                self._tokenizer_pool,
+                build_generation_request,
+                request,
+                self._engine.tokenize,
+                self._limits,
+                self._chat.render,
+            )
+        if spec is None:
+            return built
+        # Compiled once the rest is known good; the request is not queued until it is.
+        return dataclasses.replace(built, grammar=await self._grammars.compile(spec))
 
     async def Tokenize(
         self, request: lmserve_pb2.TokenizeRequest, context: grpc.aio.ServicerContext

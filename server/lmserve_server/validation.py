@@ -1,5 +1,6 @@
 """Turns a GenerateRequest message into an engine request, or an INVALID_ARGUMENT that
-names the field and its limit."""
+names the field and its limit. ``grammar_spec`` reads its structured_output (compiled by the
+service afterwards, ``grammar.compiler``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,16 @@ from dataclasses import dataclass
 from lmserve.v1 import lmserve_pb2
 from lmserve_server.engine.types import GenerationRequest, SamplingParams
 from lmserve_server.errors import InvalidArgumentError
+from lmserve_server.grammar.spec import GrammarKind, GrammarSpec
+
+# Renders a request's messages ((role, content) pairs) into prompt text (``chat.py``).
+RenderChat = Callable[[Sequence[tuple[str, str]]], str]
+# The structured_output formats given as text.
+_TEXT_KINDS: dict[str, GrammarKind] = {
+    "json_schema": "json_schema",
+    "regex": "regex",
+    "grammar": "grammar",
+}
 
 
 @dataclass(frozen=True)
@@ -26,17 +37,34 @@ class RequestLimits:
     max_stop_token_ids: int = 64
     max_logit_bias: int = 300  # entries, as OpenAI allows
     max_logprobs: int = 20
+    max_grammar_chars: int = 100_000  # a schema, regex, grammar or choice's options
 
 
 def build_generation_request(
     msg: lmserve_pb2.GenerateRequest,
     tokenize: Callable[[str], list[int]],
     limits: RequestLimits,
+    render_chat: RenderChat | None = None,
 ) -> GenerationRequest:
-    if msg.prompt and msg.prompt_token_ids:
-        raise InvalidArgumentError("prompt, prompt_token_ids: set exactly one of them, not both")
-    if not msg.prompt and not msg.prompt_token_ids:
-        raise InvalidArgumentError("prompt: must not be empty (or give prompt_token_ids)")
+    """The engine request of ``msg``; ``render_chat`` turns its messages into prompt text
+    (rendered last, after every cheaper check)."""
+    given = [
+        name
+        for name, present in (
+            ("prompt", bool(msg.prompt)),
+            ("prompt_token_ids", bool(msg.prompt_token_ids)),
+            ("messages", bool(msg.messages)),
+        )
+        if present
+    ]
+    if len(given) > 1:
+        raise InvalidArgumentError(
+            f"{', '.join(given)}: set exactly one of prompt, prompt_token_ids and messages"
+        )
+    if not given:
+        raise InvalidArgumentError(
+            "prompt: must not be empty (or give prompt_token_ids or messages)"
+        )
     if len(msg.prompt) > limits.max_prompt_chars:
         raise InvalidArgumentError(
             f"prompt: {len(msg.prompt)} characters, at most {limits.max_prompt_chars} allowed "
@@ -70,9 +98,21 @@ def build_generation_request(
     logprobs = msg.logprobs if msg.HasField("logprobs") else None
     if logprobs is not None and logprobs > limits.max_logprobs:
         raise InvalidArgumentError(f"logprobs: {logprobs} must be in [0, {limits.max_logprobs}]")
-    prompt_ids = list(msg.prompt_token_ids) or tokenize(msg.prompt)
+    _messages(msg, limits)
+    if msg.messages:
+        if render_chat is None:
+            raise InvalidArgumentError("messages: this server does not render chat messages")
+        text = render_chat([(m.role, m.content) for m in msg.messages])
+        if len(text) > limits.max_prompt_chars:
+            raise InvalidArgumentError(
+                f"messages: rendered with the chat template, {len(text)} characters, at most "
+                f"{limits.max_prompt_chars} allowed (--max-prompt-chars)"
+            )
+        prompt_ids = tokenize(text)
+    else:
+        prompt_ids = list(msg.prompt_token_ids) or tokenize(msg.prompt)
     if not prompt_ids:
-        raise InvalidArgumentError("prompt: tokenizes to no tokens")
+        raise InvalidArgumentError(f"{given[0]}: tokenizes to no tokens")
     if len(prompt_ids) + max_new_tokens > limits.max_context:
         raise InvalidArgumentError(
             f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) = "
@@ -95,6 +135,62 @@ def build_generation_request(
         min_new_tokens=min_new_tokens,
         logprobs=logprobs,
     )
+
+
+def _messages(msg: lmserve_pb2.GenerateRequest, limits: RequestLimits) -> None:
+    chars = sum(len(m.role) + len(m.content) for m in msg.messages)
+    if chars > limits.max_prompt_chars:
+        raise InvalidArgumentError(
+            f"messages: {chars} characters, at most {limits.max_prompt_chars} allowed "
+            "(--max-prompt-chars)"
+        )
+    for i, m in enumerate(msg.messages):
+        if not m.role:
+            raise InvalidArgumentError(f"messages[{i}].role: must not be empty")
+
+
+def grammar_spec(msg: lmserve_pb2.GenerateRequest, limits: RequestLimits) -> GrammarSpec | None:
+    """What ``msg.structured_output`` asks for, checked for shape and size (whether it
+    compiles is the compiler's to say); None when it is unset."""
+    if not msg.HasField("structured_output"):
+        return None
+    output = msg.structured_output
+    kind = output.WhichOneof("format")
+    if kind is None:
+        raise InvalidArgumentError(
+            "structured_output: set one of json_schema, json_object, regex, choice, grammar "
+            "(or leave structured_output unset for free text)"
+        )
+    if kind == "json_object":
+        if not output.json_object:
+            raise InvalidArgumentError(
+                "structured_output.json_object: false asks for nothing; leave "
+                "structured_output unset for free text"
+            )
+        return GrammarSpec("json_object")
+    if kind == "choice":
+        options = list(output.choice.options)
+        field = "structured_output.choice.options"
+        if not options:
+            raise InvalidArgumentError(f"{field}: must not be empty")
+        if not all(options):
+            raise InvalidArgumentError(f"{field}: an option must not be empty")
+        _grammar_size(field, sum(map(len, options)), limits)
+        return GrammarSpec.choice(options)
+    text: str = getattr(output, kind)
+    field = f"structured_output.{kind}"
+    if not text.strip():
+        raise InvalidArgumentError(f"{field}: must not be empty")
+    _grammar_size(field, len(text), limits)
+    return GrammarSpec(_TEXT_KINDS[kind], text)
+
+
+def _grammar_size(field: str, chars: int, limits: RequestLimits) -> None:
+    if chars > limits.max_grammar_chars:
+        raise InvalidArgumentError(
+            f"{field}: {chars} characters, at most {limits.max_grammar_chars} allowed "
+            "(--max-prompt-chars)"
+        )
 
 
 def _token_ids(field: str, ids: Sequence[int], limits: RequestLimits) -> None:

@@ -7,7 +7,11 @@ knows nothing of gRPC), so both can be tested alone.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the grammar library is imported where grammars are compiled, not here
+    from lmserve_server.grammar.matcher import CompiledGrammar
 
 
 class FinishReason(enum.Enum):
@@ -55,6 +59,9 @@ class GenerationRequest:
     stop_token_ids: tuple[int, ...] = ()  # end the row like EOS, finish reason STOP
     min_new_tokens: int = 0  # EOS and stop tokens are suppressed until this many exist
     logprobs: int | None = None  # None: none; N: the chosen token's and the top N
+    # structured_output, compiled before the request is queued; a row makes its matcher
+    # with grammar.matcher(). None: free text.
+    grammar: CompiledGrammar | None = field(default=None, compare=False, repr=False)
 
     @property
     def needs_sampler(self) -> bool:

@@ -1,0 +1,17 @@
+"""Structured output: grammars that constrain what a row may generate (issue 18).
+
+One job per module, so each is tested alone:
+
+- ``spec``: ``GrammarSpec``, what a request asks for (kind and text), library-free;
+- ``backend``: the grammar library (llguidance): the tokenizer's index and the compile of a
+  spec into a template matcher, its errors and limits;
+- ``matcher``: ``CompiledGrammar`` (a compiled spec, shared by requests) and ``RowMatcher``
+  (one row's position in it: fill its mask, accept its token, finished?);
+- ``compiler``: ``GrammarCompiler``, the daemon's compile service: its own threads (never
+  the event loop nor the engine thread), an LRU cache by (kind, text), in-flight sharing and
+  a time limit;
+- ``bitmask``: the mask buffers and their vectorized application to logits.
+
+Nothing is imported here, so that importing ``spec`` (validation does) pulls in neither
+torch nor the library.
+"""

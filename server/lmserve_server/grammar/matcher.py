@@ -1,0 +1,134 @@
+"""``CompiledGrammar`` (a compiled spec, shared by every request that asks for it) and
+``RowMatcher`` (one row's place in it): the small interface the batched sampler uses.
+
+Per step, for the rows that have a grammar: ``fill_bitmasks`` writes each row's allowed
+tokens into its row of a preallocated int32 buffer (``bitmask.allocate_bitmask``), the
+buffer goes to the logits' device and ``bitmask.BitmaskApplier.apply`` sets the others to
+-inf; after sampling, each row's ``accept(token)``. A row whose matcher ``is_finished()``
+can take no token but an end token: its output is complete.
+
+Thread-safety: a ``RowMatcher`` belongs to one row and is used by one thread at a time (the
+engine thread); different rows' matchers may fill in parallel (``fill_bitmasks`` with an
+executor does, in the library's own threads, without the GIL). ``CompiledGrammar.matcher()``
+may be called from any thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import llguidance
+import torch
+
+from lmserve_server.grammar.backend import TokenizerIndex
+from lmserve_server.grammar.spec import GrammarSpec
+
+
+class CompiledGrammar:
+    """A spec compiled for the served tokenizer: what ``GenerationRequest.grammar`` holds.
+    Immutable once made; ``matcher()`` starts a row at its beginning."""
+
+    def __init__(
+        self, spec: GrammarSpec, template: llguidance.LLMatcher, index: TokenizerIndex
+    ) -> None:
+        self.spec = spec
+        self.vocab_size = index.vocab_size  # the masks' width in tokens
+        self.end_token_ids = index.end_token_ids  # allowed once the grammar is complete
+        self._template = template
+        self._lock = threading.Lock()
+
+    def matcher(self) -> RowMatcher:
+        """A new row's matcher: a copy of the template (microseconds; the template's first
+        mask, already computed, is not recomputed from scratch)."""
+        with self._lock:  # the template is one library object: one copy at a time
+            return RowMatcher(self._template.deep_copy())
+
+    def __repr__(self) -> str:
+        return f"CompiledGrammar({self.spec.kind}, {len(self.spec.text)} chars)"
+
+
+class RowMatcher:
+    """One row's position in its grammar."""
+
+    def __init__(self, matcher: llguidance.LLMatcher) -> None:
+        self._matcher = matcher
+
+    def fill_bitmask(self, bitmask: torch.Tensor, index: int) -> None:
+        """Writes the tokens allowed next into row ``index`` of ``bitmask`` (a CPU,
+        contiguous ``(rows, ceil(vocab_size / 32))`` int32 tensor, ``vocab_size`` the
+        grammar's: the library refuses any other width): bit ``t % 32`` of word ``t // 32``
+        set when token ``t`` is allowed. Once finished, only end tokens are."""
+        _check_buffer(bitmask)
+        row = bitmask[index]
+        self._matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
+
+    def accept(self, token: int) -> bool:
+        """Advances past ``token``; False when the grammar does not allow it (the matcher
+        is then in error and stays there: ``error`` says why)."""
+        return bool(self._matcher.consume_token(token))
+
+    def is_finished(self) -> bool:
+        """The output so far is complete and nothing but an end token can follow: the row
+        ends here. Also true in error."""
+        return bool(self._matcher.is_stopped())
+
+    def is_accepting(self) -> bool:
+        """The output so far is complete (an end token is allowed), though it may go on
+        (``a+`` after ``a``)."""
+        return bool(self._matcher.is_accepting())
+
+    def rollback(self, tokens: int) -> None:
+        """Takes back the last ``tokens`` accepted tokens (a retried step's)."""
+        if not self._matcher.rollback(tokens):
+            raise ValueError(f"cannot roll back {tokens} tokens: {self.error}")
+
+    @property
+    def error(self) -> str | None:
+        """Why the matcher is in error (a token the grammar refused, or a limit reached);
+        None when it is not."""
+        return self._matcher.get_error() or None
+
+
+class ParallelFill:
+    """Fills many rows' masks at once on the library's own threads (no GIL). Worth it on a
+    host with cores to spare and many rows; on a 2-core CPU a 16-row fill is faster on the
+    calling thread (``benchmarks/grammar_libs.py``)."""
+
+    def __init__(self, threads: int) -> None:
+        self._executor = llguidance.LLExecutor(num_threads=threads)
+
+    def fill(self, rows: Sequence[tuple[RowMatcher, int]], bitmask: torch.Tensor) -> None:
+        _check_buffer(bitmask)
+        self._executor.unsafe_compute_mask_ptr(
+            [(m._matcher, i) for m, i in rows],
+            bitmask.data_ptr(),
+            bitmask.shape[1] * bitmask.element_size(),
+            bitmask.shape[0],
+        )
+
+
+def _check_buffer(bitmask: torch.Tensor) -> None:
+    # The library writes through a raw pointer (llguidance.torch's own fill does the same
+    # but imports torch's compiler, 2 s at start-up): check what it will write into.
+    if not (
+        bitmask.dtype == torch.int32
+        and bitmask.device.type == "cpu"
+        and bitmask.dim() == 2
+        and bitmask.is_contiguous()
+    ):
+        raise ValueError("a bitmask is a contiguous 2-D int32 CPU tensor (allocate_bitmask)")
+
+
+def fill_bitmasks(
+    rows: Sequence[tuple[RowMatcher, int]],
+    bitmask: torch.Tensor,
+    parallel: ParallelFill | None = None,
+) -> None:
+    """Each ``(matcher, index)``'s mask into row ``index`` of ``bitmask``; in parallel when
+    given a ``ParallelFill``, else one after the other on this thread."""
+    if parallel is not None:
+        parallel.fill(rows, bitmask)
+        return
+    for matcher, index in rows:
+        matcher.fill_bitmask(bitmask, index)
