@@ -9,12 +9,13 @@ from collections import deque
 from dataclasses import dataclass
 
 import pytest
+import torch
 
 from lmserve_server.engine import runner as runner_module
 from lmserve_server.engine.attention import DecodeRun, plan_decode_runs
 from lmserve_server.engine.model import Engine
 from lmserve_server.engine.rows import Row
-from lmserve_server.engine.runner import rerun_capture
+from lmserve_server.engine.runner import Chunk, rerun_capture
 from lmserve_server.engine.types import (
     FinishReason,
     GenerationOutput,
@@ -373,3 +374,46 @@ def test_graphs_are_captured_largest_first(engine: Engine) -> None:
     batch.runner.capture_graphs(recording, max_rows=4)
     assert [s[1] for s in sizes] == sorted((s[1] for s in sizes), reverse=True)
     assert sizes[0][1] == 4 and sizes[-1][1] == 1
+
+
+@pytest.mark.parametrize(
+    "chunkings",
+    [[[31, 2, 67], [64, 36]], [[5, 90, 5], [7, 93], [2, 96, 2]]],
+    ids=["split", "uneven"],
+)
+def test_a_prompt_s_keys_values_and_logits_are_the_same_bits_however_chunked(
+    family_engine: Engine, chunkings: list[list[int]]
+) -> None:
+    """Prompt tokens attend in tiles of fixed positions (``engine/attention.py``): a 100-token
+    prompt prefilled in one chunk, or in chunks of any sizes, beside another prompt's chunks
+    and a decoding row that differ from step to step, leaves the same bits in every layer's
+    keys and values and samples the same token with the same logprobs. (The prefix cache's
+    exactness rests on it: a cached prefix is the bits the row would compute itself.)"""
+    engine = family_engine
+    rng = random.Random(3)
+    prompt = [rng.randrange(50000) for _ in range(100)]
+    other = [rng.randrange(50000) for _ in range(200)]
+    request = GenerationRequest(tuple(prompt), 1, logprobs=5)
+
+    def prefill(sizes: list[int]) -> tuple[list[torch.Tensor], object]:
+        # 110 tokens: the last tile, [96, 128), runs past the slot's end.
+        runner = engine.continuous_runner(slots=3, slot_tokens=110, max_step_tokens=512)
+        runner.sampling.admit(0, request, seed=0)
+        start, company = 0, 3 * len(sizes)
+        for n in sizes:
+            last = start + n == len(prompt)
+            chunks = [
+                Chunk(0, prompt[start : start + n], start, sample=last),
+                Chunk(1, other[company : company + 9], company),  # another prompt's chunk
+                Chunk(2, (other[n],), 40 + n % 50, sample=True),  # a decoding row
+            ]
+            results = runner.execute(chunks)
+            start, company = start + n, company + 9
+        kv = [t[0, :, : len(prompt)].clone() for t in (*runner.cache.keys, *runner.cache.values)]
+        return kv, results[0]
+
+    reference_kv, reference_token = prefill([len(prompt)])
+    for sizes in chunkings:
+        kv, token = prefill(sizes)
+        assert all(torch.equal(a, b) for a, b in zip(kv, reference_kv, strict=True)), sizes
+        assert token == reference_token, sizes

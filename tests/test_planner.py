@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lmserve_server.engine.kv_cache import KVCache, KVCacheShape, plan_capacity
-from lmserve_server.scheduling.planner import Plan, StepPlanner
+from lmserve_server.scheduling.planner import Plan, StepPlanner, chunk
 
 
 def tokens(plan: Plan) -> int:
@@ -48,6 +48,18 @@ def test_admission_waits_for_a_free_slot_and_for_the_row_limit() -> None:
     assert planner.plan([0, 0], [5, 5], free_slots=5).admit == [5]  # 3 rows at most
 
 
+def test_no_prompt_token_is_left_to_a_one_token_chunk() -> None:
+    """A step runs a one-token chunk as a decoding row, not in the prefill's tiles, so a
+    longer prompt never gets (or is left with) a single token."""
+    assert [chunk(left, 8) for left in (1, 2, 8, 9, 10, 30)] == [1, 2, 8, 7, 8, 8]
+    assert chunk(3, 2) == 0 and chunk(5, 1) == 0 and chunk(4, 3) == 2
+    planner = StepPlanner(max_rows=4, max_step_tokens=10)
+    assert planner.plan([0, 0, 9], [5], free_slots=1).prefill == [(2, 7)]  # not 8, then 1
+    crowded = StepPlanner(max_rows=12, max_step_tokens=13)  # 11 decoding rows leave 2
+    assert crowded.plan([0] * 11, [3], free_slots=1).admit == []  # 2 + 1 or 1 + 2: wait
+    assert crowded.plan([0] * 11, [2], free_slots=1).admit == [2]
+
+
 def test_the_budget_must_leave_room_to_prefill() -> None:
     with pytest.raises(ValueError, match="--max-step-tokens"):
         StepPlanner(max_rows=32, max_step_tokens=32)
@@ -69,8 +81,14 @@ def test_a_plan_keeps_every_rule(
     assert all(0 < n <= running[i] for i, n in plan.prefill)
     assert len(plan.admit) <= min(free, 12 - len(running), len(waiting))
     assert all(0 < n <= length for n, length in zip(plan.admit, waiting, strict=False))
-    # Work is never left undone while budget remains: the oldest prefill goes whole first.
-    if tokens(plan) < budget:
+    # A prompt of two tokens or more is never given one token, nor left with one.
+    chunks = [(n, running[i]) for i, n in plan.prefill] + list(
+        zip(plan.admit, waiting, strict=False)
+    )
+    assert all(n == left or (n >= 2 and left - n >= 2) for n, left in chunks)
+    # Work is never left undone while budget remains (at most the two tokens that the rule
+    # above can leave): the oldest prefill goes whole first.
+    if tokens(plan) < budget - 2:
         assert all(n == running[i] for i, n in plan.prefill)
         assert all(n == length for n, length in zip(plan.admit, waiting, strict=False))
 

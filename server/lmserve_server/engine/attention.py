@@ -8,9 +8,23 @@ transformers' public ``AttentionInterface``; a step hands it a ``StepAttention``
 ``lmserve_step`` keyword, which the model passes down to every attention call. The function
 writes the step's keys and values into the cache at each token's (slot, position) and gives
 every part its own attention: decoding rows in runs of neighbouring slots (one SDPA call
-per run, each row read up to its run's longest row: ``plan_decode_runs``), prefill chunks
-together (one call). Without ``lmserve_step`` (the static scheduler's ``generate``) it is
-transformers' own SDPA, unchanged.
+per run, each row read up to its run's longest row: ``plan_decode_runs``), prompt tokens in
+tiles of fixed positions (``PrefillTile``: one call per tile). Without ``lmserve_step`` (the
+static scheduler's ``generate``) it is transformers' own SDPA, unchanged.
+
+Why prompt tokens go in tiles. CPU SDPA's result for a query row depends, in its last bits,
+on the call's shapes: how many queries it has and how many key columns it reads (its
+blocking and split of the work follow them). A prompt's chunks depend on the step budget and
+on the company (and, with the prefix cache, on where its cached prefix ends), so attention
+over "the chunk" would give a prompt's keys and values slightly different bits in different
+runs; a cached prefix then would not equal what the row computes without the cache. So every
+prompt token at position p is computed in the tile of 32 positions holding p
+(``[32k, 32k + 32)``), as a call of exactly 32 queries (the tile's other rows are zeros:
+a row's result does not depend on the others') over exactly the columns ``[0, 32k + 32)``
+(past p masked: they contribute exact zeros, whatever stale values they hold). The call's
+shapes are a function of p alone, so a prompt's keys, values and logits are the same bits
+however it is chunked, whatever shares its step, cached or not (tested). It also skips the
+causal upper triangle that one masked call over a chunk's whole window computes.
 
 What this relies on in transformers (``>=5.0,<6``), each checked by
 ``tests/test_transformers_adapter.py`` so that an upgrade that changes one fails there:
@@ -43,6 +57,40 @@ from lmserve_server.engine.kv_cache import KVCache
 
 ATTENTION = "lmserve_slots"
 STEP_KEYWORD = "lmserve_step"
+# Prompt tokens attend in tiles of this many positions (the module's doc says why).
+TILE = 32
+
+
+@dataclass(frozen=True)
+class PrefillTile:
+    """The prompt tokens of one chunk that fall in the tile ``[end - TILE, end)`` of
+    ``slot``: one SDPA call of TILE queries over the slot's columns ``[0, columns)``:
+    ``end``, or the slot's length where the tile runs past it."""
+
+    slot: int
+    end: int
+    columns: int
+
+
+def prefill_tiles(
+    chunks: Sequence[tuple[int, int, int]], slot_tokens: int
+) -> tuple[tuple[PrefillTile, ...], list[int], list[int]]:
+    """The tiles of prefill chunks given as (slot, start, length), in order, in slots of
+    ``slot_tokens``: the tiles, and for every token of the chunks (in order) its tile's
+    index and its row in the tile."""
+    tiles: list[PrefillTile] = []
+    tile_of: list[int] = []
+    rows: list[int] = []
+    for slot, start, length in chunks:
+        first = start // TILE
+        for tile in range(first, (start + length - 1) // TILE + 1):
+            end = (tile + 1) * TILE
+            tiles.append(PrefillTile(slot, end, min(end, slot_tokens)))
+        base = len(tiles) - 1 - ((start + length - 1) // TILE - first)
+        for position in range(start, start + length):
+            tile_of.append(base + position // TILE - first)
+            rows.append(position % TILE)
+    return tuple(tiles), tile_of, rows
 
 
 @dataclass(frozen=True)
@@ -106,7 +154,8 @@ class StepAttention:
     row (``plan_decode_runs``). Without (fixed shapes, for captured graphs), they run as one
     batch over the slots ``[0, decode_span)`` and ``decode_window`` columns (rows that are not
     decoding in that span attend to one column and are dropped). The other tokens are
-    prefill chunks, ``prefill_count`` of them, padded to ``prefill_width`` queries each.
+    prefill chunks, ``prefill_count`` of them, attended in ``prefill_tiles`` (one call per
+    tile: the module's doc says why).
     """
 
     cache: KVCache
@@ -120,15 +169,10 @@ class StepAttention:
     # Tokens in each attended row after this step: (decode_count,) with runs, else
     # (decode_span,) by slot.
     decode_lengths: torch.Tensor
-    prefill_count: int
-    prefill_slots: torch.Tensor  # (P,)
-    prefill_starts: torch.Tensor  # (P,) position of each chunk's first token
-    prefill_lengths: torch.Tensor  # (P,)
-    prefill_rows: torch.Tensor  # (Tp,) the chunk of each prefill token
-    prefill_columns: torch.Tensor  # (Tp,) its place in the chunk
-    prefill_width: int  # the longest chunk
-    prefill_window: int  # columns read per chunk
-    prefill_fresh: bool  # one chunk, starting at 0: causal over the step's own keys
+    prefill_count: int  # prefill chunks
+    prefill_tiles: tuple[PrefillTile, ...]  # their tiles, chunk by chunk
+    prefill_tile_of: torch.Tensor  # (Tp,) the tile of each prefill token
+    prefill_tile_rows: torch.Tensor  # (Tp,) its row in the tile (position % TILE)
     _masks: dict[int | None, tuple[torch.Tensor | None, torch.Tensor | None]] = field(
         default_factory=dict
     )
@@ -156,23 +200,26 @@ class StepAttention:
             out[:d] = self._attend_decode(q, keys, values, decode_mask, scaling, sliding_window)
         if self.prefill_count:
             q = query[0, :, d:].transpose(0, 1)  # (Tp, H, D)
-            if self.prefill_fresh and prefill_mask is None:
-                o = _sdpa(
-                    q.transpose(0, 1)[None], key[:, :, d:], value[:, :, d:], None, scaling, True
-                )  # (1, H, Tp, D)
-                out[d:] = o[0].transpose(0, 1)
-            else:
-                chunks = q.new_zeros((self.prefill_count, heads, self.prefill_width, head_dim))
-                chunks[self.prefill_rows, :, self.prefill_columns] = q
-                window = slice(0, self.prefill_window)
-                if self.prefill_count == 1:  # a view of its slot, no copy
-                    slot = self.prefill_slots[:1]
-                    k, v = keys[slot, :, window], values[slot, :, window]
-                else:  # the chunks' windows only, gathered from their slots
-                    k = keys[:, :, window].index_select(0, self.prefill_slots)
-                    v = values[:, :, window].index_select(0, self.prefill_slots)
-                o = _sdpa(chunks, k, v, prefill_mask, scaling)  # (P, H, C, D)
-                out[d:] = o[self.prefill_rows, :, self.prefill_columns]
+            tiles = q.new_zeros((len(self.prefill_tiles), heads, TILE, head_dim))
+            tiles[self.prefill_tile_of, :, self.prefill_tile_rows] = q
+            assert prefill_mask is not None
+            widest = prefill_mask.shape[-1]
+            outputs = []
+            for i, tile in enumerate(self.prefill_tiles):
+                columns = slice(0, tile.columns)
+                slot = slice(tile.slot, tile.slot + 1)  # a view of its slot, no copy
+                mask = prefill_mask[..., widest - tile.end : widest - tile.end + tile.columns]
+                outputs.append(
+                    _sdpa(
+                        tiles[i : i + 1],
+                        keys[slot, :, columns],
+                        values[slot, :, columns],
+                        mask,
+                        scaling,
+                    )
+                )
+            o = torch.cat(outputs)  # (tiles, H, TILE, D)
+            out[d:] = o[self.prefill_tile_of, :, self.prefill_tile_rows]
         return out[None]
 
     def _attend_decode(
@@ -215,7 +262,7 @@ class StepAttention:
     def _masks_for(
         self, sliding_window: int | None
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(decode mask (span, 1, 1, W), prefill mask (P, 1, C, W) or None): True where a
+        """(decode mask (span, 1, 1, W), prefill tiles' mask (1, 1, TILE, E)): True where a
         query may attend; built once per step and per sliding window."""
         if sliding_window not in self._masks:
             self._masks[sliding_window] = (
@@ -232,20 +279,19 @@ class StepAttention:
             mask &= columns[None, :] >= lengths - sliding_window
         return mask[:, None, None, :]
 
-    def _prefill_mask(self, sliding_window: int | None) -> torch.Tensor | None:
-        if self.prefill_fresh and sliding_window is None:
-            return None  # is_causal over the chunk itself
-        device = self.prefill_starts.device
-        queries = torch.arange(self.prefill_width, device=device)
-        columns = torch.arange(self.prefill_window, device=device)
-        positions = self.prefill_starts[:, None] + queries[None, :]  # (P, C)
-        mask = columns[None, None, :] <= positions[:, :, None]  # (P, C, W)
+    def _prefill_mask(self, sliding_window: int | None) -> torch.Tensor:
+        """(1, 1, TILE, E), E the furthest tile end: the tile ending at ``e`` reads its mask
+        as the view of the last ``e`` columns (row r of that tile is position e - TILE + r
+        and may attend to column c <= that position: the same as c + E - e <= E - TILE + r,
+        so one matrix serves every tile)."""
+        device = self.prefill_tile_of.device
+        widest = max(tile.end for tile in self.prefill_tiles)
+        positions = torch.arange(widest - TILE, widest, device=device)[:, None]  # (TILE, 1)
+        columns = torch.arange(widest, device=device)[None, :]
+        mask = columns <= positions
         if sliding_window is not None:
-            mask &= columns[None, None, :] > positions[:, :, None] - sliding_window
-        # Padding queries past a chunk's end attend to column 0 only (finite, then dropped).
-        padding = queries[None, :] >= self.prefill_lengths[:, None]  # (P, C)
-        mask |= padding[:, :, None] & (columns == 0)[None, None, :]
-        return mask[:, None]
+            mask &= columns > positions - sliding_window
+        return mask[None, None]
 
 
 def _sdpa(
@@ -254,7 +300,6 @@ def _sdpa(
     value: torch.Tensor,
     mask: torch.Tensor | None,
     scaling: float | None,
-    causal: bool = False,
 ) -> torch.Tensor:
     """SDPA with grouped-query attention folded into the query axis: (B, H, Q, D) queries
     over (B, KV, W, D) keys. Each key head's query heads become extra query rows, so keys are
@@ -263,12 +308,8 @@ def _sdpa(
     groups = heads // key.shape[1]
     if groups == 1:
         return torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, is_causal=causal, scale=scaling
+            query, key, value, attn_mask=mask, scale=scaling
         )
-    if causal:  # is_causal can't see the folded rows: spell the mask out
-        mask = torch.ones((length, key.shape[2]), dtype=torch.bool, device=query.device).tril(
-            key.shape[2] - length
-        )[None, None]
     folded = query.reshape(batch, key.shape[1], groups * length, head_dim)
     if mask is not None:
         mask = mask.expand(batch, 1, length, mask.shape[-1]).repeat(1, 1, groups, 1)

@@ -47,6 +47,7 @@ from lmserve_server.engine.attention import (
     install,
     mask_placeholder,
     plan_decode_runs,
+    prefill_tiles,
 )
 from lmserve_server.engine.kv_cache import KVCache
 from lmserve_server.engine.sampling import Sampled, sample, unpack
@@ -431,14 +432,11 @@ class ModelRunner:
         columns["decode_slots"] = [c.slot for c in decode]
         columns["decode_lengths"] = lengths
 
-        columns["prefill_slots"] = [c.slot for c in prefill]
-        columns["prefill_starts"] = [c.start for c in prefill]
-        columns["prefill_lengths"] = [len(c.tokens) for c in prefill]
-        columns["prefill_rows"] = [p for p, c in enumerate(prefill) for _ in c.tokens]
-        columns["prefill_columns"] = [i for c in prefill for i in range(len(c.tokens))]
-        width = max((len(c.tokens) for c in prefill), default=0)
-        prefill_window = max((c.start + len(c.tokens) for c in prefill), default=0)
-        fresh = len(prefill) == 1 and prefill[0].start == 0
+        tiles, tile_of, tile_rows = prefill_tiles(
+            [(c.slot, c.start, len(c.tokens)) for c in prefill], cache.slot_tokens
+        )
+        columns["prefill_tile_of"] = tile_of
+        columns["prefill_tile_rows"] = tile_rows
 
         def build(views: dict[str, torch.Tensor]) -> StepAttention:
             return StepAttention(
@@ -452,14 +450,9 @@ class ModelRunner:
                 decode_window=window,
                 decode_lengths=views["decode_lengths"],
                 prefill_count=len(prefill),
-                prefill_slots=views["prefill_slots"],
-                prefill_starts=views["prefill_starts"],
-                prefill_lengths=views["prefill_lengths"],
-                prefill_rows=views["prefill_rows"],
-                prefill_columns=views["prefill_columns"],
-                prefill_width=width,
-                prefill_window=prefill_window,
-                prefill_fresh=fresh,
+                prefill_tiles=tiles,
+                prefill_tile_of=views["prefill_tile_of"],
+                prefill_tile_rows=views["prefill_tile_rows"],
             )
 
         return inputs, build

@@ -9,6 +9,11 @@ Each step has a token budget (``--max-step-tokens``), spent in this order:
 
 So a burst of long prompts is prefilled a chunk per step while the running rows keep
 decoding: a decoding row (and its stream) never waits longer than one step's budget.
+
+A prompt of two tokens or more never gets a chunk of one token (``chunk``): a step runs a
+one-token chunk as a decoding row, and a prompt token's keys and values must come out of the
+prefill's tiles whatever the chunking (``engine/attention.py``), or a prompt chunked one way
+would not give the bits it gives chunked another (or cached).
 """
 
 from __future__ import annotations
@@ -46,17 +51,27 @@ class StepPlanner:
         plan = Plan(decode=[i for i, left in enumerate(prompt_left) if left == 0])
         budget = self.max_step_tokens - len(plan.decode)
         for i, left in enumerate(prompt_left):
-            if left and budget:
-                chunk = min(left, budget)
-                plan.prefill.append((i, chunk))
-                budget -= chunk
+            size = chunk(left, budget)
+            if size:
+                plan.prefill.append((i, size))
+                budget -= size
         rows = len(prompt_left)
         for length in waiting_prompts:
-            if not (budget and free_slots and rows < self.max_rows):
+            size = chunk(length, budget)
+            if not (size and free_slots and rows < self.max_rows):
                 break
-            chunk = min(length, budget)
-            plan.admit.append(chunk)
-            budget -= chunk
+            plan.admit.append(size)
+            budget -= size
             free_slots -= 1
             rows += 1
         return plan
+
+
+def chunk(left: int, budget: int) -> int:
+    """How much of a prompt with ``left`` tokens to go gets ``budget`` tokens of a step: as
+    much as fits, but never one token of a longer prompt, now or as its last chunk (0:
+    none this step)."""
+    if left <= budget:
+        return left
+    size = budget if left - budget > 1 else budget - 1
+    return size if size > 1 else 0
