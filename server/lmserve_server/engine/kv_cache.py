@@ -16,6 +16,9 @@ into one tensor per layer and step first, and without a paged-attention kernel t
 costs more than the attention itself (``benchmarks/kv_layout.py``: figures in
 BENCHMARKS.md). The price is that a row reserves ``slot_tokens`` whatever its length, so the
 capacity is counted in rows of ``slot_tokens``; ``--kv-cache-tokens`` sets it.
+
+Beside the slots, an optional pool of cached prompt blocks (``prefixes``,
+``prefix_cache.py``): a new row's slot gets its cached prefix by copy from there.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import heapq
 from dataclasses import dataclass
 
 import torch
+
+from lmserve_server.engine.prefix_cache import BLOCK, PrefixCache
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,13 @@ class KVCache:
     alone drives it."""
 
     def __init__(
-        self, shape: KVCacheShape, *, slots: int, slot_tokens: int, device: torch.device
+        self,
+        shape: KVCacheShape,
+        *,
+        slots: int,
+        slot_tokens: int,
+        device: torch.device,
+        prefix_tokens: int = 0,
     ) -> None:
         if slots < 1 or slot_tokens < 1:
             raise ValueError(f"a KV cache needs slots >= 1 and slot_tokens >= 1, got {slots}")
@@ -74,6 +85,12 @@ class KVCache:
             torch.zeros(size, dtype=shape.dtype, device=device) for _ in range(shape.layers)
         ]
         self._free = list(range(slots))  # a heap: the lowest free slot first
+        # Cached prompt blocks, when at least one block's worth of tokens is given.
+        self.prefixes = (
+            PrefixCache(shape, tokens=prefix_tokens, device=device)
+            if prefix_tokens >= BLOCK
+            else None
+        )
 
     @property
     def free_slots(self) -> int:

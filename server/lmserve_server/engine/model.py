@@ -18,6 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lmserve_server.config import EngineConfig
 from lmserve_server.engine.kv_cache import KVCache, KVCacheShape
 from lmserve_server.engine.loading import load_model
+from lmserve_server.engine.prefix_cache import BLOCK
 from lmserve_server.engine.rows import DeltaSink, Row
 from lmserve_server.engine.runner import ModelRunner
 from lmserve_server.engine.static import generate_batch
@@ -111,10 +112,16 @@ class Engine:
         max_step_tokens: int,
         fixed_shapes: bool = False,
         staged: bool = False,
+        prefix_cache_tokens: int = 0,
     ) -> ModelRunner:
-        """A ``ModelRunner`` over a new ``KVCache`` of ``slots`` rows of ``slot_tokens``."""
+        """A ``ModelRunner`` over a new ``KVCache`` of ``slots`` rows of ``slot_tokens``,
+        with a prefix cache of ``prefix_cache_tokens`` (0: none)."""
         cache = KVCache(
-            self.kv_shape, slots=slots, slot_tokens=slot_tokens, device=self.input_device
+            self.kv_shape,
+            slots=slots,
+            slot_tokens=slot_tokens,
+            device=self.input_device,
+            prefix_tokens=prefix_cache_tokens,
         )
         log.info(
             "KV cache: %d slots of %d tokens (%.1f MB)",
@@ -122,6 +129,12 @@ class Engine:
             slot_tokens,
             cache.nbytes / 2**20,
         )
+        if cache.prefixes is not None:
+            log.info(
+                "prefix cache: %d tokens (%.1f MB)",
+                cache.prefixes.index.capacity * BLOCK,
+                cache.prefixes.nbytes / 2**20,
+            )
         return ModelRunner(
             self.model,
             cache,

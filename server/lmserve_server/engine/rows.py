@@ -61,6 +61,7 @@ class Row:
         self.finish_reason: FinishReason | None = None
         self.error: Exception | None = None
         self.cancelled = False
+        self.cached_prompt_tokens = 0  # of its prompt, taken from the prefix cache
         seed = request.sampling.seed
         self.seed: int = seed if seed is not None else random.getrandbits(63)
         self._decode = decode
@@ -177,4 +178,5 @@ class Row:
             text=text,
             finish_reason=self.finish_reason or FinishReason.LENGTH,
             logprobs=tuple(self.logprobs),
+            cached_prompt_tokens=self.cached_prompt_tokens,
         )

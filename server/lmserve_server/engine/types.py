@@ -59,6 +59,8 @@ class GenerationRequest:
     stop_token_ids: tuple[int, ...] = ()  # end the row like EOS, finish reason STOP
     min_new_tokens: int = 0  # EOS and stop tokens are suppressed until this many exist
     logprobs: int | None = None  # None: none; N: the chosen token's and the top N
+    # Prompt prefixes are shared (prefix cache) only between requests with the same salt.
+    cache_salt: str = ""
     # structured_output, compiled before the request is queued; a row makes its matcher
     # with grammar.matcher(). None: free text.
     grammar: CompiledGrammar | None = field(default=None, compare=False, repr=False)
@@ -99,6 +101,7 @@ class GenerationOutput:
     text: str
     finish_reason: FinishReason
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token, when the request asked
+    cached_prompt_tokens: int = 0  # prompt tokens taken from the prefix cache
 
 
 @dataclass(frozen=True)
@@ -110,3 +113,15 @@ class TextDelta:
     text: str
     token_ids: tuple[int, ...]
     logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class PrefixCacheStats:
+    """The prefix cache's counters: prompt tokens looked up and found since start, and the
+    tokens it holds now, can hold, and has evicted."""
+
+    queries: int = 0
+    hits: int = 0
+    tokens: int = 0
+    capacity_tokens: int = 0
+    evicted_tokens: int = 0

@@ -17,6 +17,14 @@ Faults stay with their row: when a step fails, its rows are run again in halves
 (``halves.py``; each half one forward: nothing has advanced yet, and writing a key again at
 the same place is harmless), so only a row that fails alone gets the error; out of memory
 becomes ``OutOfMemoryError`` (``engine/faults.py``).
+
+With a prefix cache (``engine/prefix_cache.py``, the KV cache's ``prefixes``): a waiting
+request's longest cached prefix is looked up before the planner sizes its first chunk
+(``_cached_prefix``); admitted, its prefill starts after it, and its first step copies the
+cached blocks into its slot before the forward (``_restore_and_step``: again in each half of
+a failed step, which is harmless too); the blocks stay pinned until that step is over. After
+each step, the full blocks a row's prompt has computed so far are kept (``_after_step``),
+so the next request with that prefix finds them even while this one still prefills.
 """
 
 from __future__ import annotations
@@ -25,12 +33,13 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
 import torch
 
 from lmserve_server.engine.faults import out_of_memory
+from lmserve_server.engine.prefix_cache import CachedBlock
 from lmserve_server.engine.rows import Row
 from lmserve_server.engine.runner import Chunk, ModelRunner, SampledToken
 from lmserve_server.scheduling.halves import run_in_halves
@@ -62,6 +71,10 @@ class Running(Generic[E]):
     resumed: int = 0  # tokens the row had when admitted (the end of ``prompt``)
     prefilled: int = 0  # prompt tokens in the cache
     batch_size: int = 0  # the most rows of a step it was in
+    # Its prompt's blocks in the prefix cache, in order: those it started from (copied
+    # into its slot by its first step: ``restore``), then those it kept as it computed them.
+    cached_blocks: list[CachedBlock] = field(default_factory=list)
+    restore: tuple[CachedBlock, ...] = ()
 
     @property
     def row(self) -> Row:
@@ -77,6 +90,7 @@ class Work(Generic[E]):
     prefill: int = 0  # prompt tokens this chunk adds to the cache
     token: SampledToken | None = None
     error: Exception | None = None
+    restore: tuple[CachedBlock, ...] = ()  # prefix-cache blocks copied in before the step
 
 
 # (rows in the step, its seconds, tokens it produced, whether it failed)
@@ -104,23 +118,27 @@ class ContinuousBatch(Generic[E]):
         the planner lets them in; returns the next step's work."""
         cache = self.runner.cache
         running = self.running
+        prompts = [
+            (*e.row.request.prompt_ids, *e.row.tokens) for e in list(waiting)[: cache.free_slots]
+        ]
+        cached = [
+            self._cached_prefix(e.row, prompt) for e, prompt in zip(waiting, prompts, strict=False)
+        ]
         plan = self.planner.plan(
             [len(r.prompt) - r.prefilled for r in running],
-            [
-                len(e.row.request.prompt_ids) + e.row.generated
-                for e in list(waiting)[: cache.free_slots]
-            ],
+            [len(prompt) - n for prompt, (_, n) in zip(prompts, cached, strict=True)],
             cache.free_slots,
         )
         now = self._clock()
-        for _ in plan.admit:
+        for k, _ in enumerate(plan.admit):
             slot = cache.allocate()
             assert slot is not None, "the planner admits into free slots only"
             entry = waiting.popleft()
             row = entry.row
             self.runner.sampling.admit(slot, row.request, row.seed, row.tokens)
-            prompt = (*row.request.prompt_ids, *row.tokens)
-            running.append(Running(entry, slot, now, prompt, resumed=len(row.tokens)))
+            admitted = Running(entry, slot, now, prompts[k], resumed=len(row.tokens))
+            self._start_after(admitted, *cached[k])
+            running.append(admitted)
         decoding = sorted(plan.decode, key=lambda i: running[i].slot)  # slots 0, 1, ...: a view
         work = [self._decode(running[i]) for i in decoding]
         first_admitted = len(running) - len(plan.admit)
@@ -148,6 +166,7 @@ class ContinuousBatch(Generic[E]):
                 tokens += 1
                 w.running.row.take(w.token.token, w.token.logprob)
                 self._unsettled.append(w.running.row)
+        self._after_step(work)
         if self._on_step:
             failed = all(w.error is not None for w in work)
             self._on_step(len(work), time.perf_counter() - started, tokens, failed)
@@ -185,12 +204,12 @@ class ContinuousBatch(Generic[E]):
         start = running.prefilled
         last = start + n == len(running.prompt)
         chunk = Chunk(running.slot, running.prompt[start : start + n], start, sample=last)
-        return Work(running, chunk, prefill=n)
+        return Work(running, chunk, prefill=n, restore=running.restore)
 
     def _execute(self, work: Sequence[Work[E]]) -> None:
         """Runs ``work`` as one step; when it fails, each half as its own, down to the rows
         that fail alone (their ``error`` is set)."""
-        outcomes = run_in_halves(work, self._step, "step")
+        outcomes = run_in_halves(work, self._restore_and_step, "step")
         for w, outcome in zip(work, outcomes, strict=True):
             if isinstance(outcome, Exception):
                 w.error = outcome
@@ -207,3 +226,66 @@ class ContinuousBatch(Generic[E]):
         except torch.OutOfMemoryError as err:
             raise out_of_memory(err, f"in a step of {len(work)} row(s)") from err
         return [next(tokens) if w.chunk.sample else None for w in work]
+
+    # ---- the prefix cache ---------------------------------------------------------------------
+
+    def _cached_prefix(self, row: Row, prompt: tuple[int, ...]) -> tuple[list[CachedBlock], int]:
+        """The cached blocks a waiting row's prompt starts from, and the prompt tokens it
+        need not compute (``PrefixCache.usable``; none without a cache)."""
+        prefixes = self.runner.cache.prefixes
+        return ([], 0) if prefixes is None else prefixes.usable(row.request.cache_salt, prompt)
+
+    def _start_after(self, running: Running[E], blocks: list[CachedBlock], cached: int) -> None:
+        """An admitted row starts its prefill at ``cached``, after copying ``blocks`` (pinned
+        until its first step has copied them into its slot); its sampler sees the tokens it
+        skips (a repetition penalty reads the whole prompt) as if a step had."""
+        prefixes = self.runner.cache.prefixes
+        if prefixes is None:
+            return
+        prefixes.count(len(running.prompt), cached)
+        if not blocks:
+            return
+        prefixes.index.pin(blocks)
+        prefixes.index.touch(blocks)
+        running.cached_blocks = list(blocks)
+        running.restore = tuple(blocks)
+        running.prefilled = cached
+        row = running.row
+        row.cached_prompt_tokens = min(cached, len(row.request.prompt_ids))
+        if row.request.sampling.penalised:
+            device = self.runner.device
+            self.runner.sampling.mark_seen(
+                torch.full((cached,), running.slot, dtype=torch.long, device=device),
+                torch.tensor(running.prompt[:cached], dtype=torch.long, device=device),
+            )
+
+    def _restore_and_step(self, work: Sequence[Work[E]]) -> list[SampledToken | None]:
+        """``_step``, after copying the cached prefixes of rows admitted with one into
+        their slots."""
+        prefixes = self.runner.cache.prefixes
+        for w in work:
+            if w.restore:
+                assert prefixes is not None
+                prefixes.restore(self.runner.cache, w.running.slot, w.restore)
+        return self._step(work)
+
+    def _after_step(self, work: Sequence[Work[E]]) -> None:
+        """Unpins the blocks the step copied; keeps the full blocks of every prompt the step
+        advanced without an error."""
+        prefixes = self.runner.cache.prefixes
+        if prefixes is None:
+            return
+        for w in work:
+            running = w.running
+            if w.restore:
+                prefixes.index.unpin(w.restore)
+                running.restore = ()
+            if w.prefill and w.error is None:
+                prefixes.store(
+                    self.runner.cache,
+                    running.slot,
+                    running.row.request.cache_salt,
+                    running.prompt,
+                    running.cached_blocks,
+                    running.prefilled,
+                )
