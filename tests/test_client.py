@@ -114,6 +114,7 @@ class FakeGenerator(lmserve_pb2_grpc.GeneratorServicer):
             batch_size=4,
             queue_ms=1.5,
             compute_ms=12.25,
+            cached_prompt_tokens=2 if request.cache_salt else 0,
         )
 
     def GenerateStream(self, request, context):
@@ -483,7 +484,19 @@ def test_cli_generate_json(target: str, capsys: pytest.CaptureFixture[str]) -> N
         "queue_ms": 1.5,
         "compute_ms": 12.25,
         "logprobs": [],
+        "cached_prompt_tokens": 0,
     }
+
+
+def test_cli_generate_sends_the_cache_salt_and_shows_the_cached_tokens(
+    target: str, fake: FakeGenerator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["generate", "the quick fox", "--json", "--target", target, "--cache-salt", "t1"]
+    assert main(argv) == 0
+    assert fake.requests[-1].cache_salt == "t1"
+    assert json.loads(capsys.readouterr().out)["cached_prompt_tokens"] == 2
+    assert main(["generate", "the quick fox", "--target", target]) == 0
+    assert fake.requests[-1].cache_salt == ""
 
 
 def test_cli_generate_stream(target: str, capsys: pytest.CaptureFixture[str]) -> None:

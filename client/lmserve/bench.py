@@ -135,6 +135,12 @@ def add_parser(
     )
     work.add_argument("--temperature", metavar="T", type=float, help="sample (default: greedy)")
     work.add_argument(
+        "--cache-salt",
+        metavar="SALT",
+        help="every request's cache_salt (the server shares cached prompt prefixes only "
+        "between requests with the same salt)",
+    )
+    work.add_argument(
         "--stream",
         action="store_true",
         help="use GenerateStream: also time to first token and inter-token latency",
@@ -184,6 +190,7 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         timeout_s=args.timeout,
         stream=args.stream,
         temperature=args.temperature,
+        cache_salt=args.cache_salt,
         seed=args.seed,
         progress=not args.no_progress and sys.stderr.isatty(),
         # The security options of the common parser, when this client has them and they

@@ -43,6 +43,7 @@ class LoadConfig:
     timeout_s: float | None = 60.0
     stream: bool = False
     temperature: float | None = None
+    cache_salt: str | None = None  # every request's (the server's prefix cache groups by it)
     seed: int = 0
     progress: bool = False
     connect_timeout_s: float = 10.0
@@ -98,7 +99,10 @@ class _Runner:
         spec = self.config.workload.spec(index)
         record = RequestRecord(index, due - t0)
         self.max_lag_s = max(self.max_lag_s, time.perf_counter() - due)
-        kwargs: dict[str, Any] = {"temperature": self.config.temperature}
+        kwargs: dict[str, Any] = {
+            "temperature": self.config.temperature,
+            "cache_salt": self.config.cache_salt,
+        }
         kwargs.update(spec.generate_options())
         try:
             if self.config.stream:
@@ -110,6 +114,7 @@ class _Runner:
                 record.batch_size = result.batch_size
                 record.queue_ms = result.queue_ms
                 record.compute_ms = result.compute_ms
+                record.cached_prompt_tokens = result.cached_prompt_tokens
         except LmserveError as err:
             record.error_code, record.error_details = err.code.name, err.details
             if err.code.name == "UNIMPLEMENTED" and self.config.stream:
@@ -147,6 +152,7 @@ class _Runner:
                 record.batch_size = chunk.batch_size
                 record.queue_ms = chunk.queue_ms
                 record.compute_ms = chunk.compute_ms
+                record.cached_prompt_tokens = chunk.cached_prompt_tokens
 
     async def phase(
         self,
@@ -265,6 +271,7 @@ async def run_load(config: LoadConfig) -> RunResult:
         "stream": config.stream,
         "timeout_s": config.timeout_s,
         "seed": config.seed,
+        "cache_salt": config.cache_salt,
         "workload": config.workload.describe(),
         "load_description": config.describe_load(),
         "workload_description": _describe_workload(config.workload.describe()),

@@ -29,6 +29,7 @@ class RequestRecord:
     error_details: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0  # of prompt_tokens, those from the server's prefix cache
     # As the daemon reported them (unary calls only; a stream carries none of these).
     batch_size: int | None = None
     queue_ms: float | None = None
@@ -139,6 +140,8 @@ def build_report(
             "prompt_tokens_per_s": sum(r.prompt_tokens for r in ok) * per_s,
         },
         "generated_tokens": tokens,
+        "prompt_tokens": sum(r.prompt_tokens for r in ok),
+        "cached_prompt_tokens": sum(r.cached_prompt_tokens for r in ok),
         "latency_ms": summarize([r.latency_s for r in ok], 1000.0),
         "ttft_ms": summarize([r.ttft_s for r in ok if r.ttft_s is not None], 1000.0),
         "itl_ms": summarize([gap for r in ok for gap in r.itl_s], 1000.0),
@@ -184,6 +187,13 @@ def format_report(report: dict[str, Any]) -> str:
         f"throughput    {thr['requests_per_s']:.2f} req/s, "
         f"{thr['tokens_per_s']:.1f} generated tokens/s"
     )
+    prompt_tokens = report.get("prompt_tokens", 0)
+    if prompt_tokens:
+        cached = report.get("cached_prompt_tokens", 0)
+        lines.append(
+            f"prompt        {prompt_tokens} tokens, {cached} from the prefix cache "
+            f"({100 * cached / prompt_tokens:.0f}%)"
+        )
     rows = [
         ("latency ms", report["latency_ms"]),
         ("ttft ms", report["ttft_ms"]),

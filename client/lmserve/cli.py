@@ -240,6 +240,12 @@ def _add_generate(subparsers: Subparsers, common: argparse.ArgumentParser) -> No
         type=non_negative_int,
         help="return each token's logprob and its N likeliest alternatives (--json shows them)",
     )
+    sampling.add_argument(
+        "--cache-salt",
+        metavar="SALT",
+        help="share cached prompt prefixes only with requests sending the same SALT "
+        "(one per tenant); --json shows cached_prompt_tokens",
+    )
     _add_structured_arguments(parser)
     output = parser.add_argument_group("output")
     output.add_argument("--stream", action="store_true", help="print the text as it is produced")
@@ -338,6 +344,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         "logit_bias": dict(args.logit_bias),
         "logprobs": args.logprobs,
         "structured_output": _structured_output(args),
+        "cache_salt": args.cache_salt,
     }
     with client_from_args(args) as client:
         if not args.stream:

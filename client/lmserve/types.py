@@ -84,6 +84,9 @@ class GenerateOptions(TypedDict, total=False):
     logit_bias: Mapping[int, float] | None  # token id -> added to its logit, [-100, 100]
     logprobs: int | None  # 0-20: each token's logprob and this many top alternatives
     structured_output: StructuredOutput | None  # JsonSchema, JsonObject, Regex, Choice, Grammar
+    # Cached prompt prefixes are shared only between requests with the same salt ("": one
+    # group of its own); give each tenant its own.
+    cache_salt: str | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +107,8 @@ class GenerationResult:
     (this one included) in one forward pass of the model this request took part in;
     ``queue_ms`` the time from the server accepting it to its first forward pass;
     ``compute_ms`` from there to its result. ``logprobs`` has one entry per token when the
-    request asked for them.
+    request asked for them. ``cached_prompt_tokens``: of ``prompt_tokens``, those the
+    server's prefix cache held (their keys and values were not computed again).
     """
 
     text: str
@@ -116,6 +120,7 @@ class GenerationResult:
     queue_ms: float
     compute_ms: float
     logprobs: tuple[TokenLogprob, ...] = ()
+    cached_prompt_tokens: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (lists for ids, the finish reason as its string)."""
@@ -128,8 +133,8 @@ class StreamChunk:
     logprobs when asked for).
 
     ``finish_reason`` is None on every chunk but the last, which also says how the request
-    was served (``prompt_tokens`` ... ``compute_ms``, as in ``GenerationResult``; 0 on the
-    other chunks).
+    was served (``prompt_tokens`` ... ``cached_prompt_tokens``, as in ``GenerationResult``;
+    0 on the other chunks).
     """
 
     text: str
@@ -141,6 +146,7 @@ class StreamChunk:
     batch_size: int = 0
     queue_ms: float = 0.0
     compute_ms: float = 0.0
+    cached_prompt_tokens: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (lists for ids, the finish reason as its string or None)."""
@@ -208,6 +214,7 @@ def build_request(prompt: Prompt, **options: Any) -> lmserve_pb2.GenerateRequest
         "presence_penalty",
         "frequency_penalty",
         "logprobs",
+        "cache_salt",
     ):
         if options.get(name) is not None:
             setattr(request, name, options[name])
@@ -233,6 +240,7 @@ def result_from_proto(msg: lmserve_pb2.GenerateResponse) -> GenerationResult:
         queue_ms=msg.queue_ms,
         compute_ms=msg.compute_ms,
         logprobs=_logprobs_from_proto(msg.logprobs),
+        cached_prompt_tokens=msg.cached_prompt_tokens,
     )
 
 
@@ -250,6 +258,7 @@ def chunk_from_proto(msg: lmserve_pb2.GenerateStreamResponse) -> StreamChunk:
         batch_size=msg.batch_size,
         queue_ms=msg.queue_ms,
         compute_ms=msg.compute_ms,
+        cached_prompt_tokens=msg.cached_prompt_tokens,
     )
 
 

@@ -34,7 +34,7 @@ from lmserve_server.network import is_loopback
 from lmserve_server.scheduling.base import Scheduler
 from lmserve_server.scheduling.continuous import ContinuousScheduler
 from lmserve_server.scheduling.static import StaticScheduler
-from lmserve_server.scheduling.steps import StepSettings, capacity
+from lmserve_server.scheduling.steps import StepSettings, capacity, prefix_capacity
 from lmserve_server.security import TokenAuthInterceptor, server_credentials
 from lmserve_server.service import SERVICE_NAME, GeneratorService
 
@@ -89,6 +89,8 @@ class Daemon:
                 max_step_tokens=config.max_step_tokens,
                 kv_cache_tokens=config.kv_cache_tokens,
                 kv_cache_memory=config.kv_cache_memory,
+                prefix_cache=config.prefix_cache,
+                prefix_cache_tokens=config.prefix_cache_tokens,
                 step_graphs=step_graphs,
                 on_step=self._record_step,
                 warm_up=config.warm_up,
@@ -97,17 +99,21 @@ class Daemon:
         else:
             steps = None
             if config.static_engine == "steps" or (config.static_engine == "auto" and cuda):
+                slot_tokens = capacity(
+                    engine, config.max_batch_size, config.kv_cache_tokens, config.kv_cache_memory
+                )
                 steps = StepSettings(
                     rows=config.max_batch_size,
-                    slot_tokens=capacity(
-                        engine,
-                        config.max_batch_size,
-                        config.kv_cache_tokens,
-                        config.kv_cache_memory,
-                    ),
+                    slot_tokens=slot_tokens,
                     max_step_tokens=max(config.max_step_tokens, config.max_batch_size + 1),
                     step_graphs=step_graphs,
                     warm_up=config.warm_up,
+                    prefix_cache_tokens=prefix_capacity(
+                        config.prefix_cache,
+                        config.prefix_cache_tokens,
+                        config.max_batch_size,
+                        slot_tokens,
+                    ),
                 )
             self.scheduler = StaticScheduler(
                 engine,
@@ -128,6 +134,7 @@ class Daemon:
         self.metrics = Metrics(
             queue_depth=lambda: self.scheduler.queue_depth,
             kv_cache_usage=lambda: self.scheduler.kv_slot_occupancy,
+            prefix_cache=lambda: self.scheduler.prefix_cache_stats,
         )
         self.metrics.set_model(engine.name, engine.device, engine.dtype)
         # Structured output's compiles, on threads of their own (grammar/compiler.py).

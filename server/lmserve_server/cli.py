@@ -177,6 +177,24 @@ def _serve_parser(sub: Any) -> None:
     )
     _add(
         p,
+        "--prefix-cache",
+        _bool,
+        True,
+        "continuous scheduler (and static with --static-engine steps): keep the keys and "
+        "values of prompts' full 32-token blocks, and start a request that begins the same way "
+        "(with the same cache_salt) after its longest cached prefix; false: compute every "
+        "prompt whole",
+    )
+    _add(
+        p,
+        "--prefix-cache-tokens",
+        int,
+        0,
+        "the prefix cache's size in tokens, allocated at start beside the KV cache (the least "
+        "recently used blocks make room); 0 = a quarter of the KV cache's tokens",
+    )
+    _add(
+        p,
         "--group-similar",
         _bool,
         True,
@@ -331,6 +349,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         kv_cache_tokens=args.kv_cache_tokens,
         kv_cache_memory=args.kv_cache_memory,
         cuda_graphs=args.cuda_graphs,
+        prefix_cache=args.prefix_cache,
+        prefix_cache_tokens=args.prefix_cache_tokens,
         scheduler=args.scheduler,
         static_engine=args.static_engine,
         group_similar=args.group_similar,

@@ -44,6 +44,9 @@ class ServerConfig:
     kv_cache_tokens: int = 0  # continuous: KV cache size in tokens; 0 = every row a full context
     kv_cache_memory: float = 0.5  # continuous on CUDA, with kv_cache_tokens 0: share of free memory
     cuda_graphs: bool = True  # continuous on CUDA: decode steps replayed as CUDA graphs
+    # continuous (and static steps): keep prompt prefixes' keys and values for later requests
+    prefix_cache: bool = True
+    prefix_cache_tokens: int = 0  # the prefix cache's size; 0 = a quarter of the KV cache's
     max_message_bytes: int = 4 * 1024 * 1024  # gRPC's receive limit for one request
     drain_timeout_s: float = 30.0
     reflection: bool = True
@@ -74,6 +77,7 @@ class ServerConfig:
             or self.max_step_tokens > self.max_batch_size,
             "kv_cache_tokens": self.kv_cache_tokens >= 0,
             "kv_cache_memory": 0.0 < self.kv_cache_memory <= 1.0,
+            "prefix_cache_tokens": self.prefix_cache_tokens >= 0,
             "scheduler": self.scheduler in ("static", "continuous"),
             "static_engine": self.static_engine in ("auto", "generate", "steps"),
             "max_message_bytes": self.max_message_bytes >= 1024,

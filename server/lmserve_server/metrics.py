@@ -5,8 +5,8 @@
 request interceptor, which sees every outcome including refusals), per served request
 (``observe_served``: queue time and prompt tokens, unary and streamed alike) and per
 streamed token (``observe_stream_token``: time to the first token, then between tokens),
-the last two from the servicer. The queue depth is
-sampled when Prometheus scrapes, through a callback. Several daemons in one process (as in
+the last two from the servicer. The queue depth and the prefix cache's counters are
+sampled when Prometheus scrapes, through callbacks. Several daemons in one process (as in
 the tests) each have their own registry, so their series never clash.
 """
 
@@ -19,7 +19,11 @@ from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import start_http_server
+from prometheus_client.registry import Collector
+
+from lmserve_server.engine.types import PrefixCacheStats
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +40,14 @@ class Metrics:
     """The daemon's series; ``serve(host, port)`` exposes them at ``/metrics``."""
 
     def __init__(
-        self, queue_depth: Callable[[], float], kv_cache_usage: Callable[[], float] | None = None
+        self,
+        queue_depth: Callable[[], float],
+        kv_cache_usage: Callable[[], float] | None = None,
+        prefix_cache: Callable[[], PrefixCacheStats] | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        r.register(_PrefixCacheCollector(prefix_cache or PrefixCacheStats))
         self.queue_depth = Gauge(
             "lmserve_queue_depth", "Requests waiting for a batch (sampled at scrape)", registry=r
         )
@@ -187,3 +195,50 @@ class Metrics:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+
+
+class _PrefixCacheCollector(Collector):
+    """The prefix cache's series, read from the scheduler when Prometheus scrapes (the
+    engine thread keeps the counts; nothing is pushed from it)."""
+
+    def __init__(self, read: Callable[[], PrefixCacheStats]) -> None:
+        self._read = read
+
+    def describe(self) -> list[Metric]:
+        return self._families(None)
+
+    def collect(self) -> list[Metric]:
+        return self._families(self._read())
+
+    @staticmethod
+    def _families(stats: PrefixCacheStats | None) -> list[Metric]:
+        def value(field: str) -> float | None:
+            return None if stats is None else float(getattr(stats, field))
+
+        return [
+            CounterMetricFamily(
+                "lmserve_prefix_cache_queries",
+                "Prompt tokens of the requests admitted with the prefix cache on, looked up in it",
+                value=value("queries"),
+            ),
+            CounterMetricFamily(
+                "lmserve_prefix_cache_hits",
+                "Of those prompt tokens, the ones taken from the prefix cache (not computed)",
+                value=value("hits"),
+            ),
+            GaugeMetricFamily(
+                "lmserve_prefix_cache_tokens",
+                "Prompt tokens whose keys and values the prefix cache holds now",
+                value=value("tokens"),
+            ),
+            GaugeMetricFamily(
+                "lmserve_prefix_cache_capacity_tokens",
+                "The prefix cache's size in tokens (--prefix-cache-tokens; 0: no cache)",
+                value=value("capacity_tokens"),
+            ),
+            CounterMetricFamily(
+                "lmserve_prefix_cache_evicted_tokens",
+                "Tokens evicted from the prefix cache to make room (least recently used first)",
+                value=value("evicted_tokens"),
+            ),
+        ]

@@ -233,6 +233,7 @@ def _usage(request: GenerationRequest, served: Served[GenerationOutput]) -> dict
         "batch_size": served.batch_size,
         "queue_ms": served.queue_s * 1000.0,
         "compute_ms": served.compute_s * 1000.0,
+        "cached_prompt_tokens": served.value.cached_prompt_tokens,
     }
 
 

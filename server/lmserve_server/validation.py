@@ -38,6 +38,7 @@ class RequestLimits:
     max_logit_bias: int = 300  # entries, as OpenAI allows
     max_logprobs: int = 20
     max_grammar_chars: int = 100_000  # a schema, regex, grammar or choice's options
+    max_cache_salt_chars: int = 256
 
 
 def build_generation_request(
@@ -98,6 +99,11 @@ def build_generation_request(
     logprobs = msg.logprobs if msg.HasField("logprobs") else None
     if logprobs is not None and logprobs > limits.max_logprobs:
         raise InvalidArgumentError(f"logprobs: {logprobs} must be in [0, {limits.max_logprobs}]")
+    if len(msg.cache_salt) > limits.max_cache_salt_chars:
+        raise InvalidArgumentError(
+            f"cache_salt: {len(msg.cache_salt)} characters, at most "
+            f"{limits.max_cache_salt_chars} allowed"
+        )
     _messages(msg, limits)
     if msg.messages:
         if render_chat is None:
@@ -134,6 +140,7 @@ def build_generation_request(
         stop_token_ids=tuple(msg.stop_token_ids),
         min_new_tokens=min_new_tokens,
         logprobs=logprobs,
+        cache_salt=msg.cache_salt,
     )
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18lmserve/v1/lmserve.proto\x12\nlmserve.v1\"\xe5\x05\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\x04\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x04H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x18\n\x10prompt_token_ids\x18\x08 \x03(\x04\x12\x16\n\x0estop_token_ids\x18\t \x03(\x04\x12\x1b\n\x0emin_new_tokens\x18\n \x01(\x04H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0c \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\r \x01(\x02H\x07\x88\x01\x01\x12>\n\nlogit_bias\x18\x0e \x03(\x0b\x32*.lmserve.v1.GenerateRequest.LogitBiasEntry\x12\x15\n\x08logprobs\x18\x0f \x01(\x04H\x08\x88\x01\x01\x12\x12\n\x05min_p\x18\x10 \x01(\x02H\t\x88\x01\x01\x12\x37\n\x11structured_output\x18\x11 \x01(\x0b\x32\x1c.lmserve.v1.StructuredOutput\x12)\n\x08messages\x18\x12 \x03(\x0b\x32\x17.lmserve.v1.ChatMessage\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x04\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x11\n\x0f_min_new_tokensB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x0b\n\t_logprobsB\x08\n\x06_min_p\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x19\n\x06\x43hoice\x12\x0f\n\x07options\x18\x01 \x03(\t\"\x94\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12$\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x12.lmserve.v1.ChoiceH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x08\n\x06\x66ormat\"V\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.lmserve.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\xfc\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.lmserve.v1.FinishReason\x12\x12\n\nbatch_size\x18\x06 \x01(\r\x12\x10\n\x08queue_ms\x18\x07 \x01(\x02\x12\x12\n\ncompute_ms\x18\x08 \x01(\x02\x12*\n\x08logprobs\x18\t \x03(\x0b\x32\x18.lmserve.v1.TokenLogprob\"\x82\x02\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.lmserve.v1.FinishReason\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.lmserve.v1.TokenLogprob\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\x12\x12\n\nbatch_size\x18\x07 \x01(\r\x12\x10\n\x08queue_ms\x18\x08 \x01(\x02\x12\x12\n\ncompute_ms\x18\t \x01(\x02\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x15\n\x13GetModelInfoRequest\"\xdd\x02\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x13\n\x0bmax_context\x18\x04 \x01(\r\x12\x14\n\x0c\x65os_token_id\x18\x05 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\r\x12\x18\n\x0bmax_wait_ms\x18\x07 \x01(\x02H\x00\x88\x01\x01\x12\x1a\n\x12max_new_tokens_cap\x18\x08 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_max_new_tokens\x18\t \x01(\r\x12\x11\n\tscheduler\x18\n \x01(\t\x12\x1a\n\x12max_request_tokens\x18\x0b \x01(\r\x12\x17\n\x0fkv_cache_tokens\x18\x0c \x01(\r\x12\x17\n\x0fmax_step_tokens\x18\r \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x0e \x01(\rB\x0e\n\x0c_max_wait_ms*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x32\xb6\x02\n\tGenerator\x12\x45\n\x08Generate\x12\x1b.lmserve.v1.GenerateRequest\x1a\x1c.lmserve.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.lmserve.v1.GenerateRequest\x1a\".lmserve.v1.GenerateStreamResponse0\x01\x12\x45\n\x08Tokenize\x12\x1b.lmserve.v1.TokenizeRequest\x1a\x1c.lmserve.v1.TokenizeResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.lmserve.v1.GetModelInfoRequest\x1a\x15.lmserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18lmserve/v1/lmserve.proto\x12\nlmserve.v1\"\xf9\x05\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\x04\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x04H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x18\n\x10prompt_token_ids\x18\x08 \x03(\x04\x12\x16\n\x0estop_token_ids\x18\t \x03(\x04\x12\x1b\n\x0emin_new_tokens\x18\n \x01(\x04H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0c \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\r \x01(\x02H\x07\x88\x01\x01\x12>\n\nlogit_bias\x18\x0e \x03(\x0b\x32*.lmserve.v1.GenerateRequest.LogitBiasEntry\x12\x15\n\x08logprobs\x18\x0f \x01(\x04H\x08\x88\x01\x01\x12\x12\n\x05min_p\x18\x10 \x01(\x02H\t\x88\x01\x01\x12\x37\n\x11structured_output\x18\x11 \x01(\x0b\x32\x1c.lmserve.v1.StructuredOutput\x12)\n\x08messages\x18\x12 \x03(\x0b\x32\x17.lmserve.v1.ChatMessage\x12\x12\n\ncache_salt\x18\x13 \x01(\t\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x04\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x11\n\x0f_min_new_tokensB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x0b\n\t_logprobsB\x08\n\x06_min_p\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x19\n\x06\x43hoice\x12\x0f\n\x07options\x18\x01 \x03(\t\"\x94\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12$\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x12.lmserve.v1.ChoiceH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x08\n\x06\x66ormat\"V\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.lmserve.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\x9a\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.lmserve.v1.FinishReason\x12\x12\n\nbatch_size\x18\x06 \x01(\r\x12\x10\n\x08queue_ms\x18\x07 \x01(\x02\x12\x12\n\ncompute_ms\x18\x08 \x01(\x02\x12*\n\x08logprobs\x18\t \x03(\x0b\x32\x18.lmserve.v1.TokenLogprob\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\n \x01(\r\"\xa0\x02\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.lmserve.v1.FinishReason\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.lmserve.v1.TokenLogprob\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\x12\x12\n\nbatch_size\x18\x07 \x01(\r\x12\x10\n\x08queue_ms\x18\x08 \x01(\x02\x12\x12\n\ncompute_ms\x18\t \x01(\x02\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\n \x01(\r\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x15\n\x13GetModelInfoRequest\"\xdd\x02\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x13\n\x0bmax_context\x18\x04 \x01(\r\x12\x14\n\x0c\x65os_token_id\x18\x05 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\r\x12\x18\n\x0bmax_wait_ms\x18\x07 \x01(\x02H\x00\x88\x01\x01\x12\x1a\n\x12max_new_tokens_cap\x18\x08 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_max_new_tokens\x18\t \x01(\r\x12\x11\n\tscheduler\x18\n \x01(\t\x12\x1a\n\x12max_request_tokens\x18\x0b \x01(\r\x12\x17\n\x0fkv_cache_tokens\x18\x0c \x01(\r\x12\x17\n\x0fmax_step_tokens\x18\r \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x0e \x01(\rB\x0e\n\x0c_max_wait_ms*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x32\xb6\x02\n\tGenerator\x12\x45\n\x08Generate\x12\x1b.lmserve.v1.GenerateRequest\x1a\x1c.lmserve.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.lmserve.v1.GenerateRequest\x1a\".lmserve.v1.GenerateStreamResponse0\x01\x12\x45\n\x08Tokenize\x12\x1b.lmserve.v1.TokenizeRequest\x1a\x1c.lmserve.v1.TokenizeResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.lmserve.v1.GetModelInfoRequest\x1a\x15.lmserve.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,34 +33,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._loaded_options = None
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2108
-  _globals['_FINISHREASON']._serialized_end=2226
+  _globals['_FINISHREASON']._serialized_start=2188
+  _globals['_FINISHREASON']._serialized_end=2306
   _globals['_GENERATEREQUEST']._serialized_start=41
-  _globals['_GENERATEREQUEST']._serialized_end=782
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=581
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=629
-  _globals['_CHATMESSAGE']._serialized_start=784
-  _globals['_CHATMESSAGE']._serialized_end=828
-  _globals['_CHOICE']._serialized_start=830
-  _globals['_CHOICE']._serialized_end=855
-  _globals['_STRUCTUREDOUTPUT']._serialized_start=858
-  _globals['_STRUCTUREDOUTPUT']._serialized_end=1006
-  _globals['_TOKENLOGPROB']._serialized_start=1008
-  _globals['_TOKENLOGPROB']._serialized_end=1094
-  _globals['_TOPLOGPROB']._serialized_start=1096
-  _globals['_TOPLOGPROB']._serialized_end=1143
-  _globals['_GENERATERESPONSE']._serialized_start=1146
-  _globals['_GENERATERESPONSE']._serialized_end=1398
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1401
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1659
-  _globals['_TOKENIZEREQUEST']._serialized_start=1661
-  _globals['_TOKENIZEREQUEST']._serialized_end=1692
-  _globals['_TOKENIZERESPONSE']._serialized_start=1694
-  _globals['_TOKENIZERESPONSE']._serialized_end=1731
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1733
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1754
-  _globals['_MODELINFO']._serialized_start=1757
-  _globals['_MODELINFO']._serialized_end=2106
-  _globals['_GENERATOR']._serialized_start=2229
-  _globals['_GENERATOR']._serialized_end=2539
+  _globals['_GENERATEREQUEST']._serialized_end=802
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=601
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=649
+  _globals['_CHATMESSAGE']._serialized_start=804
+  _globals['_CHATMESSAGE']._serialized_end=848
+  _globals['_CHOICE']._serialized_start=850
+  _globals['_CHOICE']._serialized_end=875
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=878
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=1026
+  _globals['_TOKENLOGPROB']._serialized_start=1028
+  _globals['_TOKENLOGPROB']._serialized_end=1114
+  _globals['_TOPLOGPROB']._serialized_start=1116
+  _globals['_TOPLOGPROB']._serialized_end=1163
+  _globals['_GENERATERESPONSE']._serialized_start=1166
+  _globals['_GENERATERESPONSE']._serialized_end=1448
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1451
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1739
+  _globals['_TOKENIZEREQUEST']._serialized_start=1741
+  _globals['_TOKENIZEREQUEST']._serialized_end=1772
+  _globals['_TOKENIZERESPONSE']._serialized_start=1774
+  _globals['_TOKENIZERESPONSE']._serialized_end=1811
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1813
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1834
+  _globals['_MODELINFO']._serialized_start=1837
+  _globals['_MODELINFO']._serialized_end=2186
+  _globals['_GENERATOR']._serialized_start=2309
+  _globals['_GENERATOR']._serialized_end=2619
 # @@protoc_insertion_point(module_scope)

@@ -190,6 +190,9 @@ class PrefixCache:
         chain = self.index.match(salt, prompt, len(prompt) // BLOCK)
         return chain, min(len(chain) * BLOCK, max(len(prompt) - 2, 0))
 
+    def reset_counts(self) -> None:
+        self.queries = self.hits = 0
+
     def count(self, prompt_tokens: int, cached: int) -> None:
         """A request was admitted with ``cached`` of its ``prompt_tokens`` from the cache."""
         self.queries += prompt_tokens

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from lmserve_server.engine.rows import DeltaSink
-from lmserve_server.engine.types import GenerationOutput, GenerationRequest
+from lmserve_server.engine.types import GenerationOutput, GenerationRequest, PrefixCacheStats
 from lmserve_server.errors import queue_full
 from lmserve_server.scheduling.batcher import Served
 
@@ -41,6 +41,10 @@ class Scheduler(Protocol):
     def kv_slot_occupancy(self) -> float:
         """The share of a preallocated KV cache's slots that running requests hold (0 if
         none)."""
+
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        """The prefix cache's counters (all 0 without one); read from any thread."""
 
     def prepare(self) -> None:
         """Allocates what the scheduler needs ahead (on the engine thread, before start)."""

@@ -23,12 +23,18 @@ from dataclasses import dataclass
 from lmserve_server.engine.model import Engine
 from lmserve_server.engine.rows import DeltaSink, Row
 from lmserve_server.engine.runner import Capture
-from lmserve_server.engine.types import GenerationOutput, GenerationRequest
+from lmserve_server.engine.types import GenerationOutput, GenerationRequest, PrefixCacheStats
 from lmserve_server.errors import InvalidArgumentError, ShuttingDownError
 from lmserve_server.scheduling.base import STOPPED, Capacity, check_room
 from lmserve_server.scheduling.batcher import Served
 from lmserve_server.scheduling.continuous_batch import ContinuousBatch, Running, StepObserver
-from lmserve_server.scheduling.steps import StepSettings, capacity, planner, prepare_runner
+from lmserve_server.scheduling.steps import (
+    StepSettings,
+    capacity,
+    planner,
+    prefix_capacity,
+    prepare_runner,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +56,8 @@ class ContinuousScheduler:
         max_step_tokens: int,
         kv_cache_tokens: int = 0,
         kv_cache_memory: float = 0.0,
+        prefix_cache: bool = True,
+        prefix_cache_tokens: int = 0,
         step_graphs: Capture | None = None,
         on_step: StepObserver | None = None,
         warm_up: bool = False,
@@ -66,6 +74,9 @@ class ContinuousScheduler:
             max_step_tokens=max_step_tokens,
             step_graphs=step_graphs,
             warm_up=warm_up,
+            prefix_cache_tokens=prefix_capacity(
+                prefix_cache, prefix_cache_tokens, max_batch_size, self._slot_tokens
+            ),
         )
         self._planner = planner(self._settings)  # checks the budget against the rows now
         self._max_step_tokens = max_step_tokens
@@ -104,6 +115,11 @@ class ContinuousScheduler:
     def kv_slot_occupancy(self) -> float:
         """The share of the KV cache's slots that running rows hold now."""
         return len(self._batch.running) / self._slots if self._batch else 0.0
+
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        prefixes = self._batch.runner.cache.prefixes if self._batch else None
+        return prefixes.stats() if prefixes is not None else PrefixCacheStats()
 
     def start(self) -> None:
         if self._loop_done is None:

@@ -31,7 +31,7 @@ from concurrent.futures import Executor
 from lmserve_server.engine.model import Engine
 from lmserve_server.engine.rows import DeltaSink, Row
 from lmserve_server.engine.runner import ModelRunner
-from lmserve_server.engine.types import GenerationOutput, GenerationRequest
+from lmserve_server.engine.types import GenerationOutput, GenerationRequest, PrefixCacheStats
 from lmserve_server.errors import ShuttingDownError
 from lmserve_server.scheduling.base import STOPPED, Capacity, check_room
 from lmserve_server.scheduling.batcher import MicroBatcher, Served
@@ -115,6 +115,13 @@ class StaticScheduler:
             return 0.0  # generate() makes a cache per batch
         cache = self._runner.cache
         return 1.0 - cache.free_slots / cache.slots
+
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        """The steps engine's prefix cache (``generate`` keeps none: each batch computes its
+        prompts whole)."""
+        prefixes = self._runner.cache.prefixes if self._runner is not None else None
+        return prefixes.stats() if prefixes is not None else PrefixCacheStats()
 
     def prepare(self) -> None:
         """With ``steps``: the runner (``steps.py``: its KV cache, graphs and warm-up).

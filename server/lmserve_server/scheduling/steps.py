@@ -5,7 +5,9 @@ warm-up through its steps), and a batch of rows run through its steps to the end
 The continuous scheduler admits requests between any two steps; the static scheduler, when
 its engine is ``steps`` (a GPU's default), runs each batch the micro-batcher forms to the end
 (``run_to_end``): one call per batch, as with ``generate``, but packed instead of padded and
-over the same captured decode steps, so the GPU's fast path serves both modes.
+over the same captured decode steps, so the GPU's fast path serves both modes. The prefix
+cache belongs to the runner's KV cache, so it serves both too: a static batch's rows find
+the prefixes of earlier batches and of the rows admitted before them in the same batch.
 """
 
 from __future__ import annotations
@@ -33,13 +35,15 @@ log = logging.getLogger(__name__)
 class StepSettings:
     """How the runner is built: ``rows`` slots of ``slot_tokens`` (``capacity``), steps of
     at most ``max_step_tokens``, decode steps captured with ``step_graphs`` (None: eager),
-    and two short requests run through it first when ``warm_up``."""
+    two short requests run through it first when ``warm_up``, a prefix cache of
+    ``prefix_cache_tokens`` (0: none; ``prefix_capacity``)."""
 
     rows: int
     slot_tokens: int
     max_step_tokens: int
     step_graphs: Capture | None = None
     warm_up: bool = False
+    prefix_cache_tokens: int = 0
 
 
 def capacity(engine: Engine, rows: int, kv_cache_tokens: int, kv_cache_memory: float) -> int:
@@ -58,6 +62,16 @@ def capacity(engine: Engine, rows: int, kv_cache_tokens: int, kv_cache_memory: f
     return slot_tokens
 
 
+def prefix_capacity(enabled: bool, tokens: int, rows: int, slot_tokens: int) -> int:
+    """The prefix cache's size in tokens (``--prefix-cache``, ``--prefix-cache-tokens``):
+    0 when it is off, else ``tokens`` or by default a quarter of the KV cache's (its memory
+    a quarter of the slots': enough for a few long system prompts and the recent prompts
+    of a busy server, without taking from the rows)."""
+    if not enabled:
+        return 0
+    return tokens or rows * slot_tokens // 4
+
+
 @dataclass(eq=False)
 class _Entry:
     row: Row
@@ -72,6 +86,7 @@ def prepare_runner(engine: Engine, settings: StepSettings) -> ModelRunner:
         slot_tokens=settings.slot_tokens,
         max_step_tokens=settings.max_step_tokens,
         fixed_shapes=settings.step_graphs is not None,
+        prefix_cache_tokens=settings.prefix_cache_tokens,
     )
     if settings.step_graphs is not None:
         started = time.perf_counter()
@@ -90,6 +105,8 @@ def prepare_runner(engine: Engine, settings: StepSettings) -> ModelRunner:
             )
     if settings.warm_up:
         run_to_end(runner, planner(settings), engine.warm_up_rows())
+        if runner.cache.prefixes is not None:
+            runner.cache.prefixes.reset_counts()  # the warm-up is not traffic
     return runner
 
 
