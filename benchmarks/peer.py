@@ -6,14 +6,18 @@ The workload of the engine-performance issue: 48 requests with 3-150-word prompt
 new tokens (seeded, the same for every server), 16 clients in a closed loop; the same
 requests sampled (temperature 0.8, top-p 0.95, a seed each: what most traffic sends); a
 uniform one:
-16 equal requests, 16 clients; and a single client sending 6 requests one after another
-(what a quiet server gives one caller). The servers, each started, measured and stopped in
+16 equal requests, 16 clients; a single client sending 6 requests one after another
+(what a quiet server gives one caller); and the shared-prompt load of the prefix-cache
+issue: 48 requests, each the same 510-token system prompt and a short question of its own,
+16 new tokens, 16 clients (``shared``: 511 tokens in common; ``shared-aligned``: 512, two
+full pages of the peer's cache, the most it can share). The servers, each started, measured and stopped in
 turn (rounds alternate their order, so a slow spell of a shared machine hits all alike):
 
 - lmserve, ``--scheduler static`` (the design's default: one generate per batch),
 - lmserve, ``--scheduler static --pack-weights false`` (the same, weights as transformers
   loads them: what packing buys),
-- lmserve, ``--scheduler continuous`` (iteration-level batching),
+- lmserve, ``--scheduler continuous`` (iteration-level batching; its prefix cache on),
+- lmserve, ``--scheduler continuous --prefix-cache false`` (what the prefix cache buys),
 - a plain static batcher (``static_server.py``: every row runs to its batch's largest
   max_new_tokens),
 - the peer: ``transformers serve --continuous-batching`` (OpenAI completions over HTTP,
@@ -46,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Setup, daemon, headline, load, say, stop_process, wait_for_quiet
 
 from lmserve.bench_stats import percentile
-from lmserve.bench_workload import RequestSpec
+from lmserve.bench_workload import RequestSpec, prompt_of_length
 
 # Plain English words: prompts that tokenize like text (about 1.3 tokens a word).
 _TEXT = (
@@ -84,6 +88,30 @@ def sampled_specs(count: int = 48, seed: int = 0) -> list[RequestSpec]:
 def uniform_specs(count: int = 16, words: int = 48, new_tokens: int = 64) -> list[RequestSpec]:
     rng = random.Random(1)
     return [RequestSpec(" ".join(rng.choices(WORDS, k=words)), new_tokens) for _ in range(count)]
+
+
+def shared_specs(
+    count: int = 48,
+    system_tokens: int = 510,
+    new_tokens: int = 16,
+    seed: int = 0,
+    aligned: bool = False,
+) -> list[RequestSpec]:
+    """The same ``system_tokens``-token system prompt and a newline, then a question of its
+    own: its number and 5-12 words (about 525 GPT-2 tokens in all), ``new_tokens`` each,
+    greedy. The requests share their first 511 tokens; ``aligned``: the question starts
+    with "Question", so they share 512, exactly two of the peer's 256-token cache pages
+    (its best case: it shares full pages only)."""
+    system = prompt_of_length(system_tokens, seed=1000 + seed)
+    rng = random.Random(seed)
+    lead = "Question " if aligned else ""
+    return [
+        RequestSpec(
+            f"{system}\n{lead}{i}. {' '.join(rng.choices(WORDS, k=rng.randint(5, 12)))}?",
+            new_tokens,
+        )
+        for i in range(count)
+    ]
 
 
 def _summary(latencies: list[float], tokens: int, seconds: float) -> dict[str, float]:
@@ -203,6 +231,8 @@ def compare(
         "sampled": (sampled_specs(), 16),
         "uniform": (uniform_specs(), 16),
         "single": (uniform_specs(6, new_tokens=32), 1),
+        "shared": (shared_specs(), 16),
+        "shared-aligned": (shared_specs(aligned=True), 16),
     }
     if only_workloads:
         workloads = {k: v for k, v in workloads.items() if k in only_workloads}
@@ -211,6 +241,10 @@ def compare(
         ("lmserve static", lambda: daemon(setup)),
         ("lmserve static plain", lambda: daemon(setup, "--pack-weights", "false")),
         ("lmserve continuous", lambda: daemon(setup, "--scheduler", "continuous")),
+        (
+            "lmserve continuous no-cache",
+            lambda: daemon(setup, "--scheduler", "continuous", "--prefix-cache", "false"),
+        ),
         ("static batcher", lambda: daemon(setup, static=True)),
         (PEER, lambda: peer_server(setup)),
     ]
@@ -280,13 +314,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--servers",
         default="",
-        help="a comma-separated subset of: lmserve static, lmserve continuous, static batcher "
-        "(the peer always runs: every ratio is to it)",
+        help="a comma-separated subset of: lmserve static, lmserve static plain, lmserve "
+        "continuous, lmserve continuous no-cache, static batcher (the peer always runs: every "
+        "ratio is to it)",
     )
     parser.add_argument(
         "--workloads",
         default="",
-        help="a comma-separated subset of: mixed, sampled, uniform, single (default: all)",
+        help="a comma-separated subset of: mixed, sampled, uniform, single, shared, "
+        "shared-aligned (default: all)",
     )
     parser.add_argument(
         "--skip-extras",
