@@ -6,6 +6,9 @@ row uses), so that a feature no row uses costs nothing and nothing waits for the
 order:
 
 1. logit bias and suppressed tokens (end tokens under ``min_new_tokens``): scatter-adds;
+   and for the rows under a grammar (structured output), -inf on every token their mask
+   leaves out (``grammar/bitmask.py``: the masks filled on the host, unpacked with tensor
+   ops; rows without one are not touched);
 2. penalties from each slot's token history: repetition (transformers') over every token the
    row has seen, presence and frequency (OpenAI's) over its generated tokens' counts;
 3. greedy rows take the argmax of that;
@@ -39,10 +42,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from lmserve_server.engine.types import TokenLogprob
+
+if TYPE_CHECKING:
+    from lmserve_server.grammar.bitmask import BitmaskApplier
 
 # How many of a row's most likely tokens the filters look at before the whole vocabulary:
 # a real model's nucleus at top_p 0.9-0.95 mostly fits, and a top-k of up to this many
@@ -125,6 +132,11 @@ class StepRows:
     any_repetition: bool = False
     any_generated_penalty: bool = False
     max_logprobs: int | None = None  # None: no row asks
+    # Rows under a grammar (set by the caller for the step): their indices (M,), their
+    # masks (M, words) int32 on the device, and what unpacks them.
+    grammar_rows: torch.Tensor | None = None
+    grammar_masks: torch.Tensor | None = None
+    grammar_applier: BitmaskApplier | None = None
 
     @property
     def edits_scores(self) -> bool:
@@ -133,6 +145,7 @@ class StepRows:
             or self.any_suppression
             or self.any_repetition
             or self.any_generated_penalty
+            or self.grammar_rows is not None
         )
 
 
@@ -204,7 +217,11 @@ def sample(logits: torch.Tensor, rows: StepRows, *, full_sort: bool = False) -> 
 
 
 def _edit(scores: torch.Tensor, rows: StepRows) -> None:
-    """Each row's logit bias, and -inf on its end tokens while it suppresses them; in place."""
+    """Each row's logit bias, -inf on its end tokens while it suppresses them, and on the
+    tokens its grammar does not allow; in place."""
+    if rows.grammar_rows is not None:
+        assert rows.grammar_masks is not None and rows.grammar_applier is not None
+        rows.grammar_applier.apply(scores, rows.grammar_rows, rows.grammar_masks)
     if rows.any_bias:
         assert rows.bias_tokens is not None and rows.bias_values is not None
         values = rows.bias_values.index_select(0, rows.slots) * rows.biased[:, None]
