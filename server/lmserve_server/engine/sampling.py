@@ -391,8 +391,9 @@ def _choose_by_candidates(probs: torch.Tensor, rows: StepRows) -> _Chosen:
     settled = (threshold > top.values[:, -1]) & (rows.top_k < count)
     exact = (~settled & ~rows.greedy).nonzero()[:, 0]  # CPU: the host reads it at no cost
     if exact.numel():
-        subset = _select(rows, exact)
-        p = probs.index_select(0, exact)
+        every = exact.numel() == probs.shape[0]  # a flat model's nucleus load: all of them
+        subset = rows if every else _select(rows, exact)
+        p = probs if every else probs.index_select(0, exact)
         threshold_exact = _exact_thresholds(p, top.values.index_select(0, exact), subset)
         drawn_exact, mass_exact = _draw_from_vocabulary(p, threshold_exact, subset.uniform)
         drawn = drawn.index_copy(0, exact, drawn_exact)
@@ -416,9 +417,11 @@ def _exact_thresholds(probs: torch.Tensor, top: torch.Tensor, rows: StepRows) ->
     nucleus = (rows.top_p < 1.0).nonzero()[:, 0]
     if nucleus.numel():
         kept = probs.index_select(0, nucleus)
-        kept = kept * (kept >= threshold.index_select(0, nucleus)[:, None])
-        has_k = k.index_select(0, nucleus) > 0
-        mass = torch.where(has_k, _row_sums(kept), 1.0) * rows.top_p.index_select(0, nucleus)
+        mass = rows.top_p.index_select(0, nucleus)
+        if largest_k:  # top-p over what top-k kept: that mass (none of this without top-k)
+            kept = kept * (kept >= threshold.index_select(0, nucleus)[:, None])
+            has_k = k.index_select(0, nucleus) > 0
+            mass = mass * torch.where(has_k, _row_sums(kept), 1.0)
         last = nucleus_threshold(kept, mass)
         threshold = threshold.index_copy(
             0, nucleus, torch.maximum(threshold.index_select(0, nucleus), last)
