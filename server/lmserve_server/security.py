@@ -99,24 +99,32 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as ``handler`` that aborts with UNAUTHENTICATED."""
+    """A handler that aborts with UNAUTHENTICATED without reading the request.
+
+    It is always of a request-streaming kind: gRPC reads a streaming request only when the
+    handler asks for its messages, and this one never does, whereas for a unary handler it
+    would receive and deserialize the whole message first (up to --max-message-bytes of
+    it, sent by anyone). On the wire a unary call and a one-message stream are the same, so
+    the caller sees only the refusal.
+    """
     code = grpc.StatusCode.UNAUTHENTICATED
 
-    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
         await context.abort(code, message)
 
-    async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         await context.abort(code, message)
         yield  # pragma: no cover - makes this an async generator; abort always raises
 
     serializers = {
-        "request_deserializer": handler.request_deserializer,
+        "request_deserializer": _unread,
         "response_serializer": handler.response_serializer,
     }
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(unary, **serializers)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(stream, **serializers)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(unary, **serializers)
-    return grpc.stream_stream_rpc_method_handler(stream, **serializers)
+    if handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(stream, **serializers)
+    return grpc.stream_unary_rpc_method_handler(unary, **serializers)
+
+
+def _unread(data: bytes) -> None:
+    """The refusing handlers' deserializer: never called, as they read no request."""
+    raise AssertionError("an unauthenticated request was read")
