@@ -162,7 +162,7 @@ class ServeProcess:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
             self.lines.append(line.rstrip("\n"))
-            match = re.search(r"serving .* on (\d+\.\d+\.\d+\.\d+:\d+)", line)
+            match = re.search(r"serving .* on (\S+:\d+)", line)
             if match and not self._serving.is_set():
                 self.address = match.group(1)
                 self._serving.set()

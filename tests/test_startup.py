@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from lmserve import Client
 from tests.conftest import RunningDaemon
-from tests.ops_support import LMSERVE, ServeProcess, free_port
+from tests.ops_support import LMSERVE, ServeProcess, free_port, make_pki
 
 
 def serve(model: Path | str, *args: str, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
@@ -74,6 +75,70 @@ def test_a_taken_metrics_port_is_one_line_before_the_model_loads(tiny_model_dir:
     assert f"--metrics-port {port}: 127.0.0.1:{port} is already in use" in one_error_line(
         proc.stderr
     )
+
+
+def test_the_metrics_port_equal_to_the_port_is_one_line_before_the_model_loads(
+    tiny_model_dir: Path,
+) -> None:
+    port = free_port()
+    proc = serve(tiny_model_dir, "--port", str(port), "--metrics-port", str(port))
+    assert proc.returncode != 0
+    assert f"--metrics-port {port} is also --port" in one_error_line(proc.stderr)
+
+
+def test_a_host_that_does_not_resolve_is_one_line_even_on_port_0(tiny_model_dir: Path) -> None:
+    proc = serve(tiny_model_dir, "--port", "0", "--host", "no-such-host.invalid")
+    assert proc.returncode != 0
+    assert "--host no-such-host.invalid: cannot resolve it" in one_error_line(proc.stderr)
+
+
+def test_an_address_of_another_machine_is_one_line_before_the_model_loads(
+    tiny_model_dir: Path,
+) -> None:
+    proc = serve(tiny_model_dir, "--port", "0", "--host", "192.0.2.1")  # TEST-NET-1
+    assert proc.returncode != 0
+    assert "--host 192.0.2.1 --port 0: cannot listen on 192.0.2.1:0: it is not an address of " in (
+        one_error_line(proc.stderr)
+    )
+
+
+def test_host_double_colon_serves_every_address(tiny_model_dir: Path) -> None:
+    """``--host ::`` (gRPC needs ``[::]:port``) listens on IPv6 and, dual-stack, IPv4."""
+    port = free_port()
+    server = ServeProcess(tiny_model_dir, "--host", "::", "--port", str(port))
+    try:
+        assert server.wait_serving() == f"[::]:{port}"
+        targets = [f"127.0.0.1:{port}"]
+        if socket.has_ipv6:
+            targets.append(f"ipv6:[::1]:{port}")
+        for target in targets:
+            with Client(target, timeout=30) as client:
+                assert client.tokenize("Hello World") == [15496, 2159], target
+    finally:
+        server.kill()
+    assert any("serving plaintext without a token on [::]:" in line for line in server.lines)
+
+
+def test_a_tls_key_that_is_not_the_certificates_is_one_line_before_the_model_loads(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    pki = make_pki(tmp_path / "pki")
+    cases = {
+        (pki.server_cert, pki.client_key): "is not the private key of --tls-cert",
+        (pki.server_cert, pki.server_cert): "no private key in it",
+        (pki.server_key, pki.server_key): "no certificate in it",
+    }
+    for (cert, key), said in cases.items():
+        proc = serve(tiny_model_dir, "--port", "0", "--tls-cert", str(cert), "--tls-key", str(key))
+        assert proc.returncode != 0
+        assert said in one_error_line(proc.stderr), (cert, key)
+    proc = serve(
+        tiny_model_dir,
+        *("--port", "0", "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)),
+        *("--tls-client-ca", str(pki.server_key)),
+    )
+    assert proc.returncode != 0
+    assert "--tls-client-ca" in one_error_line(proc.stderr)
 
 
 def test_a_daemon_does_not_share_its_port(make_daemon) -> None:  # type: ignore[no-untyped-def]

@@ -28,8 +28,8 @@ from lmserve_server.logs import (
     quiet_transformers,
 )
 from lmserve_server.modelpath import local_model_problem
-from lmserve_server.network import check_port_free
-from lmserve_server.security import read_token_file
+from lmserve_server.network import check_port_free, grpc_address
+from lmserve_server.security import check_tls_files, read_token_file
 from lmserve_server.systemd import notify, ping_watchdog, watchdog_interval
 
 log = logging.getLogger("lmserve")
@@ -88,7 +88,13 @@ def _serve_parser(sub: Any) -> None:
         "concurrent Generate calls into one generate() per batch.",
     )
     _add(p, "--model", str, "gpt2", "model name in the Hugging Face cache, or a local directory")
-    _add(p, "--host", str, "127.0.0.1", "address to listen on (0.0.0.0 for every interface)")
+    _add(
+        p,
+        "--host",
+        str,
+        "127.0.0.1",
+        "address to listen on (0.0.0.0 for every IPv4 address, :: for every address)",
+    )
     _add(p, "--port", int, 50051, "port to listen on (0 picks a free one)")
     _add(p, "--max-batch-size", int, 32, "most requests in one generate() call")
     _add(
@@ -333,17 +339,34 @@ class _StopSignals:
         self._exit_now(128 + sig)
 
 
+def check_before_loading(config: ServerConfig) -> None:
+    """Every check of the settings that needs no model, made before the imports and the model
+    load (minutes for a large one), each failure one line naming the flag(s): the ports are
+    free and distinct and the hosts addresses of this machine, the TLS files make a pair,
+    and a model path that is no directory, or a directory that holds no model, is said to be
+    so at once."""
+    if config.metrics_port and config.metrics_port == config.port:
+        raise ValueError(
+            f"--metrics-port {config.metrics_port} is also --port: /metrics (HTTP) and the "
+            "gRPC service each need a port of their own"
+        )
+    check_port_free(config.host, config.port, "--port")
+    if config.metrics_port:
+        check_port_free(
+            config.metrics_host, config.metrics_port, "--metrics-port", "--metrics-host"
+        )
+    if config.tls_cert is not None and config.tls_key is not None:
+        check_tls_files(config.tls_cert, config.tls_key, config.tls_client_ca)
+    problem = local_model_problem(config.engine.model)
+    if problem is not None:
+        raise ModelLoadError(problem)
+
+
 async def run_daemon(config: ServerConfig, exit_now: Callable[[int], None]) -> bool:
     """Loads and warms the model, serves until SIGTERM/SIGINT, then drains. True when the
     engine thread is still busy at the end (a batch outlasted the drain timeout): the
     process must then leave without joining it. A second signal calls ``exit_now``."""
-    # A taken port is reported now, not after the imports and a model load (minutes).
-    check_port_free(config.host, config.port, "--port")
-    if config.metrics_port:
-        check_port_free(config.metrics_host, config.metrics_port, "--metrics-port")
-    problem = local_model_problem(config.engine.model)
-    if problem is not None:
-        raise ModelLoadError(problem)
+    check_before_loading(config)
     from lmserve_server.app import Daemon, engine_thread
     from lmserve_server.engine.model import Engine
 
@@ -361,7 +384,7 @@ async def run_daemon(config: ServerConfig, exit_now: Callable[[int], None]) -> b
             await loop.run_in_executor(executor, engine.warm_up)
         daemon = Daemon(config, engine, executor)
         port = await daemon.start()
-        notify(f"READY=1\nSTATUS=serving {engine.name} on {config.host}:{port}")
+        notify(f"READY=1\nSTATUS=serving {engine.name} on {grpc_address(config.host, port)}")
         signals.serving = True
         await signals.drain.wait()
         notify("STOPPING=1\nSTATUS=draining")
