@@ -183,8 +183,49 @@ def test_a_missing_model_directory_is_said_to_be_missing(tmp_path: Path, log_for
     )
     assert proc.returncode != 0
     line = error_line(proc.stderr, log_format)
-    assert f"the directory {tmp_path / 'no-such-dir'} does not exist" in line
+    assert f"no such directory: {tmp_path / 'no-such-dir'} does not exist" in line
     assert "Hugging Face" not in line
+
+
+def test_a_relative_path_under_a_local_directory_is_no_such_directory(tmp_path: Path) -> None:
+    """Issue 19: ``models/tiny-gpt3`` looks like a Hub ``owner/name`` and was looked up on the
+    Hub; with a ``models`` directory here it is a path, and a missing one."""
+    (tmp_path / "models" / "tiny-gpt2").mkdir(parents=True)
+    proc = subprocess.run(
+        [*LMSERVE, "serve", "--model", "models/tiny-gpt3", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert proc.returncode != 0
+    line = one_error_line(proc.stderr)
+    assert f"no such directory: {tmp_path / 'models' / 'tiny-gpt3'} does not exist" in line
+    assert "(did you mean 'models/tiny-gpt2'?)" in line
+    assert "Hugging Face" not in line
+
+
+def test_a_directory_without_a_model_says_what_it_lacks(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    line = one_error_line(serve(empty, "--port", "0").stderr)
+    assert f"the directory {empty} holds no model: it has no config.json, no weights" in line
+    assert "no tokenizer files" in line
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", config_only)
+    line = one_error_line(serve(config_only, "--port", "0").stderr)
+    assert "it has no weights (model.safetensors" in line and "no tokenizer files" in line
+
+
+def test_lmserve_version() -> None:
+    from importlib.metadata import version
+
+    proc = subprocess.run([*LMSERVE, "--version"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    assert proc.stdout.strip() == f"lmserve {version('lmserve')}"
 
 
 def test_a_non_sdpa_model_under_the_continuous_scheduler_is_one_line(

@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from lmserve_server import __version__
 from lmserve_server.config import EngineConfig, ServerConfig
 from lmserve_server.errors import LmserveError, ModelLoadError
 from lmserve_server.logs import (
@@ -27,7 +28,7 @@ from lmserve_server.logs import (
     configure_logging,
     quiet_transformers,
 )
-from lmserve_server.modelpath import local_model_problem
+from lmserve_server.modelpath import hub_model_problem, local_model_problem
 from lmserve_server.network import check_port_free, grpc_address
 from lmserve_server.security import check_tls_files, read_token_file
 from lmserve_server.systemd import notify, ping_watchdog, watchdog_interval
@@ -344,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="lmserve: a gRPC daemon serving causal language models with dynamic "
         "micro-batching.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _serve_parser(sub)
     _make_test_model_parser(sub)
@@ -435,6 +437,8 @@ def check_before_loading(config: ServerConfig) -> None:
     if config.tls_cert is not None and config.tls_key is not None:
         check_tls_files(config.tls_cert, config.tls_key, config.tls_client_ca)
     problem = local_model_problem(config.engine.model)
+    if problem is None and not os.path.isdir(config.engine.model):
+        problem = hub_model_problem(config.engine.model)
     if problem is not None:
         raise ModelLoadError(problem)
 
