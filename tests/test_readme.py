@@ -106,4 +106,12 @@ def test_the_finish_reasons_are_named_as_users_see_them(daemon: RunningDaemon) -
     with grpc.insecure_channel(daemon.address) as channel:
         stub = lmserve_pb2_grpc.GeneratorStub(channel)
         reply = stub.Generate(json_format.ParseDict(request, lmserve_pb2.GenerateRequest()))
-    assert claimed in json_format.MessageToJson(reply, indent=None)
+    # grpcurl names fields in lowerCamelCase by default and as in the proto with
+    # -keep-proto-names: what the comment shows must be in both, and README names both.
+    for proto_names in (False, True):
+        printed = json_format.MessageToJson(
+            reply, indent=None, preserving_proto_field_name=proto_names
+        )
+        assert claimed in printed, printed
+    said = section("Try it offline")
+    assert "`finishReason`" in said and "`finish_reason`" in said and "-keep-proto-names" in said

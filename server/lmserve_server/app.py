@@ -116,6 +116,20 @@ class Daemon:
     def _record_step(self, rows: int, seconds: float, tokens: int, failed: bool) -> None:
         # In continuous mode a "batch" is one step (called on the engine thread).
         self.metrics.observe_batch(rows, seconds, tokens, failed=failed)
+        # A line per step at debug only: steps come every few milliseconds, and at info they
+        # would flood the journal. The fields are a static batch line's, so one jq filter
+        # (select(.batch_size)) reads both.
+        if log.isEnabledFor(logging.DEBUG):
+            compute_ms = round(seconds * 1000.0, 3)
+            log.debug(
+                "step of %d %s %s in %.1f ms, %d tokens",
+                rows,
+                "row" if rows == 1 else "rows",
+                "failed" if failed else "ran",
+                compute_ms,
+                tokens,
+                extra={"batch_size": rows, "compute_ms": compute_ms, "tokens": tokens},
+            )
 
     def _record_batch(
         self, size: int, compute_s: float, outcomes: list[GenerationOutput | Exception] | None

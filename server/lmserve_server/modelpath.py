@@ -125,8 +125,7 @@ def _directory_problem(model: str) -> str | None:
         missing.append("no weights (model.safetensors or pytorch_model.bin, or a sharded index)")
     if not has(_TOKENIZER):
         missing.append(
-            "no tokenizer files (tokenizer.json, or vocab.json and merges.txt, or "
-            "tokenizer.model)"
+            "no tokenizer files (tokenizer.json, or vocab.json and merges.txt, or tokenizer.model)"
         )
     if not missing:
         return None
