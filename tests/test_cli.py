@@ -17,17 +17,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import lmserve
 from lmserve import Client
-from tests.ops_support import ServeProcess
+from tests.ops_support import ServeProcess, track
 
 LMSERVE = [sys.executable, "-m", "lmserve_server.cli"]
 
 
 def start_daemon(model: Path, *args: str) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [*LMSERVE, "serve", "--model", str(model), "--port", "0", *args],
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    proc = track(
+        subprocess.Popen(
+            [*LMSERVE, "serve", "--model", str(model), "--port", "0", *args],
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
     )
     assert proc.stderr is not None
     deadline = time.monotonic() + 120
@@ -72,8 +74,9 @@ def test_sigterm_drains_under_load_and_exits_0(tiny_model_dir: Path) -> None:
         with pytest.raises(lmserve.UnavailableError):
             Client(address, balance=False).generate("too late", max_new_tokens=1)
         assert any(t.is_alive() for t in threads), "the drain must happen under load"
+        deadline = time.monotonic() + 300  # the requests' own deadline
         for t in threads:
-            t.join(timeout=300)
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
         assert proc.wait(timeout=60) == 0
         assert results == [500] * 6
         channel.close()

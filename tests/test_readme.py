@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from google.protobuf import json_format
 from lmserve import FinishReason
 from lmserve.v1 import lmserve_pb2, lmserve_pb2_grpc
 from tests.conftest import RunningDaemon
-from tests.ops_support import free_port
+from tests.ops_support import free_port, run_group
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -65,14 +64,8 @@ def test_try_it_offline_works_when_pasted(tmp_path: Path) -> None:
         "LMSERVE_PORT": str(port),
         "LMSERVE_TARGET": address,
     }
-    proc = subprocess.run(
-        ["bash", "-c", script],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    # The daemon the paste starts dies with the group if the paste fails or hangs.
+    proc = run_group(["bash", "-c", script], cwd=tmp_path, env=env, timeout=240)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     out = proc.stdout.splitlines()
     assert "15496 2159" in out, proc.stdout  # what the tokenize line's comment says

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import logging
 import os
 import signal
@@ -423,7 +424,11 @@ def check_before_loading(config: ServerConfig) -> None:
     load (minutes for a large one), each failure one line naming the flag(s): the ports are
     free and distinct and the hosts addresses of this machine, the TLS files make a pair,
     and a model path that is no directory, or a directory that holds no model, is said to be
-    so at once."""
+    so at once. A client-only install (no server extra) is said to be one first."""
+    for name in sorted(_SERVER_MODULES):
+        # find_spec looks without importing (torch alone takes seconds).
+        if importlib.util.find_spec(name) is None:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
     if config.metrics_port and config.metrics_port == config.port:
         raise ValueError(
             f"--metrics-port {config.metrics_port} is also --port: /metrics (HTTP) and the "
