@@ -108,3 +108,69 @@ def test_the_finish_reasons_are_named_as_users_see_them(daemon: RunningDaemon) -
         assert claimed in printed, printed
     said = section("Try it offline")
     assert "`finishReason`" in said and "`finish_reason`" in said and "-keep-proto-names" in said
+
+
+def test_the_readme_is_in_a_newcomers_order_with_the_internals_elsewhere() -> None:
+    """Issue 19: how batching works sat between the API and operations."""
+    headings = re.findall(r"^## (.+)$", README.read_text(), flags=re.M)
+    wanted = [
+        "The two commands",
+        "Try it offline",
+        "Coming from vLLM, TGI or Triton",
+        "The API",
+        "The Python client",
+        "Operations",
+        "Troubleshooting",
+    ]
+    positions = [next(i for i, h in enumerate(headings) if h.startswith(w)) for w in wanted]
+    assert positions == sorted(positions), headings
+    assert not any("How batching works" in h for h in headings)
+    architecture = README.parent / "docs" / "ARCHITECTURE.md"
+    assert "## How batching works" in architecture.read_text()
+    assert "(docs/ARCHITECTURE.md)" in README.read_text()
+
+
+def test_the_comparison_says_what_lmserve_has_not() -> None:
+    table = section("Coming from vLLM, TGI or Triton")
+    for row in (
+        "**no HTTP or OpenAI-compatible endpoint**",
+        "| quantization | **none**",
+        "| LoRA adapters | **none**",
+        "| tensor / pipeline parallelism | **none**",
+        "have never run on a GPU",
+        "only once, before the current engine core",
+    ):
+        assert row in table, row
+
+
+def test_the_client_section_names_every_public_method_and_error() -> None:
+    import inspect
+
+    import lmserve
+
+    client = section("The Python client")
+    for cls in (lmserve.Client, lmserve.AsyncClient):
+        public = [n for n, _ in inspect.getmembers(cls, inspect.isfunction) if n[0] != "_"]
+        assert public, cls
+        for name in public:
+            assert f"`{name}(" in client, f"{cls.__name__}.{name}"
+    errors = [n for n in lmserve.__all__ if n.endswith("Error") and n != "LmserveError"]
+    for name in errors:
+        assert f"`{name}`" in client, name
+
+
+def test_the_client_example_runs(daemon: RunningDaemon, tmp_path: Path) -> None:
+    (example,) = code_blocks(section("The Python client"), "python")
+    script = tmp_path / "example.py"
+    script.write_text(example.replace(DEFAULT_ADDRESS, daemon.address))
+    done = run_group([sys.executable, str(script)], timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "SERVING"
+    assert lines[1].split()[1:] == ["static", "32", "1024"], lines[1]
+
+
+def test_the_readme_states_the_daemons_memory() -> None:
+    memory = section("Operations").split("### Memory", 1)[1].split("\n### ", 1)[0]
+    for part in ("the weights", "packed copy", "compiled kernels", "KV cache", "no prefix cache"):
+        assert part in memory, part
