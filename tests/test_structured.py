@@ -268,7 +268,7 @@ def test_serve_flags_and_env_vars(monkeypatch: pytest.MonkeyPatch) -> None:
     assert config.chat_template == "/etc/lmserve/chat.jinja"
     assert parse("--grammar-cache-size", "9", "--chat-template", "").grammar_cache_size == 9
     assert parse("--chat-template", "").chat_template is None
-    with pytest.raises(ValueError, match="grammar_compile_timeout_s"):
+    with pytest.raises(ValueError, match=r"--grammar-compile-timeout-s \(LMSERVE_GRAMMAR_COMP"):
         parse("--grammar-compile-timeout-s", "0")
 
 

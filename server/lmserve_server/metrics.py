@@ -21,6 +21,8 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import start_http_server
 
+from lmserve_server.network import grpc_address
+
 log = logging.getLogger(__name__)
 
 # Seconds: from a millisecond tokenize to a minutes-long generation on a CPU.
@@ -174,8 +176,10 @@ class Metrics:
         try:
             self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
         except OSError as err:
-            raise OSError(f"--metrics-port {port}: cannot listen on {host}: {err}") from None
-        log.info("metrics on http://%s:%d/metrics", host, self.port)
+            raise OSError(
+                f"--metrics-port {port}: cannot listen on {grpc_address(host, port)}: {err}"
+            ) from None
+        log.info("metrics on http://%s/metrics", grpc_address(host, self.port))
         return self.port
 
     def close(self) -> None:
