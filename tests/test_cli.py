@@ -175,7 +175,9 @@ def test_a_bad_variable_that_a_flag_overrides_does_not_matter() -> None:
 
 
 def test_a_setting_the_scheduler_ignores_is_warned_about() -> None:
-    code, lines = serve_lines("--max-step-tokens", "8", env={"LMSERVE_MAX_WAIT_MS": "3"})
+    code, lines = serve_lines(
+        "--max-step-tokens", "8", "--static-engine", "generate", env={"LMSERVE_MAX_WAIT_MS": "3"}
+    )
     assert code == 2 and "does not exist" in lines[-1]
     assert any(
         "--max-step-tokens 8 (LMSERVE_MAX_STEP_TOKENS) is ignored: it applies to --scheduler "
@@ -185,6 +187,9 @@ def test_a_setting_the_scheduler_ignores_is_warned_about() -> None:
     code, lines = serve_lines("--scheduler", "continuous", env={"LMSERVE_MAX_WAIT_MS": "3"})
     assert any("--max-wait-ms 3.0 (LMSERVE_MAX_WAIT_MS) is ignored" in line for line in lines)
     code, lines = serve_lines("--max-wait-ms", "3")  # static's own: nothing to say
+    assert len(lines) == 1, lines
+    # Static batches through the runner's steps read the runner's settings.
+    code, lines = serve_lines("--max-step-tokens", "64", "--static-engine", "steps")
     assert len(lines) == 1, lines
 
 

@@ -126,9 +126,11 @@ def _add(
     )
 
 
-# The settings each scheduler alone reads (their dests); the other one ignores them.
+# The settings each scheduler alone reads (their dests); the other one ignores them. The
+# runner's settings are also read by a static daemon whose batches run through its steps
+# (--static-engine steps, or auto on CUDA).
 _SCHEDULER_ONLY = {
-    "static": ("max_wait_ms", "max_batch_tokens", "group_similar"),
+    "static": ("max_wait_ms", "max_batch_tokens", "group_similar", "static_engine"),
     "continuous": ("max_step_tokens", "kv_cache_tokens", "kv_cache_memory", "cuda_graphs"),
 }
 
@@ -146,6 +148,8 @@ def ignored_settings(args: argparse.Namespace) -> list[str]:
     for scheduler, dests in _SCHEDULER_ONLY.items():
         if scheduler == args.scheduler:
             continue
+        if scheduler == "continuous" and getattr(args, "static_engine", "generate") != "generate":
+            continue  # static batches through the runner's steps read these too
         for dest in dests:
             if dest in given:
                 flag = "--" + dest.replace("_", "-")
