@@ -40,6 +40,7 @@ threshold from a sorted vocabulary instead.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -436,37 +437,17 @@ def _choose_by_sorting(probs: torch.Tensor, rows: StepRows) -> _Chosen:
     return _Chosen(drawn, threshold, mass, ordered.indices, ordered.values)
 
 
+# StepRows' per-row tensors (the others are tables, host facts and grammar inputs).
+_PER_ROW = (
+    "slots", "greedy", "temperature", "top_k", "top_p", "min_p", "uniform", "repetition",
+    "presence", "frequency", "suppressing", "biased",
+)  # fmt: skip
+
+
 def _select(rows: StepRows, index: torch.Tensor) -> StepRows:
     """The settings of some of the rows (the tables stay whole)."""
-    return StepRows(
-        slots=rows.slots.index_select(0, index),
-        greedy=rows.greedy.index_select(0, index),
-        temperature=rows.temperature.index_select(0, index),
-        top_k=rows.top_k.index_select(0, index),
-        top_p=rows.top_p.index_select(0, index),
-        min_p=rows.min_p.index_select(0, index),
-        uniform=rows.uniform.index_select(0, index),
-        repetition=rows.repetition.index_select(0, index),
-        presence=rows.presence.index_select(0, index),
-        frequency=rows.frequency.index_select(0, index),
-        suppressing=rows.suppressing.index_select(0, index),
-        biased=rows.biased.index_select(0, index),
-        seen=rows.seen,
-        counts=rows.counts,
-        bias_tokens=rows.bias_tokens,
-        bias_values=rows.bias_values,
-        suppress_tokens=rows.suppress_tokens,
-        rows=int(index.numel()),
-        any_sampling=rows.any_sampling,
-        any_filter=rows.any_filter,
-        max_top_k=rows.max_top_k,
-        any_top_p=rows.any_top_p,
-        any_bias=rows.any_bias,
-        any_suppression=rows.any_suppression,
-        any_repetition=rows.any_repetition,
-        any_generated_penalty=rows.any_generated_penalty,
-        max_logprobs=rows.max_logprobs,
-    )
+    per_row = {name: getattr(rows, name).index_select(0, index) for name in _PER_ROW}
+    return dataclasses.replace(rows, rows=int(index.numel()), **per_row)
 
 
 # ---- 6: logprobs -----------------------------------------------------------------------------
