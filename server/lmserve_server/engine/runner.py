@@ -407,7 +407,7 @@ class ModelRunner:
         if masks is not None:
             rows.grammar_rows, rows.grammar_masks = masks
             rows.grammar_applier = self._mask_applier
-        chosen = sample(logits, rows, full_sort=self._device.cuda)
+        chosen = sample(logits, rows, device_only=self._device.cuda)
         sampling.count(on_device, chosen.tokens)
         return chosen
 

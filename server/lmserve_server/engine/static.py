@@ -155,7 +155,7 @@ class _RowSampling(LogitsProcessor):
         slots.upload()
         step = slots.rows(self._slot_list, self._on_device)
         self._constrain(step)
-        chosen = sample(scores, step, full_sort=slots.device.type == "cuda")
+        chosen = sample(scores, step, device_only=slots.device.type == "cuda")
         slots.count(self._on_device, chosen.tokens)
         slots.advance(self._slot_list)
         self._packed = chosen.packed()
