@@ -17,10 +17,16 @@ decode step of ~16 rows against a greedy one of the same round:
 - ``nucleus``: temperature 0.8, top-p 0.95 and no top-k (a flat random model's nucleus is
   most of the vocabulary: the sampler's exact pass, every row, every step);
 - ``streams+stops``: every row streams, with 16 stop strings of 256 characters (the most a
-  request may send) that never match.
+  request may send) that never match;
+- ``json``: every row under a JSON schema (structured output: a mask per row and step),
+  one long string property, so rows run their 64 tokens.
 
 Last, ``--host-rows`` rows (64) of the tiny test model in decode steps, one torch thread:
 the host's CPU time per step (everything but the forward and the sampling).
+
+``--clock cpu`` times steps in the engine thread's CPU time with one torch thread: on a
+machine that other work shares, a step's CPU time is what it costs, where its wall time
+also holds every moment the scheduler gave the cores to someone else.
 """
 
 from __future__ import annotations
@@ -49,7 +55,13 @@ class _Entry:
     row: object
 
 
-# (name, sampling settings, logprobs, stream with stop strings)
+SCHEMA = (
+    '{"type": "object", "properties": {"story": {"type": "string", "maxLength": 2000}, '
+    '"done": {"type": "boolean"}}, "required": ["story", "done"]}'
+)
+
+
+# (name, sampling settings, logprobs, stream with stop strings[, under a JSON schema])
 def variants() -> list[tuple[str, dict[str, Any], int | None, bool]]:
     sampled = {"temperature": 0.8, "top_p": 0.95, "top_k": 50}
     penalties = {"repetition_penalty": 1.2, "presence_penalty": 0.5, "frequency_penalty": 0.5}
@@ -59,7 +71,22 @@ def variants() -> list[tuple[str, dict[str, Any], int | None, bool]]:
         ("sampled+options", {**sampled, **penalties}, 5, False),
         ("nucleus", {"temperature": 0.8, "top_p": 0.95}, None, False),
         ("streams+stops", {}, None, True),
+        ("json", {}, None, False),
     ]
+
+
+def compiled_schema(engine: object) -> object:
+    """``SCHEMA`` compiled for ``engine``'s tokenizer, as the daemon's compile service does."""
+    from lmserve_server.engine.model import Engine
+    from lmserve_server.grammar.backend import compile_template
+    from lmserve_server.grammar.compiler import tokenizer_index
+    from lmserve_server.grammar.matcher import CompiledGrammar
+    from lmserve_server.grammar.spec import GrammarSpec
+
+    assert isinstance(engine, Engine)
+    index = tokenizer_index(engine.tokenizer, engine.vocab_size, engine.end_token_ids)
+    spec = GrammarSpec("json_schema", SCHEMA)
+    return CompiledGrammar(spec, compile_template(index, spec), index)
 
 
 def stop_strings() -> tuple[str, ...]:
@@ -79,6 +106,7 @@ def run(
     logprobs: int | None = None,
     streams: bool = False,
     step_clock: Any = None,
+    grammar: object = None,
 ) -> dict[str, object]:
     from lmserve_server.engine.model import Engine
     from lmserve_server.engine.types import GenerationRequest, SamplingParams
@@ -95,6 +123,7 @@ def run(
             replace(params, seed=i) if not params.greedy else params,
             stop=stops,
             logprobs=logprobs,
+            grammar=grammar,  # type: ignore[arg-type]
         )
         for i, s in enumerate(specs)
     )
@@ -131,9 +160,16 @@ def around16(f: dict[str, object]) -> list[tuple[int, bool, float, float]]:
     return [s for s in decode if 12 <= s[0] <= 20] or decode
 
 
-def describe(name: str, f: dict[str, object]) -> str:
+def describe(name: str, f: dict[str, object], cpu_clock: bool = False) -> str:
     steps: list[tuple[int, bool, float, float]] = f["steps"]  # type: ignore[assignment]
     decode = [s for s in steps if not s[1]]
+    if cpu_clock:  # the device's part is wall time: no host split against CPU time
+        near = around16(f)
+        return (
+            f"{name:>15}: {f['tokens'] / f['seconds']:6.1f} tok/s, {len(steps)} steps; decode "
+            f"steps of {statistics.mean(s[0] for s in near):.0f} rows: "
+            f"{1000 * statistics.median(s[2] for s in near):.1f} ms of CPU time (median)"
+        )
     wall = sum(s[2] for s in steps)
     host = sum(s[2] - s[3] for s in steps)
     near16 = around16(f)
@@ -205,6 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--host-rows", type=int, default=64)
     parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="time steps by the wall clock, or by the thread's CPU time (one torch thread)",
+    )
+    parser.add_argument(
         "--tiny-model", default="", help="the tiny test model's directory (made if not given)"
     )
     parser.add_argument(
@@ -218,12 +260,19 @@ def main(argv: list[str] | None = None) -> int:
     from lmserve_server.engine.model import Engine
     from lmserve_server.testmodel import write_test_model
 
+    clock = time.perf_counter
+    if args.clock == "cpu":
+        import torch
+
+        torch.set_num_threads(1)
+        clock = time.thread_time
     engine = Engine.load(
         EngineConfig(model=args.model, device=args.device, pack_weights=not args.plain_weights)
     )
     run(engine, mixed_specs()[:4], args.clients, args.max_step_tokens)  # warm-up
     f = run(engine, mixed_specs(), args.clients, args.max_step_tokens)
     print(describe("mixed", f), flush=True)
+    schema = compiled_schema(engine)
     step_ms: dict[str, list[float]] = collections.defaultdict(list)
     ratios: dict[str, list[float]] = collections.defaultdict(list)
     for round_ in range(args.rounds):
@@ -237,8 +286,10 @@ def main(argv: list[str] | None = None) -> int:
                 sampling,
                 logprobs,
                 streams,
+                step_clock=clock,
+                grammar=schema if name == "json" else None,
             )
-            print(f"round {round_ + 1} {describe(name, f)}", flush=True)
+            print(f"round {round_ + 1} {describe(name, f, args.clock == 'cpu')}", flush=True)
             medians[name] = statistics.median(1000 * s[2] for s in around16(f))
             step_ms[name].append(medians[name])
         for name in medians:

@@ -5,13 +5,13 @@
 The workload of the engine-performance issue: 48 requests with 3-150-word prompts and 4-96
 new tokens (seeded, the same for every server), 16 clients in a closed loop; the same
 requests sampled (temperature 0.8, top-p 0.95, a seed each: what most traffic sends); a
-uniform one:
-16 equal requests, 16 clients; a single client sending 6 requests one after another
-(what a quiet server gives one caller); and the shared-prompt load of the prefix-cache
-issue: 48 requests, each the same 510-token system prompt and a short question of its own,
-16 new tokens, 16 clients (``shared``: 511 tokens in common; ``shared-aligned``: 512, two
-full pages of the peer's cache, the most it can share). The servers, each started, measured and stopped in
-turn (rounds alternate their order, so a slow spell of a shared machine hits all alike):
+uniform one: 16 equal requests, 16 clients; a single client sending 6 requests one after
+another (what a quiet server gives one caller); and the shared-prompt load of the
+prefix-cache issue: 48 requests, each the same 510-token system prompt and a short question
+of its own, 16 new tokens, 16 clients (``shared``: 511 tokens in common; ``shared-aligned``:
+512, two full pages of the peer's cache, the most it can share). The servers, each started,
+measured and stopped in turn (rounds alternate their order, so a slow spell of a shared
+machine hits all alike):
 
 - lmserve, ``--scheduler static`` (the design's default: one generate per batch),
 - lmserve, ``--scheduler static --pack-weights false`` (the same, weights as transformers

@@ -15,6 +15,15 @@ from lmserve_server.app import Daemon
 from lmserve_server.config import EngineConfig, ServerConfig
 from lmserve_server.engine.model import Engine
 from lmserve_server.testmodel import write_test_model
+from tests.ops_support import kill_leftovers
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_daemons() -> Iterator[None]:
+    """Kills the lmserve processes a test started and left running (it failed or timed out
+    before its own clean-up), so that no daemon outlives its test."""
+    yield
+    kill_leftovers()
 
 
 @pytest.fixture(scope="session")

@@ -3,13 +3,16 @@ starting a real ``lmserve serve`` process."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -142,16 +145,83 @@ def scrape(
 
 # ---- a real process --------------------------------------------------------------------------
 
+# Every lmserve process a test started (ServeProcess, tracked Popen): conftest's autouse
+# fixture kills those still running when their test ends, passed, failed or timed out.
+STARTED: list[subprocess.Popen[str]] = []
+
+
+def track(proc: subprocess.Popen[str]) -> subprocess.Popen[str]:
+    STARTED.append(proc)
+    return proc
+
+
+def kill_leftovers() -> list[int]:
+    """Kills (and reaps) every tracked process still running; returns their pids."""
+    killed = []
+    for proc in STARTED:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+            killed.append(proc.pid)
+    STARTED.clear()
+    return killed
+
+
+def run_group(
+    command: list[str], *, timeout: float, **kwargs: object
+) -> subprocess.CompletedProcess[str]:
+    """``subprocess.run(command, capture_output=True, text=True)`` in a process group of its
+    own, the whole group killed when the command ends, times out or the test is stopped
+    (pytest-timeout included): a script that starts daemons (benchmarks/gpu.py, the README's
+    paste) leaves none behind, even ones whose parent was killed. On timeout it fails the
+    test with the output's tail, before pytest's own timeout would (keep ``timeout`` below
+    it). The output goes through files, not pipes: a leftover process holding a pipe open
+    would keep a reader waiting after the command itself has ended."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(
+            command,
+            stdout=out,
+            stderr=err,
+            text=True,
+            start_new_session=True,
+            **kwargs,  # type: ignore[call-overload]
+        )
+        try:
+            try:
+                proc.wait(timeout=timeout)
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                timed_out = True
+        finally:
+            _kill_group(proc.pid)
+            proc.wait(timeout=30)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if timed_out:
+        raise AssertionError(
+            f"{' '.join(command)} did not finish in {timeout:g} s:\n{stdout[-3000:]}\n"
+            f"{stderr[-3000:]}"
+        )
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # the group is gone: nothing left behind
+        os.killpg(pgid, signal.SIGKILL)
+
 
 class ServeProcess:
     """``lmserve serve`` in a subprocess; its stderr lines are collected in ``lines``."""
 
     def __init__(self, model: Path, *args: str, env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen(
-            [*LMSERVE, "serve", "--model", str(model), *args],
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        self.proc = track(
+            subprocess.Popen(
+                [*LMSERVE, "serve", "--model", str(model), *args],
+                stderr=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            )
         )
         self.lines: list[str] = []
         self._serving = threading.Event()
@@ -162,7 +232,7 @@ class ServeProcess:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
             self.lines.append(line.rstrip("\n"))
-            match = re.search(r"serving .* on (\d+\.\d+\.\d+\.\d+:\d+)", line)
+            match = re.search(r"serving .* on (\S+:\d+)", line)
             if match and not self._serving.is_set():
                 self.address = match.group(1)
                 self._serving.set()

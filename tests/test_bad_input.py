@@ -20,7 +20,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, Phase, event, find, given, settings
 from hypothesis import strategies as st
 
+import lmserve
 from lmserve.bench_workload import prompt_of_length
+from lmserve.cli import main as client_main
 from lmserve.v1 import lmserve_pb2, lmserve_pb2_grpc
 from tests.conftest import RunningDaemon
 from tests.ops_support import free_port, scrape
@@ -206,3 +208,36 @@ def test_max_new_tokens_beyond_32_bits_is_refused_not_wrapped(daemon: RunningDae
         )
         code, _ = raw_status(channel, "GenerateStream", payload)
         assert code is grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_request_over_the_size_limit_is_too_large_not_an_overload(
+    make_daemon, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    """Issue 19: over --max-message-bytes gRPC itself answers RESOURCE_EXHAUSTED, which the
+    client raised as OverloadedError ("back off and retry"): a retry can never succeed. The
+    status stays gRPC's (server and client agree on it); the client says what it is."""
+    running: RunningDaemon = make_daemon(max_message_bytes=65536)
+    prompt = "x" * 100_000
+    with grpc.insecure_channel(running.address) as channel, pytest.raises(grpc.RpcError) as raw:
+        lmserve_pb2_grpc.GeneratorStub(channel).Generate(
+            lmserve_pb2.GenerateRequest(prompt=prompt), timeout=30
+        )
+    assert raw.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED  # the server's status
+    with lmserve.Client(running.address, timeout=30) as client:
+        for call in (client.generate, lambda p: list(client.stream(p)), client.tokenize):
+            with pytest.raises(lmserve.RequestTooLargeError) as err:
+                call(prompt)
+            assert not isinstance(err.value, lmserve.OverloadedError)
+            assert err.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert err.value.retryable is False
+            assert (err.value.size, err.value.limit) == (100_004, 65536)
+            assert "request too large: 100004 bytes" in str(err.value)
+            assert "--max-message-bytes) of 65536 bytes" in str(err.value)
+        assert client.generate("x" * 1000, max_new_tokens=1).completion_tokens == 1
+    async with lmserve.AsyncClient(running.address, timeout=30) as aclient:
+        with pytest.raises(lmserve.RequestTooLargeError):
+            await aclient.generate(prompt)
+    code = client_main(["generate", prompt, "--target", running.address, "--timeout", "30"])
+    (line,) = capsys.readouterr().err.splitlines()
+    assert code == 1 and "request too large" in line and "65536" in line, line
+    assert lmserve.OverloadedError("queue is full").retryable is True

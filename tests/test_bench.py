@@ -23,7 +23,7 @@ import grpc
 import pytest
 
 from lmserve import cli
-from lmserve.bench_plot import plot_report, rolling_rates, rolling_window_s
+from lmserve.bench_plot import plot_report, plot_title, rolling_rates, rolling_window_s
 from lmserve.bench_progress import Progress
 from lmserve.bench_stats import (
     RequestRecord,
@@ -202,6 +202,7 @@ def test_plot_draws_time_to_first_token_for_streams(tmp_path: Path) -> None:
     streamed = build_report(records, duration_s=10.0, settings={"load_description": "streamed"})
     drawn = plot_report(streamed, records, tmp_path / "stream.png")
     assert drawn.panels == ["latency distribution", "time to first token", "throughput over time"]
+    assert drawn.title == "lmserve bench: streamed"  # no server info: the load only
     assert drawn.ttft_ms == pytest.approx([r.ttft_s * 1000.0 for r in records])  # type: ignore[operator]
     assert (tmp_path / "stream.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -384,6 +385,38 @@ def test_plot_writes_a_png(daemon: RunningDaemon, tmp_path: Path, stream: bool) 
     assert code == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (report["ttft_ms"] is not None) is stream  # what the TTFT panel is drawn from
+    # Issue 19: the title named neither the model nor the scheduler.
+    model = report["model"]
+    assert plot_title(report).splitlines()[0] == (
+        f"{model['model']} on cpu (float32), static scheduler, max batch {model['max_batch_size']}"
+    )
+
+
+def test_plot_draws_requests_and_tokens_on_axes_of_their_own(tmp_path: Path) -> None:
+    """Issue 19: on twin axes, tokens/s (a constant times requests/s) drew on top of
+    requests/s. Each rate now has its own panel, one above the other, each scaled alike."""
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = bursty_steady_load(10.0, batch=4, every_s=0.5)
+    report = build_report(records, duration_s=10.0, settings={"load_description": "unary"})
+    drawn: dict[str, object] = {}
+    real_savefig = plt.Figure.savefig
+
+    def keep(fig, *args, **kwargs):  # type: ignore[no-untyped-def]
+        drawn["figure"] = fig
+        return real_savefig(fig, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plt.Figure, "savefig", keep)
+        plot_report(report, records, tmp_path / "rates.png")
+    axes = drawn["figure"].axes  # type: ignore[attr-defined]
+    rate_axes = [a for a in axes if a.get_ylabel() in ("requests/s", "generated tokens/s")]
+    assert [a.get_ylabel() for a in rate_axes] == ["requests/s", "generated tokens/s"]
+    top, bottom = (a.get_position() for a in rate_axes)
+    assert top.y0 >= bottom.y1  # one above the other, not overlaid
+    assert rate_axes[0].get_shared_x_axes().joined(*rate_axes)  # one time axis
 
 
 def test_bad_options_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

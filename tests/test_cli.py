@@ -17,17 +17,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import lmserve
 from lmserve import Client
-from tests.ops_support import ServeProcess
+from tests.ops_support import ServeProcess, track
 
 LMSERVE = [sys.executable, "-m", "lmserve_server.cli"]
 
 
 def start_daemon(model: Path, *args: str) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [*LMSERVE, "serve", "--model", str(model), "--port", "0", *args],
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    proc = track(
+        subprocess.Popen(
+            [*LMSERVE, "serve", "--model", str(model), "--port", "0", *args],
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
     )
     assert proc.stderr is not None
     deadline = time.monotonic() + 120
@@ -72,8 +74,9 @@ def test_sigterm_drains_under_load_and_exits_0(tiny_model_dir: Path) -> None:
         with pytest.raises(lmserve.UnavailableError):
             Client(address, balance=False).generate("too late", max_new_tokens=1)
         assert any(t.is_alive() for t in threads), "the drain must happen under load"
+        deadline = time.monotonic() + 300  # the requests' own deadline
         for t in threads:
-            t.join(timeout=300)
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
         assert proc.wait(timeout=60) == 0
         assert results == [500] * 6
         channel.close()
@@ -110,6 +113,84 @@ def test_env_vars_set_flags_and_flags_win(monkeypatch: pytest.MonkeyPatch) -> No
     assert config.max_batch_size == 9
     help_text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()  # type: ignore[union-attr]
     assert "LMSERVE_MAX_BATCH_SIZE; default: 7" in help_text
+
+
+def serve_lines(*args: str, env: dict[str, str] | None = None) -> tuple[int, list[str]]:
+    """``lmserve serve`` on a model directory that does not exist (it stops before torch is
+    imported): its exit code and stderr lines."""
+    proc = subprocess.run(
+        [*LMSERVE, "serve", "--model", "./no-such-model", "--port", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("LMSERVE_")},
+            **(env or {}),
+        },
+    )
+    return proc.returncode, proc.stderr.splitlines()
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "said"),
+    [
+        (
+            [],
+            {"LMSERVE_SCHEDULER": "continous"},
+            "LMSERVE_SCHEDULER='continous': not one of the choices of --scheduler: static, "
+            "continuous",
+        ),
+        (
+            [],
+            {"LMSERVE_MAX_QUEUE": "1o24"},
+            "LMSERVE_MAX_QUEUE='1o24': --max-queue takes a whole number",
+        ),
+        (
+            ["--max-step-tokens", "8", "--scheduler", "continuous"],
+            {},
+            "--max-step-tokens (LMSERVE_MAX_STEP_TOKENS) 8: must exceed --max-batch-size (32) "
+            "with --scheduler continuous",
+        ),
+        (
+            ["--max-queue", "0", "--default-max-new-tokens", "2000"],
+            {},
+            "--max-queue (LMSERVE_MAX_QUEUE) 0: must be at least 1; --default-max-new-tokens "
+            "(LMSERVE_DEFAULT_MAX_NEW_TOKENS) 2000: must be from 1 to --max-new-tokens-cap (1024)",
+        ),
+    ],
+)
+def test_a_settings_error_names_the_setting_the_value_and_the_reason(
+    args: list[str], env: dict[str, str], said: str
+) -> None:
+    """Issue 19: "invalid setting(s): scheduler (see lmserve serve --help)" said neither the
+    variable, nor the value, nor what would do."""
+    code, lines = serve_lines(*args, env=env)
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith(f"lmserve: error: {said}"), lines
+
+
+def test_a_bad_variable_that_a_flag_overrides_does_not_matter() -> None:
+    code, lines = serve_lines("--scheduler", "static", env={"LMSERVE_SCHEDULER": "continous"})
+    assert code == 2 and len(lines) == 1 and "does not exist" in lines[0], lines
+
+
+def test_a_setting_the_scheduler_ignores_is_warned_about() -> None:
+    code, lines = serve_lines(
+        "--max-step-tokens", "8", "--static-engine", "generate", env={"LMSERVE_MAX_WAIT_MS": "3"}
+    )
+    assert code == 2 and "does not exist" in lines[-1]
+    assert any(
+        "--max-step-tokens 8 (LMSERVE_MAX_STEP_TOKENS) is ignored: it applies to --scheduler "
+        "continuous, and this daemon runs static" in line
+        for line in lines
+    ), lines
+    code, lines = serve_lines("--scheduler", "continuous", env={"LMSERVE_MAX_WAIT_MS": "3"})
+    assert any("--max-wait-ms 3.0 (LMSERVE_MAX_WAIT_MS) is ignored" in line for line in lines)
+    code, lines = serve_lines("--max-wait-ms", "3")  # static's own: nothing to say
+    assert len(lines) == 1, lines
+    # Static batches through the runner's steps read the runner's settings.
+    code, lines = serve_lines("--max-step-tokens", "64", "--static-engine", "steps")
+    assert len(lines) == 1, lines
 
 
 @pytest.mark.parametrize("size", ["tiny"])

@@ -504,8 +504,15 @@ def test_cli_generate_stream(target: str, capsys: pytest.CaptureFixture[str]) ->
     assert capsys.readouterr().out == "Hello world\n"
     assert main(["generate", "hi", "--stream", "--json", "--target", target]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert lines == [c.to_dict() for c in EXPECTED_CHUNKS]
+    assert len(lines) == len(EXPECTED_CHUNKS)
+    assert lines[-1] == EXPECTED_CHUNKS[-1].to_dict()
     assert lines[-1]["finish_reason"] == "eos"
+    # Issue 19: chunks before the last said "prompt_tokens": 0, "batch_size": 0, as if the
+    # request had no prompt and no batch; how it was served is known only at its end.
+    usage = {"prompt_tokens", "completion_tokens", "batch_size", "queue_ms", "compute_ms"}
+    for line, chunk in zip(lines[:-1], EXPECTED_CHUNKS[:-1], strict=True):
+        assert line == {k: v for k, v in chunk.to_dict().items() if k not in usage}
+        assert line["finish_reason"] is None and not usage & line.keys()
 
 
 def test_cli_stream_falls_back_to_unary(

@@ -405,6 +405,6 @@ def test_an_oversized_prompt_is_refused_before_tokenizing(make_daemon) -> None: 
     with Client(small.address) as c:
         with pytest.raises(lmserve.InvalidArgumentError, match="--max-prompt-chars"):
             c.generate("x" * 101, max_new_tokens=1)
-        with pytest.raises(lmserve.OverloadedError):  # gRPC's own message-size limit
+        with pytest.raises(lmserve.RequestTooLargeError):  # gRPC's own message-size limit
             c.generate("x" * 100_000, max_new_tokens=1)
         assert c.generate("x" * 100, max_new_tokens=1).completion_tokens == 1

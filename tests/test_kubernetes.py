@@ -138,3 +138,46 @@ def test_the_plaintext_pods_are_guarded_by_a_network_policy() -> None:
     assert int(env["LMSERVE_METRICS_PORT"]) == next(
         p["containerPort"] for p in container["ports"] if p["name"] == "metrics"
     )
+
+
+def test_the_deployment_runs_the_scheduler_readme_recommends() -> None:
+    readme = (MANIFESTS.parent.parent / "README.md").read_text()
+    assert (
+        "Switch to `--scheduler continuous`" in readme or "use `--scheduler continuous`" in readme
+    )
+    (container,) = load("deployment.yaml")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["LMSERVE_SCHEDULER"] == "continuous"
+
+
+# The files of the Hub's gpt2 repository (what `hf download gpt2` fetched in full: 5 formats
+# of the weights, about 3 GB).
+GPT2_REPO = [
+    ".gitattributes", "64-8bits.tflite", "64-fp16.tflite", "64.tflite", "README.md",
+    "config.json", "flax_model.msgpack", "generation_config.json", "merges.txt",
+    "model.safetensors", "onnx/config.json", "onnx/decoder_model.onnx",
+    "onnx/decoder_model_merged.onnx", "onnx/decoder_with_past_model.onnx",
+    "onnx/generation_config.json", "onnx/merges.txt", "onnx/special_tokens_map.json",
+    "onnx/tokenizer.json", "onnx/tokenizer_config.json", "onnx/vocab.json",
+    "pytorch_model.bin", "rust_model.ot", "tf_model.h5", "tokenizer.json",
+    "tokenizer_config.json", "vocab.json",
+]  # fmt: skip
+
+
+def test_the_fill_job_downloads_only_what_the_daemon_loads(tiny_model_dir: Path) -> None:
+    from huggingface_hub.utils import filter_repo_objects
+
+    (container,) = load("fill-hf-cache-job.yaml")["spec"]["template"]["spec"]["containers"]
+    command = container["command"]
+    assert command[:3] == ["hf", "download", "gpt2"]
+    options = command[3:]
+    assert options[0::2] == ["--include"] * (len(options) // 2)
+    patterns = options[1::2]
+    fetched = set(filter_repo_objects(GPT2_REPO, allow_patterns=patterns))
+    needed = {"config.json", "generation_config.json", "model.safetensors", "vocab.json"}
+    assert needed | {"merges.txt", "tokenizer.json", "tokenizer_config.json"} <= fetched
+    big = {"pytorch_model.bin", "tf_model.h5", "flax_model.msgpack", "rust_model.ot"}
+    assert not fetched & big and not any(f.endswith((".onnx", ".tflite")) for f in fetched)
+    # Every file of a checkpoint the daemon loads (make-test-model writes one) would be fetched.
+    files = [p.name for p in tiny_model_dir.iterdir() if not p.name.startswith("LICENSE")]
+    assert set(filter_repo_objects(files, allow_patterns=patterns)) == set(files)

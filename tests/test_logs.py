@@ -106,3 +106,28 @@ def test_json_logs_turn_grpc_core_lines_into_json(tiny_model_dir: Path, tmp_path
     assert any("Handshake failed" in r["message"] for r in core), server.lines
     assert all(r["level"] in ("INFO", "WARNING", "ERROR") and r["source"] for r in core)
     assert records[-1]["message"] == "stopped"
+
+
+def test_continuous_steps_are_json_lines_that_the_readme_jq_filter_selects(
+    tiny_model_dir: Path,
+) -> None:
+    """Issue 19: under --scheduler continuous the JSON logs had no batch lines, so README's
+    ``jq 'select(.batch_size)'`` printed nothing. Each step is a debug line with the fields
+    of a static batch line (info would flood the journal: a step every few milliseconds)."""
+    flags = ["--scheduler", "continuous", "--log-format", "json"]
+    for level, expect_steps in (("debug", True), ("info", False)):
+        server = ServeProcess(tiny_model_dir, "--port", "0", *flags, "--log-level", level)
+        try:
+            with Client(server.wait_serving(), timeout=60) as client:
+                completion = client.generate("Hello", max_new_tokens=5).completion_tokens
+            assert server.stop() == 0
+        finally:
+            server.kill()
+        records = [json.loads(line) for line in server.lines]
+        steps = [r for r in records if r.get("batch_size")]  # jq 'select(.batch_size)'
+        if not expect_steps:
+            assert steps == [], steps
+            continue
+        assert steps and all(r["level"] == "DEBUG" and r["compute_ms"] > 0 for r in steps)
+        assert sum(r["tokens"] for r in steps) == completion == 5
+        assert all(r["message"].startswith("step of 1 row ran in ") for r in steps)

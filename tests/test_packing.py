@@ -3,6 +3,9 @@ results don't depend on the rows computed with them."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,14 @@ import torch
 
 from lmserve_server.config import EngineConfig
 from lmserve_server.engine.model import Engine
-from lmserve_server.engine.packing import PackedLinear, can_pack, pack_linears
+from lmserve_server.engine.packing import (
+    MAX_ROWS,
+    ROW_BUCKETS,
+    PackedLinear,
+    can_pack,
+    pack_linears,
+    row_bucket,
+)
 from tests.test_engine import PROMPTS, generate, request
 
 
@@ -42,13 +52,64 @@ def test_packed_rows_do_not_depend_on_their_companions() -> None:
     torch.manual_seed(0)
     weight, bias = torch.randn(64, 256), torch.randn(256)  # (in, out), like Conv1D
     layer = PackedLinear(weight, bias)
-    rows = torch.randn(37, 64)
+    rows = torch.randn(2 * MAX_ROWS + 37, 64)  # in three pieces: 256, 256, 37 (as 40)
     together = layer(rows)
     assert torch.allclose(together, rows @ weight + bias, atol=1e-4)
-    for count in (1, 2, 3, 13, 36):
+    for count in (1, 2, 3, 13, 36, 37, 40, 255, 256, 257, 300):
         assert torch.equal(layer(rows[:count]), together[:count]), count
     assert torch.equal(layer(rows[5:7]), together[5:7])
     assert torch.equal(layer(rows[20:21]), together[20:21])
+
+
+def test_row_counts_fall_in_few_buckets_of_little_padding() -> None:
+    assert len(ROW_BUCKETS) == 27 and ROW_BUCKETS[0] == 2 and ROW_BUCKETS[-1] == MAX_ROWS
+    for rows in range(2, MAX_ROWS + 1):
+        bucket = row_bucket(rows)
+        assert bucket in ROW_BUCKETS and rows <= bucket <= rows * 1.25, rows
+        assert bucket == min(b for b in ROW_BUCKETS if b >= rows), rows
+
+
+# Run in a fresh interpreter: the RSS of this one holds whatever the other tests compiled.
+MEMORY_PROBE = """
+import sys, torch
+from lmserve_server.config import EngineConfig
+from lmserve_server.engine.model import Engine
+
+def rss_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+
+engine = Engine.load(EngineConfig(model=sys.argv[1]))
+engine.warm_up()
+ids = torch.randint(0, 50257, (32, 300))
+with torch.inference_mode():
+    engine.model(input_ids=ids[:1, :64], logits_to_keep=1)
+    warm = rss_mb()
+    for _ in range(2):
+        # Every step length of the continuous scheduler (--max-step-tokens 256 and more),
+        # and every count of rows sampled at once (the LM head's rows), twice.
+        for tokens in range(1, 301):
+            engine.model(input_ids=ids[:1, :tokens], logits_to_keep=1)
+        for rows in range(1, 33):
+            engine.model(input_ids=ids[:rows, :1], logits_to_keep=1)
+print(warm, rss_mb())
+"""
+
+
+def test_memory_stays_flat_over_every_step_shape_once_warm(tiny_model_dir: Path) -> None:
+    """Issue 19: the daemon grew by hundreds of MB under mixed load, a oneDNN kernel (and
+    its 0.85 MB) kept per new row count. Warm, forwards of 300 lengths and of 32 batch sizes,
+    twice, must leave the RSS about where it was: +15 MB here, +616 MB before the buckets."""
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(MEMORY_PROBE), str(tiny_model_dir)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    warm, after = map(float, done.stdout.split())
+    assert after - warm < 50, f"RSS {warm:.0f} MB warm, {after:.0f} MB after every shape"
 
 
 # The families whose MLP activation runs in its first matmul (``_FUSED_MLPS``).

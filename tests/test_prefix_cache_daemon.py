@@ -144,7 +144,9 @@ def test_flags_and_env_vars() -> None:
     assert (parse().prefix_cache, parse().prefix_cache_tokens) == (True, 0)
     assert parse("--prefix-cache", "false").prefix_cache is False
     assert parse("--prefix-cache-tokens", "4096").prefix_cache_tokens == 4096
-    with pytest.raises(ValueError, match="prefix_cache_tokens"):
+    with pytest.raises(
+        ValueError, match=r"--prefix-cache-tokens \(LMSERVE_PREFIX_CACHE_TOKENS\) -1"
+    ):
         parse("--prefix-cache-tokens", "-1")
 
 

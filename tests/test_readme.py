@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from google.protobuf import json_format
 from lmserve import FinishReason
 from lmserve.v1 import lmserve_pb2, lmserve_pb2_grpc
 from tests.conftest import RunningDaemon
-from tests.ops_support import free_port
+from tests.ops_support import free_port, run_group
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -65,14 +64,8 @@ def test_try_it_offline_works_when_pasted(tmp_path: Path) -> None:
         "LMSERVE_PORT": str(port),
         "LMSERVE_TARGET": address,
     }
-    proc = subprocess.run(
-        ["bash", "-c", script],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    # The daemon the paste starts dies with the group if the paste fails or hangs.
+    proc = run_group(["bash", "-c", script], cwd=tmp_path, env=env, timeout=240)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     out = proc.stdout.splitlines()
     assert "15496 2159" in out, proc.stdout  # what the tokenize line's comment says
@@ -106,4 +99,78 @@ def test_the_finish_reasons_are_named_as_users_see_them(daemon: RunningDaemon) -
     with grpc.insecure_channel(daemon.address) as channel:
         stub = lmserve_pb2_grpc.GeneratorStub(channel)
         reply = stub.Generate(json_format.ParseDict(request, lmserve_pb2.GenerateRequest()))
-    assert claimed in json_format.MessageToJson(reply, indent=None)
+    # grpcurl names fields in lowerCamelCase by default and as in the proto with
+    # -keep-proto-names: what the comment shows must be in both, and README names both.
+    for proto_names in (False, True):
+        printed = json_format.MessageToJson(
+            reply, indent=None, preserving_proto_field_name=proto_names
+        )
+        assert claimed in printed, printed
+    said = section("Try it offline")
+    assert "`finishReason`" in said and "`finish_reason`" in said and "-keep-proto-names" in said
+
+
+def test_the_readme_is_in_a_newcomers_order_with_the_internals_elsewhere() -> None:
+    """Issue 19: how batching works sat between the API and operations."""
+    headings = re.findall(r"^## (.+)$", README.read_text(), flags=re.M)
+    wanted = [
+        "The two commands",
+        "Try it offline",
+        "Coming from vLLM, TGI or Triton",
+        "The API",
+        "The Python client",
+        "Operations",
+        "Troubleshooting",
+    ]
+    positions = [next(i for i, h in enumerate(headings) if h.startswith(w)) for w in wanted]
+    assert positions == sorted(positions), headings
+    assert not any("How batching works" in h for h in headings)
+    architecture = README.parent / "docs" / "ARCHITECTURE.md"
+    assert "## How batching works" in architecture.read_text()
+    assert "(docs/ARCHITECTURE.md)" in README.read_text()
+
+
+def test_the_comparison_says_what_lmserve_has_not() -> None:
+    table = section("Coming from vLLM, TGI or Triton")
+    for row in (
+        "**no HTTP or OpenAI-compatible endpoint**",
+        "| quantization | **none**",
+        "| LoRA adapters | **none**",
+        "| tensor / pipeline parallelism | **none**",
+        "have never run on a GPU",
+        "only once, before the current engine core",
+    ):
+        assert row in table, row
+
+
+def test_the_client_section_names_every_public_method_and_error() -> None:
+    import inspect
+
+    import lmserve
+
+    client = section("The Python client")
+    for cls in (lmserve.Client, lmserve.AsyncClient):
+        public = [n for n, _ in inspect.getmembers(cls, inspect.isfunction) if n[0] != "_"]
+        assert public, cls
+        for name in public:
+            assert f"`{name}(" in client, f"{cls.__name__}.{name}"
+    errors = [n for n in lmserve.__all__ if n.endswith("Error") and n != "LmserveError"]
+    for name in errors:
+        assert f"`{name}`" in client, name
+
+
+def test_the_client_example_runs(daemon: RunningDaemon, tmp_path: Path) -> None:
+    (example,) = code_blocks(section("The Python client"), "python")
+    script = tmp_path / "example.py"
+    script.write_text(example.replace(DEFAULT_ADDRESS, daemon.address))
+    done = run_group([sys.executable, str(script)], timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "SERVING"
+    assert lines[1].split()[1:] == ["static", "32", "1024"], lines[1]
+
+
+def test_the_readme_states_the_daemons_memory() -> None:
+    memory = section("Operations").split("### Memory", 1)[1].split("\n### ", 1)[0]
+    for part in ("the weights", "packed copy", "compiled kernels", "KV cache", "no prefix cache"):
+        assert part in memory, part

@@ -73,11 +73,11 @@ def slots_for(
 def draw(
     logits: torch.Tensor,
     slots: SamplingSlots,
-    full_sort: bool = False,
+    device_only: bool = False,
     rows: list[int] | None = None,
 ) -> Sampled:
     rows = list(range(logits.shape[0])) if rows is None else rows
-    return sample(logits, slots.rows(rows, torch.tensor(rows)), full_sort=full_sort)
+    return sample(logits, slots.rows(rows, torch.tensor(rows)), device_only=device_only)
 
 
 def reference(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -181,7 +181,7 @@ def test_candidates_and_the_whole_vocabulary_draw_the_same_tokens(
         requests = [request_of(**{**vars(params), "seed": seed * 100 + i}) for i in range(32)]
         slots = slots_for(requests, vocab)
         by_candidates = draw(logits, slots).tokens
-        by_sorting = draw(logits, slots, full_sort=True).tokens
+        by_sorting = draw(logits, slots, device_only=True).tokens
         assert torch.equal(by_candidates, by_sorting)
         for row, token in enumerate(by_candidates.tolist()):
             assert float(reference(logits[row], params)[token]) > 0
@@ -362,3 +362,21 @@ def test_a_drawn_token_s_logprob_is_its_own() -> None:
         assert math.isclose(logprob, math.log(expected[token]), abs_tol=1e-5)
         if token in ids:
             assert math.isclose(top[ids.index(token)], logprob, abs_tol=1e-6)
+
+
+def test_penalties_over_the_seen_tokens_are_penalties_over_whole_rows() -> None:
+    """The CPU's penalties (the seen tokens, found on the host) and the GPU's (whole rows)
+    give every row of a company with every option the same scores, hence tokens."""
+    generator = torch.Generator().manual_seed(4)
+    n, vocab = 20, 600
+    history = [[(3 * i + k) % vocab for k in range(40)] for i in range(n)]
+    generated = [[(7 * i + k) % vocab for k in range(i % 5)] for i in range(n)]
+    slots = slots_for(company(n), vocab, seen=history, generated=generated)
+    logits = random_logits(n, vocab, generator)
+    seen_only = draw(logits, slots)
+    whole_rows = draw(logits, slots, device_only=True)
+    assert torch.equal(seen_only.tokens, whole_rows.tokens)
+    rows = slots.rows(list(range(n)), torch.arange(n))
+    from lmserve_server.engine.sampling import _penalise, _penalise_seen
+
+    assert torch.equal(_penalise_seen(logits.clone(), rows), _penalise(logits.clone(), rows))

@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 import lmserve
 from lmserve import AsyncClient, Client
 from lmserve.cli import main as client_main
+from lmserve.v1 import lmserve_pb2
 from lmserve_server.cli import build_parser, config_from_args
 from lmserve_server.config import ServerConfig
 from lmserve_server.security import server_credentials
@@ -115,6 +116,33 @@ def test_bearer_token_guards_the_service_but_not_health_or_reflection(make_daemo
         request = reflection_pb2.ServerReflectionRequest(list_services="")
         listed = next(reflection.ServerReflectionInfo(iter([request]), timeout=5))
         assert "lmserve.v1.Generator" in {s.name for s in listed.list_services_response.service}
+
+
+def test_the_token_is_checked_before_the_request_is_read(
+    make_daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Issue 19: anyone could make the daemon receive and parse up to --max-message-bytes per
+    call before being refused. The request's deserializer must run for authorised calls
+    only; a refused one (4 MB, unary and streaming) is never parsed."""
+    parsed: list[int] = []
+    parse = lmserve_pb2.GenerateRequest.FromString
+
+    def counting(data: bytes) -> lmserve_pb2.GenerateRequest:
+        parsed.append(len(data))
+        return parse(data)
+
+    # The servicer's handlers take the deserializer when they are registered, at start.
+    monkeypatch.setattr(lmserve_pb2.GenerateRequest, "FromString", counting)
+    running = make_daemon(auth_token=TOKEN)
+    big = "x" * (4 * 1024 * 1024 - 1024)
+    with Client(running.address, timeout=30) as client:
+        for call in (client.generate, lambda p: list(client.stream(p))):
+            with pytest.raises(lmserve.UnauthenticatedError):
+                call(big)
+    assert parsed == []
+    with Client(running.address, token=TOKEN, timeout=30) as client:
+        assert client.generate("Hi", max_new_tokens=1).completion_tokens == 1
+    assert len(parsed) == 1
 
 
 def test_client_cli_takes_tls_and_token_flags_and_env(

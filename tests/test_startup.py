@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from lmserve import Client
 from tests.conftest import RunningDaemon
-from tests.ops_support import LMSERVE, ServeProcess, free_port
+from tests.ops_support import LMSERVE, ServeProcess, free_port, make_pki
 
 
 def serve(model: Path | str, *args: str, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
@@ -76,6 +77,70 @@ def test_a_taken_metrics_port_is_one_line_before_the_model_loads(tiny_model_dir:
     )
 
 
+def test_the_metrics_port_equal_to_the_port_is_one_line_before_the_model_loads(
+    tiny_model_dir: Path,
+) -> None:
+    port = free_port()
+    proc = serve(tiny_model_dir, "--port", str(port), "--metrics-port", str(port))
+    assert proc.returncode != 0
+    assert f"--metrics-port {port} is also --port" in one_error_line(proc.stderr)
+
+
+def test_a_host_that_does_not_resolve_is_one_line_even_on_port_0(tiny_model_dir: Path) -> None:
+    proc = serve(tiny_model_dir, "--port", "0", "--host", "no-such-host.invalid")
+    assert proc.returncode != 0
+    assert "--host no-such-host.invalid: cannot resolve it" in one_error_line(proc.stderr)
+
+
+def test_an_address_of_another_machine_is_one_line_before_the_model_loads(
+    tiny_model_dir: Path,
+) -> None:
+    proc = serve(tiny_model_dir, "--port", "0", "--host", "192.0.2.1")  # TEST-NET-1
+    assert proc.returncode != 0
+    assert "--host 192.0.2.1 --port 0: cannot listen on 192.0.2.1:0: it is not an address of " in (
+        one_error_line(proc.stderr)
+    )
+
+
+def test_host_double_colon_serves_every_address(tiny_model_dir: Path) -> None:
+    """``--host ::`` (gRPC needs ``[::]:port``) listens on IPv6 and, dual-stack, IPv4."""
+    port = free_port()
+    server = ServeProcess(tiny_model_dir, "--host", "::", "--port", str(port))
+    try:
+        assert server.wait_serving() == f"[::]:{port}"
+        targets = [f"127.0.0.1:{port}"]
+        if socket.has_ipv6:
+            targets.append(f"ipv6:[::1]:{port}")
+        for target in targets:
+            with Client(target, timeout=30) as client:
+                assert client.tokenize("Hello World") == [15496, 2159], target
+    finally:
+        server.kill()
+    assert any("serving plaintext without a token on [::]:" in line for line in server.lines)
+
+
+def test_a_tls_key_that_is_not_the_certificates_is_one_line_before_the_model_loads(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    pki = make_pki(tmp_path / "pki")
+    cases = {
+        (pki.server_cert, pki.client_key): "is not the private key of --tls-cert",
+        (pki.server_cert, pki.server_cert): "no private key in it",
+        (pki.server_key, pki.server_key): "no certificate in it",
+    }
+    for (cert, key), said in cases.items():
+        proc = serve(tiny_model_dir, "--port", "0", "--tls-cert", str(cert), "--tls-key", str(key))
+        assert proc.returncode != 0
+        assert said in one_error_line(proc.stderr), (cert, key)
+    proc = serve(
+        tiny_model_dir,
+        *("--port", "0", "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)),
+        *("--tls-client-ca", str(pki.server_key)),
+    )
+    assert proc.returncode != 0
+    assert "--tls-client-ca" in one_error_line(proc.stderr)
+
+
 def test_a_daemon_does_not_share_its_port(make_daemon) -> None:  # type: ignore[no-untyped-def]
     """gRPC's default SO_REUSEPORT would let a second server bind the port and take half of
     the new connections; it must fail instead (the check before loading aside)."""
@@ -118,8 +183,49 @@ def test_a_missing_model_directory_is_said_to_be_missing(tmp_path: Path, log_for
     )
     assert proc.returncode != 0
     line = error_line(proc.stderr, log_format)
-    assert f"the directory {tmp_path / 'no-such-dir'} does not exist" in line
+    assert f"no such directory: {tmp_path / 'no-such-dir'} does not exist" in line
     assert "Hugging Face" not in line
+
+
+def test_a_relative_path_under_a_local_directory_is_no_such_directory(tmp_path: Path) -> None:
+    """Issue 19: ``models/tiny-gpt3`` looks like a Hub ``owner/name`` and was looked up on the
+    Hub; with a ``models`` directory here it is a path, and a missing one."""
+    (tmp_path / "models" / "tiny-gpt2").mkdir(parents=True)
+    proc = subprocess.run(
+        [*LMSERVE, "serve", "--model", "models/tiny-gpt3", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert proc.returncode != 0
+    line = one_error_line(proc.stderr)
+    assert f"no such directory: {tmp_path / 'models' / 'tiny-gpt3'} does not exist" in line
+    assert "(did you mean 'models/tiny-gpt2'?)" in line
+    assert "Hugging Face" not in line
+
+
+def test_a_directory_without_a_model_says_what_it_lacks(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    line = one_error_line(serve(empty, "--port", "0").stderr)
+    assert f"the directory {empty} holds no model: it has no config.json, no weights" in line
+    assert "no tokenizer files" in line
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", config_only)
+    line = one_error_line(serve(config_only, "--port", "0").stderr)
+    assert "it has no weights (model.safetensors" in line and "no tokenizer files" in line
+
+
+def test_lmserve_version() -> None:
+    from importlib.metadata import version
+
+    proc = subprocess.run([*LMSERVE, "--version"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    assert proc.stdout.strip() == f"lmserve {version('lmserve')}"
 
 
 def test_a_non_sdpa_model_under_the_continuous_scheduler_is_one_line(

@@ -223,6 +223,31 @@ def test_env_example_names_only_real_settings() -> None:
     text = (DEPLOY / "lmserve.env.example").read_text()
     names = set(re.findall(r"^#?([A-Z][A-Z0-9_]+)=", text, flags=re.M))
     assert names and names <= known, names - known
+    # Issue 19: it lacked LMSERVE_SCHEDULER and LMSERVE_METRICS_HOST; now every setting.
+    assert names == known, known - names
+    assert "LMSERVE_SCHEDULER=continuous\n" in text  # README's recommendation
+    metrics = text[text.index("# Prometheus") : text.index("#LMSERVE_METRICS_PORT")]
+    assert "does not follow LMSERVE_HOST" in metrics and "127.0.0.1" in metrics
+
+
+def test_the_template_s_header_installs_it_before_enabling_it() -> None:
+    """Issue 19: the header's steps skipped installing the unit, daemon-reload and creating
+    /etc/lmserve, so `enable --now` found no unit and `tee` no directory."""
+    header = [
+        line.removeprefix("#").strip()
+        for line in (DEPLOY / "lmserve@.service").read_text().splitlines()
+        if line.startswith("#   sudo") or line.startswith("#   printf")
+    ]
+    steps = [
+        "sudo systemd-sysusers /etc/sysusers.d/lmserve.conf",
+        "sudo install -d /etc/lmserve",
+        "printf 'LMSERVE_PORT=50051\\n' | sudo tee /etc/lmserve/lmserve@0.env",
+        "sudo install -m 644 deploy/lmserve@.service /etc/systemd/system/lmserve@.service",
+        "sudo systemctl daemon-reload",
+        "sudo systemctl enable --now lmserve@0 lmserve@1",
+    ]
+    found = [next(i for i, line in enumerate(header) if line.startswith(s)) for s in steps]
+    assert found == sorted(found), header
 
 
 # ---- the per-GPU template's static user ------------------------------------------------------

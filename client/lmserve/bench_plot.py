@@ -48,6 +48,7 @@ class PlotSummary:
 
     panels: list[str]
     window_s: float
+    title: str = ""
     throughput: list[RatePoint] = field(default_factory=list)
     ttft_ms: list[float] = field(default_factory=list)
 
@@ -136,39 +137,68 @@ def plot_report(
 
     ttft_ms = [r.ttft_s * 1000.0 for r in records if r.ok and r.ttft_s is not None]
     panels = 3 if ttft_ms else 2
-    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5))
+    fig = plt.figure(figsize=(6 * panels, 5.5))
+    # Histograms span both rows; the last column has requests/s above and tokens/s below
+    # on axes of their own: on twin axes over the same time each line scales to its own
+    # maximum, and with tokens per request about constant the two lines fell on each other.
+    grid = fig.add_gridspec(2, panels)
     titles = ["latency distribution"]
     latencies = [r.latency_s * 1000.0 for r in records if r.ok]
-    _histogram(axes[0], latencies, report["latency_ms"], "latency (ms)", titles[0])
+    _histogram(
+        fig.add_subplot(grid[:, 0]), latencies, report["latency_ms"], "latency (ms)", titles[0]
+    )
     if ttft_ms:
         titles.append("time to first token")
-        _histogram(axes[1], ttft_ms, report["ttft_ms"], "time to first token (ms)", titles[1])
-
-    right = axes[-1]
+        _histogram(
+            fig.add_subplot(grid[:, 1]),
+            ttft_ms,
+            report["ttft_ms"],
+            "time to first token (ms)",
+            titles[1],
+        )
     window = rolling_window_s(records, report["duration_s"])
     series = rolling_rates(records, window)
     seconds = [p.t for p in series]
     marker = "." if len(series) < 60 else None
-    right.plot(seconds, [p.requests_per_s for p in series], color="tab:blue", lw=3, marker=marker)
-    right.set_xlabel(f"time since start (s); rates over a rolling {window:.3g} s window")
-    right.set_ylabel("requests/s", color="tab:blue")
-    tokens_axis = right.twinx()
-    tokens_axis.plot(seconds, [p.tokens_per_s for p in series], color="tab:orange", marker=marker)
-    tokens_axis.set_ylabel("generated tokens/s", color="tab:orange")
+    rates = fig.add_subplot(grid[0, -1])
+    rates.plot(seconds, [p.requests_per_s for p in series], color="tab:blue", marker=marker)
+    rates.set_ylabel("requests/s")
     errors = [p.errors_per_s for p in series]
     if any(errors):
-        right.fill_between(seconds, errors, color="tab:red", alpha=0.3, label="errors/s")
-        right.legend(loc="upper left")
-    right.set_ylim(bottom=0)
-    tokens_axis.set_ylim(bottom=0)
+        rates.fill_between(seconds, errors, color="tab:red", alpha=0.3, label="errors/s")
+        rates.legend(loc="upper left")
+    rates.set_ylim(bottom=0)
+    rates.tick_params(labelbottom=False)
     titles.append("throughput over time")
-    right.set_title(titles[-1])
-
-    fig.suptitle(f"lmserve bench: {report['load_description']}", fontsize=10)
+    rates.set_title(titles[-1])
+    tokens = fig.add_subplot(grid[1, -1], sharex=rates)
+    tokens.plot(seconds, [p.tokens_per_s for p in series], color="tab:orange", marker=marker)
+    tokens.set_ylabel("generated tokens/s")
+    tokens.set_ylim(bottom=0)
+    tokens.set_xlabel(f"time since start (s); rates over a rolling {window:.3g} s window")
+    title = plot_title(report)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return PlotSummary(titles, window, series, ttft_ms)
+    return PlotSummary(titles, window, title, series, ttft_ms)
+
+
+def plot_title(report: dict[str, Any]) -> str:
+    """What was measured: the model, where and how it was served (from the server's
+    ModelInfo, when it answered), the load and the workload."""
+    lines = []
+    model = report.get("model")
+    if model:
+        scheduler = model.get("scheduler") or "unknown"
+        lines.append(
+            f"{model['model']} on {model['device']} ({model['dtype']}), {scheduler} scheduler, "
+            f"max batch {model['max_batch_size']}"
+        )
+    load = report.get("load_description", "")
+    workload = report.get("workload_description")
+    lines.append(f"lmserve bench: {load}" + (f"; {workload}" if workload else ""))
+    return "\n".join(lines)
 
 
 def _histogram(

@@ -366,8 +366,18 @@ def _run_generate(args: argparse.Namespace) -> int:
             result = client.generate(prompt, **sampling)
             if args.json:
                 # Keep the one-object-per-chunk shape a --stream --json reader expects.
-                last = StreamChunk(result.text, result.token_ids, result.finish_reason)
-                _print_json(last.to_dict())
+                last = StreamChunk(
+                    text=result.text,
+                    token_ids=result.token_ids,
+                    finish_reason=result.finish_reason,
+                    logprobs=result.logprobs,
+                    prompt_tokens=result.prompt_tokens,
+                    completion_tokens=result.completion_tokens,
+                    batch_size=result.batch_size,
+                    queue_ms=result.queue_ms,
+                    compute_ms=result.compute_ms,
+                )
+                _print_json(_chunk_json(last))
             else:
                 print(result.text)
             return 0
@@ -386,9 +396,23 @@ def _print_result(result: GenerationResult, *, as_json: bool) -> None:
         print(result.text)
 
 
+# How a request was served: known only at its end, so only the last chunk carries them.
+_USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "batch_size", "queue_ms", "compute_ms")
+
+
+def _chunk_json(chunk: StreamChunk) -> dict[str, Any]:
+    """A chunk as JSON: the text, ids and logprobs, and on the last chunk only (the one with
+    a finish reason) the usage fields, which on the others would read as zeros."""
+    fields = chunk.to_dict()
+    if chunk.finish_reason is None:
+        for name in _USAGE_FIELDS:
+            fields.pop(name, None)
+    return fields
+
+
 def _print_chunk(chunk: StreamChunk, *, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(chunk.to_dict(), ensure_ascii=False), flush=True)
+        print(json.dumps(_chunk_json(chunk), ensure_ascii=False), flush=True)
     else:
         sys.stdout.write(chunk.text)
         sys.stdout.flush()

@@ -9,6 +9,8 @@ instance carries the actual code.
 
 from __future__ import annotations
 
+import re
+
 import grpc
 
 
@@ -16,6 +18,8 @@ class LmserveError(Exception):
     """A failed call: ``code`` is the gRPC status code, ``details`` the server's message."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    # Whether the same call may succeed if made again later (after a back-off).
+    retryable: bool = False
 
     def __init__(self, details: str = "", code: grpc.StatusCode | None = None) -> None:
         super().__init__(details)
@@ -42,12 +46,28 @@ class OverloadedError(LmserveError):
     """The server's queue is full (RESOURCE_EXHAUSTED); back off and retry."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    retryable = True
+
+
+class RequestTooLargeError(LmserveError):
+    """The request message is larger than the server accepts (``lmserve serve
+    --max-message-bytes``): gRPC refuses it with RESOURCE_EXHAUSTED before the daemon reads
+    it. Not an overload: the same request always fails, so shorten it rather than retry.
+    ``size`` and ``limit`` are in bytes."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, details: str = "", size: int = 0, limit: int = 0) -> None:
+        super().__init__(details)
+        self.size = size
+        self.limit = limit
 
 
 class UnavailableError(LmserveError):
     """The server cannot be reached, or is shutting down."""
 
     code = grpc.StatusCode.UNAVAILABLE
+    retryable = True
 
 
 class DeadlineExceededError(LmserveError):
@@ -109,11 +129,36 @@ _BY_CODE: dict[grpc.StatusCode, type[LmserveError]] = {
 }
 
 
+# gRPC core's words for a message over a size limit: the server's receive limit
+# ("SERVER: Received ...") or this client's own send limit ("Sent ...").
+_TOO_LARGE = re.compile(r"(Received|Sent) message larger than max \((\d+) vs\. (\d+)\)")
+
+
+def _too_large(details: str) -> RequestTooLargeError | None:
+    match = _TOO_LARGE.search(details)
+    if match is None or (match.group(1) == "Received" and "SERVER" not in details):
+        return None  # a response over this client's receive limit is another matter
+    size, limit = int(match.group(2)), int(match.group(3))
+    whose = (
+        "the server's limit (lmserve serve --max-message-bytes)"
+        if match.group(1) == "Received"
+        else "this client's limit (grpc.max_send_message_length)"
+    )
+    return RequestTooLargeError(
+        f"request too large: {size} bytes, over {whose} of {limit} bytes; shorten it, as "
+        f"sending it again can't succeed (gRPC: {details})",
+        size=size,
+        limit=limit,
+    )
+
+
 def from_rpc_error(err: grpc.RpcError) -> LmserveError:
     """The ``LmserveError`` (subclass) matching ``err``'s status code, with its details.
 
     Codes without a class of their own (FAILED_PRECONDITION, ABORTED, ...) give a plain
-    ``LmserveError`` whose ``code`` is the received one.
+    ``LmserveError`` whose ``code`` is the received one. RESOURCE_EXHAUSTED is an
+    ``OverloadedError`` (retry later), unless gRPC says the request is over a size limit:
+    then it is a ``RequestTooLargeError`` (don't).
     """
     # grpc.RpcError itself declares no code()/details(); the errors raised by calls
     # (grpc.Call, grpc.aio.AioRpcError) have both, but be safe with anything else.
@@ -123,6 +168,10 @@ def from_rpc_error(err: grpc.RpcError) -> LmserveError:
     details = (details_fn() if callable(details_fn) else None) or ""
     if not isinstance(code, grpc.StatusCode):
         return LmserveError(details or str(err), grpc.StatusCode.UNKNOWN)
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        too_large = _too_large(details)
+        if too_large is not None:
+            return too_large
     cls = _BY_CODE.get(code)
     if cls is None:
         return LmserveError(details, code)

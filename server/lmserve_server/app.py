@@ -30,7 +30,7 @@ from lmserve_server.engine.types import GenerationOutput
 from lmserve_server.grammar.compiler import GrammarCompiler
 from lmserve_server.interceptors import ErrorInterceptor, RequestInterceptor
 from lmserve_server.metrics import Metrics
-from lmserve_server.network import is_loopback
+from lmserve_server.network import grpc_address, is_loopback
 from lmserve_server.scheduling.base import Scheduler
 from lmserve_server.scheduling.continuous import ContinuousScheduler
 from lmserve_server.scheduling.static import StaticScheduler
@@ -153,6 +153,20 @@ class Daemon:
     def _record_step(self, rows: int, seconds: float, tokens: int, failed: bool) -> None:
         # In continuous mode a "batch" is one step (called on the engine thread).
         self.metrics.observe_batch(rows, seconds, tokens, failed=failed)
+        # A line per step at debug only: steps come every few milliseconds, and at info they
+        # would flood the journal. The fields are a static batch line's, so one jq filter
+        # (select(.batch_size)) reads both.
+        if log.isEnabledFor(logging.DEBUG):
+            compute_ms = round(seconds * 1000.0, 3)
+            log.debug(
+                "step of %d %s %s in %.1f ms, %d tokens",
+                rows,
+                "row" if rows == 1 else "rows",
+                "failed" if failed else "ran",
+                compute_ms,
+                tokens,
+                extra={"batch_size": rows, "compute_ms": compute_ms, "tokens": tokens},
+            )
 
     def _record_batch(
         self, size: int, compute_s: float, outcomes: list[GenerationOutput | Exception] | None
@@ -212,7 +226,7 @@ class Daemon:
         if self.config.reflection:
             names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
             reflection.enable_server_reflection(names, self.server)
-        address = f"{self.config.host}:{self.config.port}"
+        address = grpc_address(self.config.host, self.config.port)
         self.port = self._bind(self.server, address)
         if self.config.metrics_port:
             self.metrics.serve(self.config.metrics_host, self.config.metrics_port)
@@ -227,10 +241,9 @@ class Daemon:
         security = "mutual TLS" if self.config.tls_client_ca else "TLS" if self.config.tls else ""
         auth = "bearer token" if self.config.auth_token is not None else ""
         log.info(
-            "serving %s on %s:%d%s",
+            "serving %s on %s%s",
             self.engine.name,
-            self.config.host,
-            self.port,
+            grpc_address(self.config.host, self.port),
             f" ({', '.join(x for x in (security, auth) if x)})" if security or auth else "",
         )
         return self.port
@@ -254,11 +267,10 @@ class Daemon:
                 log.warning("the bearer token travels in clear text: set --tls-cert/--tls-key")
             else:
                 log.warning(
-                    "serving plaintext without a token on %s:%d: anyone who can reach it can "
+                    "serving plaintext without a token on %s: anyone who can reach it can "
                     "call it; set --tls-cert/--tls-key and --auth-token-file, or keep the port "
                     "behind a firewall or network policy",
-                    config.host,
-                    port,
+                    grpc_address(config.host, port),
                 )
         return port
 

@@ -7,6 +7,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+SCHEDULERS = ("static", "continuous")
+
+# Settings whose flag is not --<field name with dashes>, or that have two ways in.
+_FLAGS = {"drain_timeout_s": "--drain-timeout"}
+_SETTINGS = {"auth_token": "--auth-token-file (LMSERVE_AUTH_TOKEN_FILE) or LMSERVE_AUTH_TOKEN"}
+
+
+def setting(name: str) -> str:
+    """How an operator sets the field ``name``: its flag and its environment variable."""
+    if name in _SETTINGS:
+        return _SETTINGS[name]
+    flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
+    return f"{flag} ({'LMSERVE_' + flag.removeprefix('--').replace('-', '_').upper()})"
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -66,37 +80,66 @@ class ServerConfig:
     chat_template: str | None = None  # a Jinja file replacing the model's chat template
 
     def __post_init__(self) -> None:
-        checks = {
-            "max_batch_size": self.max_batch_size >= 1,
-            "max_wait_ms": self.max_wait_ms >= 0,
-            "max_queue": self.max_queue >= 1,
-            "max_new_tokens_cap": self.max_new_tokens_cap >= 1,
-            "max_prompt_chars": self.max_prompt_chars >= 1,
-            "max_batch_tokens": self.max_batch_tokens >= 0,
-            "max_step_tokens": self.scheduler != "continuous"
-            or self.max_step_tokens > self.max_batch_size,
-            "kv_cache_tokens": self.kv_cache_tokens >= 0,
-            "kv_cache_memory": 0.0 < self.kv_cache_memory <= 1.0,
-            "prefix_cache_tokens": self.prefix_cache_tokens >= 0,
-            "scheduler": self.scheduler in ("static", "continuous"),
-            "static_engine": self.static_engine in ("auto", "generate", "steps"),
-            "max_message_bytes": self.max_message_bytes >= 1024,
-            "default_max_new_tokens": 1 <= self.default_max_new_tokens <= self.max_new_tokens_cap,
-            "port": 0 <= self.port <= 65535,
-            "drain_timeout_s": self.drain_timeout_s >= 0,
-            "log_format": self.log_format in ("text", "json"),
-            "metrics_port": 0 <= self.metrics_port <= 65535,
-            "auth_token": self.auth_token is None or bool(self.auth_token.strip()),
-            "grammar_compile_timeout_s": self.grammar_compile_timeout_s > 0,
-            "grammar_cache_size": self.grammar_cache_size >= 1,
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"invalid setting(s): {', '.join(bad)} (see lmserve serve --help)")
+        problems = [
+            f"{setting(name)} {value!r}: {reason}" for name, value, reason in self._problems()
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together: give both or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+
+    def _problems(self) -> list[tuple[str, object, str]]:
+        """(field, its value, what is wrong with it) for each bad setting."""
+        checks: list[tuple[str, bool, str]] = [
+            ("max_batch_size", self.max_batch_size >= 1, "must be at least 1"),
+            ("max_wait_ms", self.max_wait_ms >= 0, "must be 0 or more"),
+            ("max_queue", self.max_queue >= 1, "must be at least 1"),
+            ("max_new_tokens_cap", self.max_new_tokens_cap >= 1, "must be at least 1"),
+            ("max_prompt_chars", self.max_prompt_chars >= 1, "must be at least 1"),
+            ("max_batch_tokens", self.max_batch_tokens >= 0, "must be 0 (no limit) or more"),
+            (
+                "max_step_tokens",
+                self.scheduler != "continuous" or self.max_step_tokens > self.max_batch_size,
+                f"must exceed --max-batch-size ({self.max_batch_size}) with --scheduler "
+                "continuous: a step first gives every running row its next token, then "
+                "prefills prompts with what is left",
+            ),
+            ("kv_cache_tokens", self.kv_cache_tokens >= 0, "must be 0 (a full context) or more"),
+            ("kv_cache_memory", 0.0 < self.kv_cache_memory <= 1.0, "must be in (0, 1]"),
+            (
+                "prefix_cache_tokens",
+                self.prefix_cache_tokens >= 0,
+                "must be 0 (a quarter of the KV cache's tokens) or more",
+            ),
+            ("scheduler", self.scheduler in SCHEDULERS, f"choose {' or '.join(SCHEDULERS)}"),
+            (
+                "static_engine",
+                self.static_engine in ("auto", "generate", "steps"),
+                "choose auto, generate or steps",
+            ),
+            ("max_message_bytes", self.max_message_bytes >= 1024, "must be at least 1024"),
+            (
+                "default_max_new_tokens",
+                1 <= self.default_max_new_tokens <= self.max_new_tokens_cap,
+                f"must be from 1 to --max-new-tokens-cap ({self.max_new_tokens_cap})",
+            ),
+            ("port", 0 <= self.port <= 65535, "must be from 0 (any free port) to 65535"),
+            ("drain_timeout_s", self.drain_timeout_s >= 0, "must be 0 or more (seconds)"),
+            ("log_format", self.log_format in ("text", "json"), "choose text or json"),
+            ("metrics_port", 0 <= self.metrics_port <= 65535, "must be from 0 (off) to 65535"),
+            (
+                "grammar_compile_timeout_s",
+                self.grammar_compile_timeout_s > 0,
+                "must be more than 0 (seconds)",
+            ),
+            ("grammar_cache_size", self.grammar_cache_size >= 1, "must be at least 1"),
+        ]
+        problems = [(name, getattr(self, name), reason) for name, ok, reason in checks if not ok]
+        if self.auth_token is not None and not self.auth_token.strip():
+            problems.append(("auth_token", "", "the token is empty"))
+        return problems
 
     @property
     def tls(self) -> bool:

@@ -155,8 +155,10 @@ def rewrap(
     stream: Wrapper,
     request_deserializer: Callable[[bytes], Any] | None = None,
 ) -> grpc.RpcMethodHandler:
-    """``handler`` with its unary-unary or unary-stream behaviour wrapped (others as they are),
-    and with ``request_deserializer`` when one is given."""
+    """``handler`` with its behaviour wrapped (``unary`` for a single response, ``stream`` for a
+    response stream), and with ``request_deserializer`` when one is given. The service's
+    methods are unary-request, but the token check refuses with a request-streaming handler
+    (``security._refusing``): those are wrapped too, so their refusals are counted."""
     serializers = {
         "request_deserializer": request_deserializer or handler.request_deserializer,
         "response_serializer": handler.response_serializer,
@@ -165,6 +167,10 @@ def rewrap(
         return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **serializers)
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream), **serializers)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **serializers)
+    if handler.stream_stream:
+        return grpc.stream_stream_rpc_method_handler(stream(handler.stream_stream), **serializers)
     return handler
 
 

@@ -24,6 +24,7 @@ from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
 
 from lmserve_server.engine.types import PrefixCacheStats
+from lmserve_server.network import grpc_address
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +183,10 @@ class Metrics:
         try:
             self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
         except OSError as err:
-            raise OSError(f"--metrics-port {port}: cannot listen on {host}: {err}") from None
-        log.info("metrics on http://%s:%d/metrics", host, self.port)
+            raise OSError(
+                f"--metrics-port {port}: cannot listen on {grpc_address(host, port)}: {err}"
+            ) from None
+        log.info("metrics on http://%s/metrics", grpc_address(host, self.port))
         return self.port
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import ssl
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -47,6 +48,49 @@ def server_credentials(cert: str, key: str, client_ca: str | None) -> grpc.Serve
         root_certificates=_read_pem(client_ca, "--tls-client-ca"),
         require_client_auth=True,
     )
+
+
+def check_tls_files(cert: str, key: str, client_ca: str | None) -> None:
+    """Raises ValueError (OSError for a file that can't be read), naming the flag, for what
+    gRPC would find wrong with the TLS files only when it binds, after the model has loaded,
+    and then say as "Invalid private key." followed by a misleading "Failed to bind": a key
+    that is not the certificate's, a file that holds no certificate or no key, an encrypted
+    key, a CA file without a certificate."""
+    cert_pem, key_pem = _read_pem(cert, "--tls-cert"), _read_pem(key, "--tls-key")
+    if b"-----BEGIN CERTIFICATE-----" not in cert_pem:
+        raise ValueError(f"--tls-cert {cert}: no certificate in it (no BEGIN CERTIFICATE line)")
+    if b"PRIVATE KEY-----" not in key_pem:
+        raise ValueError(f"--tls-key {key}: no private key in it (no BEGIN ... PRIVATE KEY line)")
+    if b"ENCRYPTED" in key_pem:
+        raise ValueError(
+            f"--tls-key {key}: the key is encrypted, and gRPC reads unencrypted keys only "
+            "(keep it readable to the daemon alone: chmod 600, or systemd's LoadCredential=)"
+        )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key, password=_no_password)
+    except ssl.SSLError as err:
+        if err.reason == "KEY_VALUES_MISMATCH":
+            raise ValueError(
+                f"--tls-key {key} is not the private key of --tls-cert {cert} (their public "
+                "keys differ): give the key the certificate was issued for"
+            ) from None
+        raise ValueError(
+            f"--tls-cert {cert} / --tls-key {key}: not a usable certificate and key: "
+            f"{err.reason or err}"
+        ) from None
+    if client_ca is not None:
+        _read_pem(client_ca, "--tls-client-ca")
+        try:
+            context.load_verify_locations(cafile=client_ca)
+        except ssl.SSLError as err:
+            raise ValueError(
+                f"--tls-client-ca {client_ca}: no usable CA certificate in it ({err.reason or err})"
+            ) from None
+
+
+def _no_password() -> bytes:
+    raise ValueError("an encrypted key")  # caught above; gRPC can't use one either
 
 
 def read_token_file(path: str) -> str:
@@ -99,24 +143,32 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as ``handler`` that aborts with UNAUTHENTICATED."""
+    """A handler that aborts with UNAUTHENTICATED without reading the request.
+
+    It is always of a request-streaming kind: gRPC reads a streaming request only when the
+    handler asks for its messages, and this one never does, whereas for a unary handler it
+    would receive and deserialize the whole message first (up to --max-message-bytes of
+    it, sent by anyone). On the wire a unary call and a one-message stream are the same, so
+    the caller sees only the refusal.
+    """
     code = grpc.StatusCode.UNAUTHENTICATED
 
-    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
         await context.abort(code, message)
 
-    async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         await context.abort(code, message)
         yield  # pragma: no cover - makes this an async generator; abort always raises
 
     serializers = {
-        "request_deserializer": handler.request_deserializer,
+        "request_deserializer": _unread,
         "response_serializer": handler.response_serializer,
     }
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(unary, **serializers)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(stream, **serializers)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(unary, **serializers)
-    return grpc.stream_stream_rpc_method_handler(stream, **serializers)
+    if handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(stream, **serializers)
+    return grpc.stream_unary_rpc_method_handler(unary, **serializers)
+
+
+def _unread(data: bytes) -> None:
+    """The refusing handlers' deserializer: never called, as they read no request."""
+    raise AssertionError("an unauthenticated request was read")

@@ -118,18 +118,38 @@ def plan_decode_runs(slots: Sequence[int], lengths: Sequence[int]) -> tuple[Deco
     neighbouring slots so that the columns read (each row up to its run's longest), plus
     ``RUN_CALL_COST`` per run, are fewest: rows of a mixed load differ a lot in length, and
     one call over all of them reads every row up to the longest. Slots with no decoding row
-    between two rows always split them. O(n^2) over at most a batch of rows."""
+    between two rows always split them.
+
+    A dynamic programme over at most a batch of rows, cut short where no longer run can do
+    better: the first i > 0 rows cost at least their own lengths and one run, so a last run
+    from row i costs at least ``prefix[i] + RUN_CALL_COST + (j - i) * longest +
+    RUN_CALL_COST``, a bound that only grows as the run reaches further back; once it can't
+    win, only the run from row 0 (no cost before it) is left to try."""
     n = len(slots)
     best = [0] * (n + 1)  # best[j]: the cost of the first j rows
     cut = [0] * (n + 1)  # cut[j]: where the last run of the first j rows starts
+    prefix = [0] * (n + 1)  # prefix[i]: the first i rows' own lengths
+    longest_from_0 = [0] * (n + 1)  # the longest of the first i rows
+    contiguous_from_0 = [True] * (n + 1)  # rows 0..i-1 in neighbouring slots
+    for i, length in enumerate(lengths):
+        prefix[i + 1] = prefix[i] + length
+        longest_from_0[i + 1] = max(longest_from_0[i], length)
+        contiguous_from_0[i + 1] = contiguous_from_0[i] and (i == 0 or slots[i] == slots[i - 1] + 1)
     for j in range(1, n + 1):
         longest = lengths[j - 1]  # the last row alone: always a candidate
         best[j], cut[j] = best[j - 1] + longest + RUN_CALL_COST, j - 1
         for i in range(j - 2, -1, -1):
             if slots[i + 1] != slots[i] + 1:
                 break  # a gap in the slots: no run spans it
-            longest = max(longest, lengths[i])
-            cost = best[i] + (j - i) * longest + RUN_CALL_COST
+            if lengths[i] > longest:
+                longest = lengths[i]
+            reach = (j - i) * longest + RUN_CALL_COST
+            if i and prefix[i] + RUN_CALL_COST + reach >= best[j]:
+                # No run from rows i..1 can win; the one from row 0 still may.
+                if contiguous_from_0[j] and j * longest_from_0[j] + RUN_CALL_COST < best[j]:
+                    best[j], cut[j] = j * longest_from_0[j] + RUN_CALL_COST, 0
+                break
+            cost = best[i] + reach
             if cost < best[j]:
                 best[j], cut[j] = cost, i
     runs = []

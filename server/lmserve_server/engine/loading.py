@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from typing import Any
-from urllib.parse import urlsplit
 
 import torch
 from transformers import (
@@ -21,7 +19,7 @@ from transformers import (
 from lmserve_server.config import EngineConfig
 from lmserve_server.engine.packing import pack_linears
 from lmserve_server.errors import ModelLoadError
-from lmserve_server.modelpath import local_model_problem
+from lmserve_server.modelpath import check_hub_reachable, hub_failure_message, local_model_problem
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +60,7 @@ def load_model(config: EngineConfig) -> tuple[PreTrainedModel, PreTrainedTokeniz
         # The cache first: an offline machine must not spend a minute on Hub retries.
         local_only = os.path.isdir(config.model) or _in_hub_cache(config.model)
         if not local_only:
-            _check_hub_reachable(config.model)
+            check_hub_reachable()
         tokenizer = AutoTokenizer.from_pretrained(
             config.model, padding_side="left", local_files_only=local_only
         )
@@ -93,20 +91,6 @@ def _in_hub_cache(model: str) -> bool:
     return True
 
 
-def _check_hub_reachable(model: str, timeout_s: float = 3.0) -> None:
-    """Fails at once when the Hub can't be reached, instead of after its retries."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        raise OSError("it is not in the Hugging Face cache and HF_HUB_OFFLINE is set")
-    endpoint = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host, port = endpoint.hostname or "huggingface.co", endpoint.port or 443
-    try:
-        socket.create_connection((host, port), timeout=timeout_s).close()
-    except OSError as err:
-        raise OSError(
-            f"it is not in the Hugging Face cache and {host} can't be reached ({err})"
-        ) from err
-
-
 def _load_failure_message(model: str, err: Exception) -> str:
     """One line (newlines in library messages included) saying what failed and what to do."""
     reason = " ".join(str(err).split()) or type(err).__name__
@@ -116,11 +100,4 @@ def _load_failure_message(model: str, err: Exception) -> str:
         if type(err).__name__ == "SafetensorError":  # safetensors' own; not imported here
             reason += " (a weights file is truncated or corrupt: copy or save it again)"
         return f"could not load the model from the directory {model!r}: {reason}"
-    return (
-        f"could not load model {model!r}: {reason}. "
-        "If this machine is offline, the weights must already be in the Hugging Face cache "
-        f"(fetch them on a connected machine with `hf download {model}`, then copy "
-        "~/.cache/huggingface) or --model must name a local directory saved with "
-        "save_pretrained. To try lmserve offline: `lmserve make-test-model ./tiny-gpt2` "
-        "then `lmserve serve --model ./tiny-gpt2`."
-    )
+    return hub_failure_message(model, reason)

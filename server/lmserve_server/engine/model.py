@@ -18,6 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lmserve_server.config import EngineConfig
 from lmserve_server.engine.kv_cache import KVCache, KVCacheShape
 from lmserve_server.engine.loading import load_model
+from lmserve_server.engine.packing import ROW_BUCKETS, warm_up_packed
 from lmserve_server.engine.prefix_cache import BLOCK
 from lmserve_server.engine.rows import DeltaSink, Row
 from lmserve_server.engine.runner import ModelRunner
@@ -154,6 +155,19 @@ class Engine:
         ]
         return [self.new_row(r) for r in requests]
 
+    def warm_up_kernels(self) -> None:
+        """Every kernel of the packed layers compiled now (``packing.warm_up_packed``), so the
+        memory they hold is held from the start instead of growing under load."""
+        kinds = warm_up_packed(self.model)
+        if kinds:
+            log.info(
+                "compiled the packed layers' kernels: %d shapes x %d row counts",
+                kinds,
+                len(ROW_BUCKETS),
+            )
+
     def warm_up(self) -> None:
-        """One padded batch through ``generate`` (the static scheduler's engine)."""
+        """The kernels, then one padded batch through ``generate`` (the static scheduler's
+        engine)."""
+        self.warm_up_kernels()
         self.generate_batch(self.warm_up_rows())

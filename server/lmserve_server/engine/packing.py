@@ -23,6 +23,16 @@ CPU; fused, the values are the same function rounded once instead of at every pa
 attribute names of transformers' models: ``tests/test_packing.py`` checks each family's
 fused model against the plain one).
 
+A packed matmul runs at a fixed set of row counts (``ROW_BUCKETS``): a step of 37 rows is
+padded to 40, one of 600 goes through in pieces of 256. oneDNN compiles a kernel per row
+count and keeps it, about 0.85 MB each whatever the matrix's size (0.55 MB in its primitive
+cache, 0.28 MB in ideep's), so with the raw counts of continuous steps (every count from 1 to
+``--max-step-tokens``, times each linear's shape) the daemon's memory grew by hundreds of MB
+under mixed load (issue 19: 460 -> 979 MB in 4 minutes on the tiny model). With 27 counts
+per shape the kernels are few, ``warm_up_packed`` compiles them all before the daemon
+serves, and its memory stays where it was once warm. The padding costs at most a quarter
+more rows (37 -> 40: 8%), against a packed matmul 1.2-3x faster than the plain one here.
+
 Only for float32 models on the CPU, where oneDNN is available; elsewhere ``pack_linears``
 changes nothing. The packed path computes the same products in another summation order, so
 its results can differ from the plain one's in the last bits (as between two BLAS
@@ -42,6 +52,24 @@ log = logging.getLogger(__name__)
 # The row count oneDNN picks its packed layout for; any count works with it. Measured on
 # GPT-2 shapes: 16 gives the best decode steps (8-32 rows) and prefills alike.
 BATCH_HINT = 16
+
+# The most rows of one packed matmul; more go through in pieces of this many. From about
+# 256 rows a matmul is compute-bound, so the pieces cost what one call would.
+MAX_ROWS = 256
+
+
+def row_bucket(rows: int) -> int:
+    """The row count a packed matmul of ``rows`` rows (2..MAX_ROWS) runs at: ``rows`` itself
+    up to 8, then the next multiple of a quarter of its power of two (10, 12, 14, 16, 20,
+    24, 28, 32, 40, ...), so no more than a quarter of the rows are padding."""
+    if rows <= 8:
+        return rows
+    step = 1 << ((rows - 1).bit_length() - 3)
+    return -(-rows // step) * step
+
+
+# Every row count a packed matmul runs at (27): the kernels oneDNN compiles and keeps.
+ROW_BUCKETS = tuple(sorted({row_bucket(n) for n in range(2, MAX_ROWS + 1)}))
 
 
 # oneDNN post-op (attribute, algorithm) by the activation module's class name
@@ -89,10 +117,22 @@ class PackedLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)  # (N, in)
+        if rows.shape[0] <= MAX_ROWS:
+            y = self._packed(rows)
+        else:  # each row's result is the same in any company, so pieces change nothing
+            y = torch.cat([self._packed(piece) for piece in rows.split(MAX_ROWS)])
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _packed(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` (2..MAX_ROWS of them) through the packed weight at their bucket's count."""
+        count = rows.shape[0]
+        bucket = row_bucket(count) if count > 1 else 2
+        if bucket != count:  # zero rows below: their results are computed and dropped
+            rows = torch.nn.functional.pad(rows, (0, 0, 0, bucket - count))
         y = torch.ops.mkldnn._linear_pointwise(
             rows, self.packed_weight, self.bias, self._post_op, [], self._algorithm
-        )  # (N, out)
-        return y.view(*x.shape[:-1], self.out_features)
+        )  # (bucket, out)
+        return y[:count]
 
 
 def can_pack(model: Any) -> bool:
@@ -130,6 +170,23 @@ def pack_linears(model: Any) -> int:
         len(fused),
     )
     return len(targets)
+
+
+def warm_up_packed(model: Any) -> int:
+    """Runs each kind of packed layer of ``model`` (its shape, bias and activation) once at
+    every count of ``ROW_BUCKETS``, so that oneDNN compiles every kernel the model will use
+    now, before serving, and the daemon's memory does not grow later. Returns how many
+    kinds there were (0 when nothing is packed)."""
+    kinds: dict[tuple[int, int, str | None, bool], PackedLinear] = {}
+    for module in model.modules():
+        if isinstance(module, PackedLinear):
+            key = (module.in_features, module.out_features, module.activation, module.bias is None)
+            kinds.setdefault(key, module)
+    with torch.inference_mode():
+        for layer in kinds.values():
+            for rows in ROW_BUCKETS:
+                layer(torch.zeros(rows, layer.in_features))  # float32: packing is for it alone
+    return len(kinds)
 
 
 def _fuse_activations(model: Any) -> dict[str, str]:

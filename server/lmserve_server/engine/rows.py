@@ -14,6 +14,10 @@ nowhere else, live:
   slot it runs in: ``sampling_slots.py``);
 - its end tokens: the model's (finish reason EOS) and its own ``stop_token_ids`` (STOP),
   neither part of its output;
+- its grammar, when it asks for structured output: ``matcher`` follows its tokens (the
+  sampler masks each step's choice with it), and the row ends, finish reason STOP, once its
+  output is complete and nothing but an end token may follow (or when an end token comes
+  where the output is complete); a matcher in error ends it with that error;
 - the logprobs of its tokens, when asked.
 
 ``take`` is cheap (ids and counts); ``settle`` is the text's work (decoding, stop strings,
@@ -39,6 +43,7 @@ from lmserve_server.engine.types import (
     TextDelta,
     TokenLogprob,
 )
+from lmserve_server.errors import GenerationFailedError
 
 DeltaSink = Callable[[TextDelta], object]
 
@@ -71,6 +76,8 @@ class Row:
         # Text is followed token by token only when a stream or a stop string needs it.
         self._text = IncrementalDetokenizer(decode) if on_delta or request.stop else None
         self._stops = StopScan(request.stop) if request.stop else None
+        # The grammar's position (structured output): the sampler reads it each step.
+        self.matcher = request.grammar.matcher() if request.grammar is not None else None
         self._stop_at: int | None = None  # where the text is cut, before a stop string
         self._settled = 0  # tokens whose text has been followed
         self._sent_chars = 0
@@ -109,16 +116,24 @@ class Row:
         them); returns whether its tokens end the row (a stop string shows in ``settle``)."""
         if self.done:
             return True
+        matcher = self.matcher
         if token in self._end_token_ids:
-            self.finish_reason = FinishReason.EOS
+            # Under a grammar an end token is allowed only where the output is complete.
+            complete = matcher is not None and matcher.is_accepting()
+            self.finish_reason = FinishReason.STOP if complete else FinishReason.EOS
             return True
         if token in self._stop_token_ids:
             self.finish_reason = FinishReason.STOP
             return True
+        if matcher is not None and not matcher.accept(token):
+            self.abort(GenerationFailedError(f"structured output: {matcher.error}"))
+            return True
         self.tokens.append(token)
         if logprob is not None and self.request.logprobs is not None:
             self.logprobs.append(logprob)
-        if len(self.tokens) >= self.request.max_new_tokens:
+        if matcher is not None and matcher.is_finished():
+            self.finish_reason = FinishReason.STOP  # complete: only an end token could follow
+        elif len(self.tokens) >= self.request.max_new_tokens:
             self.finish_reason = FinishReason.LENGTH
         return self.finish_reason is not None
 

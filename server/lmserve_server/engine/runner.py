@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -54,6 +54,10 @@ from lmserve_server.engine.sampling import Sampled, sample, unpack
 from lmserve_server.engine.sampling_slots import SamplingSlots
 from lmserve_server.engine.types import TokenLogprob
 
+if TYPE_CHECKING:
+    from lmserve_server.grammar.bitmask import BitmaskApplier
+    from lmserve_server.grammar.matcher import RowMatcher
+
 # The most logprobs a request may ask (validation's limit): the download buffer holds them.
 MAX_LOGPROBS = 20
 # The narrowest attention window of a captured decode step.
@@ -64,12 +68,13 @@ MIN_WINDOW = 64
 class Chunk:
     """One row's part of a step: ``tokens`` go to ``slot`` at positions ``start, start+1, ...``;
     with ``sample``, the row's next token is drawn from the last one's logits (with its
-    slot's sampling settings)."""
+    slot's sampling settings, and only among the tokens its ``grammar`` allows next)."""
 
     slot: int
     tokens: Sequence[int]
     start: int
     sample: bool = False
+    grammar: RowMatcher | None = None
 
 
 def bucket(rows: int) -> int:
@@ -267,6 +272,10 @@ class ModelRunner:
         self.last_device_s = 0.0  # the last step's model and sampling time on the device
         self._graphs: dict[tuple[int, int], _StepGraph] = {}  # by (rows, window) bucket
         self.graph_replays = 0
+        # Structured output's masks: a host buffer of a row per sampled row of the largest
+        # step, made when the first grammar comes (``grammar/bitmask.py``).
+        self._masks: torch.Tensor | None = None
+        self._mask_applier: BitmaskApplier | None = None
 
     def drop_graphs(self) -> None:
         """Forgets the captured steps and pads no more: every step runs eagerly."""
@@ -355,7 +364,9 @@ class ModelRunner:
                     **{STEP_KEYWORD: build_attention(views)},
                 ).logits
             slots = [ordered[i].slot for i in sampled]
-            chosen = self._sample(logits[0], views, slots)
+            # Filled on the host while the device runs the forward (queued just above).
+            masks = self._grammar_masks([ordered[i] for i in sampled])
+            chosen = self._sample(logits[0], views, slots, masks)
         device.mark(1)
         packed = chosen.packed()
         out = self._host_out[: packed.numel()].view(packed.shape) if device.staged else None
@@ -383,15 +394,45 @@ class ModelRunner:
         return results
 
     def _sample(
-        self, logits: torch.Tensor, views: dict[str, torch.Tensor], slots: list[int]
+        self,
+        logits: torch.Tensor,
+        views: dict[str, torch.Tensor],
+        slots: list[int],
+        masks: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> Sampled:
         """Every sampled row's token, the slots' token history kept up to date."""
         sampling = self.sampling
         sampling.mark_seen(views["slots"], views["ids"])
         on_device = views["sample_slots"]
-        chosen = sample(logits, sampling.rows(slots, on_device), full_sort=self._device.cuda)
+        rows = sampling.rows(slots, on_device)
+        if masks is not None:
+            rows.grammar_rows, rows.grammar_masks = masks
+            rows.grammar_applier = self._mask_applier
+        chosen = sample(logits, rows, device_only=self._device.cuda)
         sampling.count(on_device, chosen.tokens)
         return chosen
+
+    def _grammar_masks(self, sampled: Sequence[Chunk]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The sampled rows under a grammar: their places among the sampled rows, and the
+        tokens each may take next as a bitmask, on the device; None when no row has one."""
+        constrained = [(n, c.grammar) for n, c in enumerate(sampled) if c.grammar is not None]
+        if not constrained:
+            return None
+        from lmserve_server.grammar.bitmask import BitmaskApplier, bitmask_words
+        from lmserve_server.grammar.matcher import fill_bitmasks
+
+        if self._masks is None:
+            width = bitmask_words(constrained[0][1].vocab_size)
+            rows = bucket(self.cache.slots + 1)
+            self._masks = self._device.host_buffer(rows * width, torch.int32).view(rows, width)
+            self._mask_applier = BitmaskApplier(self.device, torch.float32)
+        masks = self._masks[: len(constrained)]
+        fill_bitmasks([(matcher, i) for i, (_, matcher) in enumerate(constrained)], masks)
+        places = torch.tensor([n for n, _ in constrained])
+        if self._device.staged:
+            places = places.to(self.device, non_blocking=True)
+            masks = masks.to(self.device, non_blocking=True)
+        return places, masks
 
     # ---- the step's inputs ------------------------------------------------------------------
 

@@ -6,6 +6,9 @@ row uses), so that a feature no row uses costs nothing and nothing waits for the
 order:
 
 1. logit bias and suppressed tokens (end tokens under ``min_new_tokens``): scatter-adds;
+   and for the rows under a grammar (structured output), -inf on every token their mask
+   leaves out (``grammar/bitmask.py``: the masks filled on the host, unpacked with tensor
+   ops; rows without one are not touched);
 2. penalties from each slot's token history: repetition (transformers') over every token the
    row has seen, presence and frequency (OpenAI's) over its generated tokens' counts;
 3. greedy rows take the argmax of that;
@@ -31,18 +34,24 @@ vocabulary: the top-p threshold by a radix select (a histogram of probability ma
 float's high bits, then a sort of the one bucket it falls in) and the draw by one cumulative
 sum. Both ways keep the same tokens and draw the same one for the same uniform number (the
 kept probabilities, summed in vocabulary order either way), so which way a row went never
-shows. On a GPU, where a sort is cheap and a host round trip is not, ``full_sort`` takes every
-threshold from a sorted vocabulary instead.
+shows. On a GPU, where a sort is cheap and a host round trip is not, ``device_only`` takes every
+threshold from a sorted vocabulary instead, and penalties over whole rows (on a CPU they
+touch only the tokens a row has seen, found on the host).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from lmserve_server.engine.types import TokenLogprob
+
+if TYPE_CHECKING:
+    from lmserve_server.grammar.bitmask import BitmaskApplier
 
 # How many of a row's most likely tokens the filters look at before the whole vocabulary:
 # a real model's nucleus at top_p 0.9-0.95 mostly fits, and a top-k of up to this many
@@ -125,6 +134,11 @@ class StepRows:
     any_repetition: bool = False
     any_generated_penalty: bool = False
     max_logprobs: int | None = None  # None: no row asks
+    # Rows under a grammar (set by the caller for the step): their indices (M,), their
+    # masks (M, words) int32 on the device, and what unpacks them.
+    grammar_rows: torch.Tensor | None = None
+    grammar_masks: torch.Tensor | None = None
+    grammar_applier: BitmaskApplier | None = None
 
     @property
     def edits_scores(self) -> bool:
@@ -133,6 +147,7 @@ class StepRows:
             or self.any_suppression
             or self.any_repetition
             or self.any_generated_penalty
+            or self.grammar_rows is not None
         )
 
 
@@ -176,21 +191,22 @@ def unpack(values: Sequence[float], logprobs: int | None) -> tuple[int, TokenLog
     return token, TokenLogprob(token, float(values[1]), top)
 
 
-def sample(logits: torch.Tensor, rows: StepRows, *, full_sort: bool = False) -> Sampled:
-    """The next token of each row from its logits (R, V). ``full_sort``: thresholds from a
-    sort of the whole vocabulary (a GPU's way) instead of candidates and the exact pass."""
+def sample(logits: torch.Tensor, rows: StepRows, *, device_only: bool = False) -> Sampled:
+    """The next token of each row from its logits (R, V). ``device_only``: nothing read back
+    on the host (a GPU's way): thresholds from a sort of the whole vocabulary instead of
+    candidates and the exact pass, penalties over whole rows instead of the seen tokens."""
     scores = logits.float()
     if rows.edits_scores:
         scores = scores.clone()  # edited in place below; the model's logits stay as they are
     _edit(scores, rows)
-    scores = _penalise(scores, rows)
+    scores = _penalise(scores, rows) if device_only else _penalise_seen(scores, rows)
     # max's indices are argmax's (the first of equal maxima) in half the time on a CPU.
     best = scores.max(dim=-1)
     if not rows.any_sampling and rows.max_logprobs is None:
         return Sampled(best.indices)
     # Shift by the max first: a tiny temperature then gives a one-hot, never inf - inf = NaN.
     probs = torch.softmax((scores - best.values[:, None]) / rows.temperature[:, None], dim=-1)
-    choose = _choose_by_sorting if full_sort else _choose_by_candidates
+    choose = _choose_by_sorting if device_only else _choose_by_candidates
     chosen = choose(probs, rows)
     tokens = best.indices
     if rows.any_sampling:
@@ -204,7 +220,11 @@ def sample(logits: torch.Tensor, rows: StepRows, *, full_sort: bool = False) -> 
 
 
 def _edit(scores: torch.Tensor, rows: StepRows) -> None:
-    """Each row's logit bias, and -inf on its end tokens while it suppresses them; in place."""
+    """Each row's logit bias, -inf on its end tokens while it suppresses them, and on the
+    tokens its grammar does not allow; in place."""
+    if rows.grammar_rows is not None:
+        assert rows.grammar_masks is not None and rows.grammar_applier is not None
+        rows.grammar_applier.apply(scores, rows.grammar_rows, rows.grammar_masks)
     if rows.any_bias:
         assert rows.bias_tokens is not None and rows.bias_values is not None
         values = rows.bias_values.index_select(0, rows.slots) * rows.biased[:, None]
@@ -233,6 +253,26 @@ def _penalise(scores: torch.Tensor, rows: StepRows) -> torch.Tensor:
         counts = rows.counts.index_select(0, rows.slots)
         penalty = rows.frequency[:, None] * counts + rows.presence[:, None] * (counts > 0)
         scores = scores - penalty
+    return scores
+
+
+def _penalise_seen(scores: torch.Tensor, rows: StepRows) -> torch.Tensor:
+    """``_penalise``'s values, computed on the tokens each row has seen only (its prompt and
+    what it generated: every generated token has been seen, as a step's input, by the time
+    the next is sampled): found with one ``nonzero`` the host reads, a few hundred entries a
+    row instead of passes over the vocabulary. In place."""
+    if not (rows.any_repetition or rows.any_generated_penalty):
+        return scores
+    assert rows.seen is not None and rows.counts is not None
+    row, token = rows.seen.index_select(0, rows.slots).nonzero(as_tuple=True)
+    values = scores[row, token]
+    if rows.any_repetition:
+        factor = rows.repetition[row]
+        values = torch.where(values > 0, values / factor, values * factor)
+    if rows.any_generated_penalty:
+        counts = rows.counts[rows.slots[row], token]
+        values = values - (rows.frequency[row] * counts + rows.presence[row] * (counts > 0))
+    scores[row, token] = values
     return scores
 
 
@@ -374,8 +414,9 @@ def _choose_by_candidates(probs: torch.Tensor, rows: StepRows) -> _Chosen:
     settled = (threshold > top.values[:, -1]) & (rows.top_k < count)
     exact = (~settled & ~rows.greedy).nonzero()[:, 0]  # CPU: the host reads it at no cost
     if exact.numel():
-        subset = _select(rows, exact)
-        p = probs.index_select(0, exact)
+        every = exact.numel() == probs.shape[0]  # a flat model's nucleus load: all of them
+        subset = rows if every else _select(rows, exact)
+        p = probs if every else probs.index_select(0, exact)
         threshold_exact = _exact_thresholds(p, top.values.index_select(0, exact), subset)
         drawn_exact, mass_exact = _draw_from_vocabulary(p, threshold_exact, subset.uniform)
         drawn = drawn.index_copy(0, exact, drawn_exact)
@@ -399,9 +440,11 @@ def _exact_thresholds(probs: torch.Tensor, top: torch.Tensor, rows: StepRows) ->
     nucleus = (rows.top_p < 1.0).nonzero()[:, 0]
     if nucleus.numel():
         kept = probs.index_select(0, nucleus)
-        kept = kept * (kept >= threshold.index_select(0, nucleus)[:, None])
-        has_k = k.index_select(0, nucleus) > 0
-        mass = torch.where(has_k, _row_sums(kept), 1.0) * rows.top_p.index_select(0, nucleus)
+        mass = rows.top_p.index_select(0, nucleus)
+        if largest_k:  # top-p over what top-k kept: that mass (none of this without top-k)
+            kept = kept * (kept >= threshold.index_select(0, nucleus)[:, None])
+            has_k = k.index_select(0, nucleus) > 0
+            mass = mass * torch.where(has_k, _row_sums(kept), 1.0)
         last = nucleus_threshold(kept, mass)
         threshold = threshold.index_copy(
             0, nucleus, torch.maximum(threshold.index_select(0, nucleus), last)
@@ -416,37 +459,17 @@ def _choose_by_sorting(probs: torch.Tensor, rows: StepRows) -> _Chosen:
     return _Chosen(drawn, threshold, mass, ordered.indices, ordered.values)
 
 
+# StepRows' per-row tensors (the others are tables, host facts and grammar inputs).
+_PER_ROW = (
+    "slots", "greedy", "temperature", "top_k", "top_p", "min_p", "uniform", "repetition",
+    "presence", "frequency", "suppressing", "biased",
+)  # fmt: skip
+
+
 def _select(rows: StepRows, index: torch.Tensor) -> StepRows:
     """The settings of some of the rows (the tables stay whole)."""
-    return StepRows(
-        slots=rows.slots.index_select(0, index),
-        greedy=rows.greedy.index_select(0, index),
-        temperature=rows.temperature.index_select(0, index),
-        top_k=rows.top_k.index_select(0, index),
-        top_p=rows.top_p.index_select(0, index),
-        min_p=rows.min_p.index_select(0, index),
-        uniform=rows.uniform.index_select(0, index),
-        repetition=rows.repetition.index_select(0, index),
-        presence=rows.presence.index_select(0, index),
-        frequency=rows.frequency.index_select(0, index),
-        suppressing=rows.suppressing.index_select(0, index),
-        biased=rows.biased.index_select(0, index),
-        seen=rows.seen,
-        counts=rows.counts,
-        bias_tokens=rows.bias_tokens,
-        bias_values=rows.bias_values,
-        suppress_tokens=rows.suppress_tokens,
-        rows=int(index.numel()),
-        any_sampling=rows.any_sampling,
-        any_filter=rows.any_filter,
-        max_top_k=rows.max_top_k,
-        any_top_p=rows.any_top_p,
-        any_bias=rows.any_bias,
-        any_suppression=rows.any_suppression,
-        any_repetition=rows.any_repetition,
-        any_generated_penalty=rows.any_generated_penalty,
-        max_logprobs=rows.max_logprobs,
-    )
+    per_row = {name: getattr(rows, name).index_select(0, index) for name in _PER_ROW}
+    return dataclasses.replace(rows, rows=int(index.numel()), **per_row)
 
 
 # ---- 6: logprobs -----------------------------------------------------------------------------

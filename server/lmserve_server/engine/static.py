@@ -26,16 +26,19 @@ A row that ran in a batch that failed keeps its tokens: run again, it continues 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria
 
 from lmserve_server.engine.faults import out_of_memory
 from lmserve_server.engine.rows import Row
-from lmserve_server.engine.sampling import sample, unpack
+from lmserve_server.engine.sampling import StepRows, sample, unpack
 from lmserve_server.engine.sampling_slots import SamplingSlots
 from lmserve_server.engine.types import GenerationOutput
+
+if TYPE_CHECKING:
+    from lmserve_server.grammar.bitmask import BitmaskApplier
 
 
 def generate_batch(
@@ -70,7 +73,7 @@ def _generate(
         slots = SamplingSlots(len(rows), vocab, device, end_token_ids)
         for slot, row in enumerate(rows):
             slots.admit(slot, row.request, row.seed, row.tokens)
-        sampler = _RowSampling(slots, attention_mask)
+        sampler = _RowSampling(slots, attention_mask, rows)
     steps = _RowSteps(rows, sampler)
     processors = [sampler] if sampler is not None else []
     config = GenerationConfig(  # nothing from the checkpoint's defaults (penalties, ...)
@@ -130,8 +133,12 @@ class _RowSteps(StoppingCriteria):
 class _RowSampling(LogitsProcessor):
     """Draws every row's next token with its own settings; leaves a one-hot score."""
 
-    def __init__(self, slots: SamplingSlots, attention_mask: torch.Tensor) -> None:
+    def __init__(
+        self, slots: SamplingSlots, attention_mask: torch.Tensor, rows: Sequence[Row]
+    ) -> None:
         self._slots = slots
+        self._rows = rows
+        self._masks: tuple[torch.Tensor, BitmaskApplier] | None = None
         self._slot_list = list(range(slots.slots))
         self._on_device = torch.arange(slots.slots, device=slots.device)
         self._prompt: torch.Tensor | None = attention_mask
@@ -140,22 +147,44 @@ class _RowSampling(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         slots = self._slots
         if self._prompt is not None:  # the first step: every prompt token has been seen
-            rows, columns = self._prompt.nonzero(as_tuple=True)
-            slots.mark_seen(rows, input_ids[rows, columns])
+            which, columns = self._prompt.nonzero(as_tuple=True)
+            slots.mark_seen(which, input_ids[which, columns])
             self._prompt = None
         else:
             slots.mark_seen(self._on_device, input_ids[:, -1])
         slots.upload()
-        chosen = sample(
-            scores,
-            slots.rows(self._slot_list, self._on_device),
-            full_sort=slots.device.type == "cuda",
-        )
+        step = slots.rows(self._slot_list, self._on_device)
+        self._constrain(step)
+        chosen = sample(scores, step, device_only=slots.device.type == "cuda")
         slots.count(self._on_device, chosen.tokens)
         slots.advance(self._slot_list)
         self._packed = chosen.packed()
         one_hot = torch.full_like(scores, float("-inf"))
         return one_hot.scatter_(1, chosen.tokens[:, None], 0.0)  # type: ignore[return-value]
+
+    def _constrain(self, rows: StepRows) -> None:
+        """The masks of the rows under a grammar (structured output) that are still going."""
+        constrained = [
+            (i, row.matcher)
+            for i, row in enumerate(self._rows)
+            if row.matcher is not None and not row.done
+        ]
+        if not constrained:
+            return
+        from lmserve_server.grammar.bitmask import BitmaskApplier, allocate_bitmask
+        from lmserve_server.grammar.matcher import fill_bitmasks
+
+        if self._masks is None:
+            vocab = constrained[0][1].vocab_size
+            applier = BitmaskApplier(self._slots.device, torch.float32)
+            self._masks = (allocate_bitmask(len(self._rows), vocab), applier)
+        buffer, applier = self._masks
+        masks = buffer[: len(constrained)]
+        fill_bitmasks([(matcher, n) for n, (_, matcher) in enumerate(constrained)], masks)
+        device = self._slots.device
+        rows.grammar_rows = torch.tensor([i for i, _ in constrained], device=device)
+        rows.grammar_masks = masks.to(device)
+        rows.grammar_applier = applier
 
     def chosen(self) -> list[list[float]]:
         """The last step's tokens (and logprobs), each row's ``Sampled.packed()`` row: the

@@ -75,6 +75,7 @@ class GenerationRequest:
             or bool(sampling.logit_bias)
             or self.min_new_tokens > 0
             or self.logprobs is not None
+            or self.grammar is not None
         )
 
     @property

@@ -42,7 +42,7 @@ class CompiledGrammar:
         """A new row's matcher: a copy of the template (microseconds; the template's first
         mask, already computed, is not recomputed from scratch)."""
         with self._lock:  # the template is one library object: one copy at a time
-            return RowMatcher(self._template.deep_copy())
+            return RowMatcher(self._template.deep_copy(), self.vocab_size)
 
     def __repr__(self) -> str:
         return f"CompiledGrammar({self.spec.kind}, {len(self.spec.text)} chars)"
@@ -51,8 +51,9 @@ class CompiledGrammar:
 class RowMatcher:
     """One row's position in its grammar."""
 
-    def __init__(self, matcher: llguidance.LLMatcher) -> None:
+    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int) -> None:
         self._matcher = matcher
+        self.vocab_size = vocab_size  # its masks' width in tokens
 
     def fill_bitmask(self, bitmask: torch.Tensor, index: int) -> None:
         """Writes the tokens allowed next into row ``index`` of ``bitmask`` (a CPU,

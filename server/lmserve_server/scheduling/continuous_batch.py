@@ -197,13 +197,14 @@ class ContinuousBatch(Generic[E]):
         row = running.row
         # Where its last token goes: after the prompt and what it generated since.
         position = len(running.prompt) + row.generated - running.resumed - 1
-        chunk = Chunk(running.slot, (row.tokens[-1],), position, sample=True)
+        chunk = Chunk(running.slot, (row.tokens[-1],), position, sample=True, grammar=row.matcher)
         return Work(running, chunk)
 
     def _prefill(self, running: Running[E], n: int) -> Work[E]:
         start = running.prefilled
         last = start + n == len(running.prompt)
-        chunk = Chunk(running.slot, running.prompt[start : start + n], start, sample=last)
+        grammar = running.row.matcher if last else None
+        chunk = Chunk(running.slot, running.prompt[start : start + n], start, last, grammar)
         return Work(running, chunk, prefill=n, restore=running.restore)
 
     def _execute(self, work: Sequence[Work[E]]) -> None:

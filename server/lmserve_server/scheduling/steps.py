@@ -104,6 +104,7 @@ def prepare_runner(engine: Engine, settings: StepSettings) -> ModelRunner:
                 time.perf_counter() - started,
             )
     if settings.warm_up:
+        engine.warm_up_kernels()
         run_to_end(runner, planner(settings), engine.warm_up_rows())
         if runner.cache.prefixes is not None:
             runner.cache.prefixes.reset_counts()  # the warm-up is not traffic
