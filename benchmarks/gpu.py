@@ -13,15 +13,17 @@ short still leaves what it measured:
   the continuous runner's captured steps), ``--scheduler static --static-engine generate``
   (transformers' generate per batch), ``--scheduler continuous``, and
   ``transformers serve --continuous-batching`` (the peer, when installed): each on a *cold*
-  uniform load (the first after SERVING) then *single*, *uniform*, *mixed* and *sampled*
-  loads, and the GPU memory its process holds at the end;
+  uniform load (the first after SERVING) then *single*, *uniform*, *mixed*, *sampled* and
+  *shared* loads, and the GPU memory its process holds at the end;
 - for both lmserve modes: greedy batch invariance (of 16 prompts, how many get the same
   tokens sent together as alone), stream == unary, seeded sampling repeatable in company.
 
 Loads (the GPU issue's): *single* = 8 requests one after another, a 48-word prompt, 64 new
 tokens; *uniform* = 256 such requests from 64 clients in a closed loop (more, when a run
 would last under 10 s); *mixed* = 256 requests, 3-150-word prompts, 4-96 new tokens, 64
-clients; *sampled* = the mixed requests with temperature 0.8, top-p 0.95 and a seed each.
+clients; *sampled* = the mixed requests with temperature 0.8, top-p 0.95 and a seed each;
+*shared* = 256 requests, each the same 510-token system prompt and a question of its own, 16
+new tokens, 64 clients (the prefix cache's load: ``peer.shared_specs``).
 ``--quick`` shrinks every count for a CPU smoke test. On a GPU host without a
 registry, ``../shared/gpu-host/wheels.sh --peer`` fetches what this needs (its header says
 how to install it); build the model there with ``make-test-model ... --size gpt2``.
@@ -47,7 +49,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import Setup, daemon, headline, load
-from peer import SAMPLING, WORDS, measure_peer, peer_server
+from peer import SAMPLING, WORDS, measure_peer, peer_server, shared_specs
 
 from lmserve import Client
 from lmserve.bench_workload import RequestSpec
@@ -190,6 +192,8 @@ def served(
     results.put(name, "cold / steady", cold["tokens_per_s"] / uniform["tokens_per_s"])
     results.put(name, "mixed", measure(mixed_specs(loads), loads.clients))
     results.put(name, "sampled", measure(sampled_specs(loads), loads.clients))
+    shared = shared_specs(loads.mixed_requests, new_tokens=min(16, loads.new_tokens))
+    results.put(name, "shared", measure(shared, loads.clients))
 
 
 def measure_lmserve(address: str) -> Callable[[Sequence[RequestSpec], int], dict[str, float]]:
@@ -256,7 +260,7 @@ def summary(results: Results, loads: Loads) -> None:
         if best.get("batch 1") and figures.get("single"):
             ratio = figures["single"]["tokens_per_s"] / best["batch 1"]["tokens_per_s"]
             results.put("targets", f"{mode}: single / ceiling", round(ratio, 3))
-        for load_name in ("mixed", "sampled"):
+        for load_name in ("mixed", "sampled", "shared"):
             if peer.get(load_name) and figures.get(load_name):
                 tok = figures[load_name]["tokens_per_s"] / peer[load_name]["tokens_per_s"]
                 p99 = figures[load_name]["p99_ms"] / peer[load_name]["p99_ms"]

@@ -1,6 +1,6 @@
 """The prefix cache (issue 21): what it costs and what it buys, side by side.
 
-    python benchmarks/prefix_cache.py --model models/gpt2-random [--only copy,ttft,mixed]
+    python benchmarks/prefix_cache.py --model models/gpt2-random [--only copy,ttft,mixed,engine]
 
 - ``copy`` (in process, the model's own KV shape): what a request with a 512-token cached
   prefix saves and pays. It saves prefilling those tokens (one 512-token chunk, or two of
@@ -16,6 +16,10 @@
   tokens, 16 clients: nothing shared) against ``--prefix-cache true`` and ``false``,
   interleaved rounds (alternating which goes first); tok/s per round and the median ratio
   (the issue asks within 3%).
+- ``engine`` (in process, one thread, thread CPU time): the same mixed requests through the
+  continuous batch with a prefix cache (emptied before each run: nothing is found) and
+  without, alternating; what the cache's bookkeeping and copies cost a load that shares
+  nothing, without the daemon's noise.
 
 Each line printed is a measured figure; ``--json`` keeps them all.
 """
@@ -160,6 +164,65 @@ def mixed_figures(setup: Setup, rounds: int) -> dict[str, Any]:
     return {"runs": runs, "ratios": ratios, "median_ratio": statistics.median(ratios)}
 
 
+def engine_figures(setup: Setup, rounds: int) -> dict[str, Any]:
+    """Thread CPU seconds of the mixed requests run to the end through ``ContinuousBatch``
+    with an empty prefix cache and with none, alternating; and whether both gave every
+    request the same tokens."""
+    from collections import deque
+    from dataclasses import dataclass
+
+    import torch
+
+    from lmserve_server.config import EngineConfig
+    from lmserve_server.engine.model import Engine
+    from lmserve_server.engine.prefix_cache import PrefixIndex
+    from lmserve_server.engine.rows import Row
+    from lmserve_server.engine.types import GenerationRequest, SamplingParams
+    from lmserve_server.scheduling.continuous_batch import ContinuousBatch
+    from lmserve_server.scheduling.planner import StepPlanner
+
+    @dataclass(eq=False)
+    class Entry:
+        row: Row
+
+    torch.set_num_threads(1)
+    engine = Engine.load(EngineConfig(model=setup.model, device=setup.device))
+    requests = [
+        GenerationRequest(tuple(engine.tokenizer(s.prompt)["input_ids"]), s.max_new_tokens)
+        for s in mixed_specs()
+        if isinstance(s.prompt, str)
+    ]
+    assert all(r.sampling == SamplingParams() for r in requests)
+
+    def batch(prefix_tokens: int) -> ContinuousBatch[Entry]:
+        runner = engine.continuous_runner(
+            slots=16, slot_tokens=1024, max_step_tokens=256, prefix_cache_tokens=prefix_tokens
+        )
+        return ContinuousBatch(runner, StepPlanner(max_rows=16, max_step_tokens=256))
+
+    batches = {"on": batch(4096), "off": batch(0)}
+    seconds: dict[str, list[float]] = {"on": [], "off": []}
+    tokens: dict[str, list[tuple[int, ...]]] = {}
+    for round_ in range(rounds + 1):  # the first round warms both up, untimed
+        for name in ("on", "off") if round_ % 2 else ("off", "on"):
+            b = batches[name]
+            prefixes = b.runner.cache.prefixes
+            if prefixes is not None:  # empty: this load must find nothing
+                prefixes.index = PrefixIndex(prefixes.index.capacity)
+            rows = [engine.new_row(r) for r in requests]
+            waiting = deque(Entry(row) for row in rows)
+            started = time.thread_time()
+            while waiting or b.running:
+                b.run(b.admit_and_plan(waiting))
+                b.retire()
+            if round_:
+                seconds[name].append(time.thread_time() - started)
+                say(f"engine round {round_}, prefix cache {name:>3}: {seconds[name][-1]:.2f} s")
+            tokens[name] = [row.output().token_ids for row in rows]
+    ratio = statistics.median(seconds["on"]) / statistics.median(seconds["off"])
+    return {"seconds": seconds, "ratio": ratio, "same_tokens": tokens["on"] == tokens["off"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
@@ -167,12 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="mixed: rounds (default: 3)")
     parser.add_argument("--pairs", type=int, default=8, help="ttft: pairs (default: 8)")
     parser.add_argument("--repeats", type=int, default=5, help="copy: repeats (default: 5)")
-    parser.add_argument("--only", default="copy,ttft,mixed")
+    parser.add_argument("--only", default="copy,ttft,mixed,engine")
     parser.add_argument("--json", default="bench-results/prefix_cache.json")
     args = parser.parse_args(argv)
     setup = Setup(model=args.model, device=args.device)
     only = {part.strip() for part in args.only.split(",")}
     results: dict[str, Any] = {}
+    figures: dict[str, Any]
     if "copy" in only:
         figures = copy_figures(setup, args.repeats)
         results["copy"] = figures
@@ -195,6 +259,13 @@ def main(argv: list[str] | None = None) -> int:
         say(
             f"mixed load, prefix cache on / off: {', '.join(f'{r:.3f}' for r in figures['ratios'])}"
             f" (median {figures['median_ratio']:.3f})"
+        )
+    if "engine" in only:
+        figures = engine_figures(setup, args.rounds)
+        results["engine"] = figures
+        say(
+            f"mixed requests in process, CPU time with an empty prefix cache / without: "
+            f"{figures['ratio']:.3f}x (same tokens: {figures['same_tokens']})"
         )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2))

@@ -30,7 +30,7 @@ def test_the_gpu_check_runs_every_leg_on_the_cpu(tiny_model_dir: Path, tmp_path:
     assert {"batch 1", "batch 4"} <= set(figures["generate, eager"])
     for mode in ("lmserve static", "lmserve static generate", "lmserve continuous"):
         legs = figures[mode]
-        for load in ("uniform, cold", "single", "uniform", "mixed", "sampled"):
+        for load in ("uniform, cold", "single", "uniform", "mixed", "sampled", "shared"):
             assert legs[load]["tokens_per_s"] > 0 and legs[load]["p99_ms"] > 0, (mode, load)
         assert legs["cold / steady"] > 0
         checks = legs["correctness"]
