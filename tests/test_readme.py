@@ -172,5 +172,12 @@ def test_the_client_example_runs(daemon: RunningDaemon, tmp_path: Path) -> None:
 
 def test_the_readme_states_the_daemons_memory() -> None:
     memory = section("Operations").split("### Memory", 1)[1].split("\n### ", 1)[0]
-    for part in ("the weights", "packed copy", "compiled kernels", "KV cache", "no prefix cache"):
+    for part in (
+        "the weights",
+        "packed copy",
+        "compiled kernels",
+        "KV cache",
+        "prefix cache",
+        "grammars",
+    ):
         assert part in memory, part
