@@ -8,6 +8,7 @@ up after its time with one line and exit code 1, never hang.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import threading
@@ -19,7 +20,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from lmserve import Client, UnavailableError, cli
+from lmserve import AsyncClient, Client, LmserveError, UnavailableError, cli
 from lmserve import health as client_health
 from tests.conftest import RunningDaemon
 from tests.ops_support import free_port
@@ -65,6 +66,13 @@ def test_health_prints_serving_and_exits_0(
     assert "NOT_FOUND" in capsys.readouterr().err
     with Client(daemon.address) as client:
         assert client.health() == "SERVING"
+
+    async def asynchronously() -> tuple[str, str]:
+        async with AsyncClient(daemon.address) as client:
+            await client.wait_serving(60)
+            return await client.health(), await client.health("")
+
+    assert asyncio.run(asynchronously()) == ("SERVING", "SERVING")
 
 
 @pytest.fixture
@@ -144,3 +152,32 @@ def test_wait_must_be_a_non_negative_number(capsys: pytest.CaptureFixture[str]) 
             cli.main(["info", "--wait", bad])
         assert exit_.value.code == 2
         assert "--wait" in capsys.readouterr().err
+
+
+def test_the_async_client_waits_for_serving_and_gives_up_as_the_blocking_one_does(
+    switchable_server: tuple[str, health.HealthServicer],
+) -> None:
+    address, servicer = switchable_server
+    nobody = f"127.0.0.1:{free_port()}"
+
+    async def scenario() -> None:
+        async with AsyncClient(address) as client:
+            assert await client.health() == "NOT_SERVING"
+            waiting = asyncio.ensure_future(client.wait_serving(300))
+            await asyncio.sleep(1.0)
+            assert not waiting.done(), "returned while the server said NOT_SERVING"
+            servicer.set(GENERATOR, health_pb2.HealthCheckResponse.SERVING)
+            await asyncio.wait_for(waiting, 120)
+            assert await client.health() == "SERVING"
+            with pytest.raises(LmserveError) as not_found:
+                await client.health("no.Such")
+            assert not_found.value.code is grpc.StatusCode.NOT_FOUND
+        async with AsyncClient(nobody) as client:
+            started = time.monotonic()
+            with pytest.raises(UnavailableError, match=f"{nobody} not SERVING .* after 0.5s"):
+                await client.wait_serving(0.5)
+            assert time.monotonic() - started >= 0.5
+            with pytest.raises(UnavailableError):
+                await client.health(timeout=5)
+
+    asyncio.run(scenario())

@@ -11,8 +11,10 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import grpc.aio
 
+from lmserve import health
 from lmserve.client import USE_CLIENT_DEFAULT, Timeout, _Base
 from lmserve.errors import UnavailableError, from_rpc_error
+from lmserve.health import SERVICE
 from lmserve.security import PemSource
 from lmserve.types import (
     GenerateOptions,
@@ -68,11 +70,7 @@ class AsyncClient(_Base):
             balance=balance,
             retries=retries,
         )
-        credentials = self._credentials
-        if credentials is None:
-            self._channel = grpc.aio.insecure_channel(target, options=self._options)
-        else:
-            self._channel = grpc.aio.secure_channel(target, credentials, options=self._options)
+        self._channel = self._open_channel(self._options)
         self._stub = lmserve_pb2_grpc.GeneratorStub(self._channel)
 
     async def generate(
@@ -128,6 +126,40 @@ class AsyncClient(_Base):
         except grpc.RpcError as e:
             raise from_rpc_error(e) from e
         return model_info_from_proto(response)
+
+    def _open_channel(self, options: Sequence[tuple[str, Any]]) -> grpc.aio.Channel:
+        if self._credentials is None:
+            return grpc.aio.insecure_channel(self.target, options=options)
+        return grpc.aio.secure_channel(self.target, self._credentials, options=options)
+
+    async def health(self, service: str = SERVICE, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> str:
+        """The daemon's ``grpc.health.v1`` status of ``service`` (see ``Client.health``)."""
+        channel = self._health_channel()
+        try:
+            return await health.check_async(channel, service, **self._call_kwargs(timeout))
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        finally:
+            await channel.close()
+
+    async def wait_serving(self, timeout: float, *, service: str = SERVICE) -> None:
+        """Wait until the daemon reports ``service`` SERVING (polling its health, also
+        while its port is still closed); ``UnavailableError`` after ``timeout`` s."""
+        channel = self._health_channel()
+        try:
+            await health.wait_until_serving_async(
+                channel,
+                timeout,
+                service=service,
+                target=self.target,
+                metadata=self._metadata or None,
+            )
+        finally:
+            await channel.close()
+
+    def _health_channel(self) -> grpc.aio.Channel:
+        # Not the calls' channel (see Client._health_channel).
+        return self._open_channel([*self._user_options, *health.WAIT_CHANNEL_OPTIONS])
 
     async def wait_ready(self, timeout: float) -> None:
         """Wait until the channel is connected; ``UnavailableError`` after ``timeout`` s."""

@@ -12,11 +12,13 @@ the client needs grpcio and protobuf only. The wire format is the same.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
+import grpc.aio
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 # SERVICE: the service whose status means "the model is loaded and can take calls" (the
@@ -24,7 +26,14 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from lmserve.balancing import SERVICE
 from lmserve.errors import UnavailableError, from_rpc_error
 
-__all__ = ["SERVICE", "SERVING", "check", "wait_until_serving"]
+__all__ = [
+    "SERVICE",
+    "SERVING",
+    "check",
+    "check_async",
+    "wait_until_serving",
+    "wait_until_serving_async",
+]
 
 SERVING = "SERVING"
 CHECK_METHOD = "/grpc.health.v1.Health/Check"
@@ -76,6 +85,18 @@ def _health_messages() -> tuple[Any, Any, dict[int, str]]:
 HealthCheckRequest, HealthCheckResponse, STATUS_NAMES = _health_messages()
 
 
+def _check_method(channel: grpc.Channel | grpc.aio.Channel) -> Callable[..., Any]:
+    return channel.unary_unary(
+        CHECK_METHOD,
+        request_serializer=HealthCheckRequest.SerializeToString,
+        response_deserializer=HealthCheckResponse.FromString,
+    )
+
+
+def _status_name(reply: Any) -> str:
+    return STATUS_NAMES.get(reply.status, f"status {reply.status}")
+
+
 def check(
     channel: grpc.Channel,
     service: str = SERVICE,
@@ -89,17 +110,57 @@ def check(
     or the daemon is draining), ``NOT_FOUND`` (a server that does not know ``service``),
     ``UNIMPLEMENTED`` (a server without the health service).
     """
-    call: Callable[..., Any] = channel.unary_unary(
-        CHECK_METHOD,
-        request_serializer=HealthCheckRequest.SerializeToString,
-        response_deserializer=HealthCheckResponse.FromString,
-    )
-    reply = call(HealthCheckRequest(service=service), timeout=timeout, metadata=metadata)
-    return STATUS_NAMES.get(reply.status, f"status {reply.status}")
+    request = HealthCheckRequest(service=service)
+    return _status_name(_check_method(channel)(request, timeout=timeout, metadata=metadata))
+
+
+async def check_async(
+    channel: grpc.aio.Channel,
+    service: str = SERVICE,
+    *,
+    timeout: float | None = CHECK_TIMEOUT_S,
+    metadata: Sequence[tuple[str, str]] | None = None,
+) -> str:
+    """``check`` on an asyncio channel."""
+    request = HealthCheckRequest(service=service)
+    return _status_name(await _check_method(channel)(request, timeout=timeout, metadata=metadata))
 
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
+
+
+class _Wait:
+    """One wait for SERVING: its deadline, and what the last check saw (for the error)."""
+
+    def __init__(self, timeout: float, service: str, target: str) -> None:
+        self.timeout, self.service, self.target = timeout, service, target
+        self.deadline = time.monotonic() + timeout
+        self.last = "no check finished"
+
+    def check_timeout(self) -> float:
+        """How long the next check may take; ``UnavailableError`` when the time is up."""
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise UnavailableError(
+                f"{self.target or 'the daemon'} not {SERVING} for "
+                f"{self.service or 'the server'} after {self.timeout:g}s (last check: {self.last})"
+            )
+        return min(remaining, CHECK_TIMEOUT_S)
+
+    def served(self, outcome: str | grpc.RpcError) -> bool:
+        """Whether a check's status (or its error) ends the wait. A server without the
+        health service (``UNIMPLEMENTED``) counts as serving once it answers, as gRPC's own
+        client-side health checking treats it."""
+        if isinstance(outcome, str):
+            self.last = outcome
+            return outcome == SERVING
+        error = from_rpc_error(outcome)
+        self.last = _one_line(str(error))
+        return error.code is grpc.StatusCode.UNIMPLEMENTED
+
+    def pause(self, poll_interval: float) -> float:
+        return max(0.0, min(poll_interval, self.deadline - time.monotonic()))
 
 
 def wait_until_serving(
@@ -112,33 +173,39 @@ def wait_until_serving(
     poll_interval: float = POLL_INTERVAL_S,
 ) -> None:
     """Returns once ``service`` is SERVING; ``UnavailableError`` after ``timeout`` seconds,
-    saying what the last check saw.
-
-    A server without the health service (``UNIMPLEMENTED``) counts as serving once it
-    answers, as gRPC's own client-side health checking treats it. Give ``channel`` the
-    options ``WAIT_CHANNEL_OPTIONS`` so a daemon that starts late is noticed promptly.
-    """
-    deadline = time.monotonic() + timeout
-    last = "no check finished"
+    saying what the last check saw. Give ``channel`` the options ``WAIT_CHANNEL_OPTIONS``
+    so a daemon that starts late is noticed promptly."""
+    wait = _Wait(timeout, service, target)
     while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            where = target or "the daemon"
-            raise UnavailableError(
-                f"{where} not {SERVING} for {service or 'the server'} after {timeout:g}s "
-                f"(last check: {last})"
-            )
+        outcome: str | grpc.RpcError
         try:
-            status = check(
-                channel, service, timeout=min(remaining, CHECK_TIMEOUT_S), metadata=metadata
+            outcome = check(channel, service, timeout=wait.check_timeout(), metadata=metadata)
+        except grpc.RpcError as err:
+            outcome = err
+        if wait.served(outcome):
+            return
+        time.sleep(wait.pause(poll_interval))
+
+
+async def wait_until_serving_async(
+    channel: grpc.aio.Channel,
+    timeout: float,
+    *,
+    service: str = SERVICE,
+    target: str = "",
+    metadata: Sequence[tuple[str, str]] | None = None,
+    poll_interval: float = POLL_INTERVAL_S,
+) -> None:
+    """``wait_until_serving`` on an asyncio channel."""
+    wait = _Wait(timeout, service, target)
+    while True:
+        outcome: str | grpc.RpcError
+        try:
+            outcome = await check_async(
+                channel, service, timeout=wait.check_timeout(), metadata=metadata
             )
         except grpc.RpcError as err:
-            error = from_rpc_error(err)
-            if error.code is grpc.StatusCode.UNIMPLEMENTED:
-                return
-            last = _one_line(str(error))
-        else:
-            if status == SERVING:
-                return
-            last = status
-        time.sleep(max(0.0, min(poll_interval, deadline - time.monotonic())))
+            outcome = err
+        if wait.served(outcome):
+            return
+        await asyncio.sleep(wait.pause(poll_interval))
