@@ -25,8 +25,9 @@ clients; *sampled* = the mixed requests with temperature 0.8, top-p 0.95 and a s
 *shared* = 256 requests, each the same 510-token system prompt and a question of its own, 16
 new tokens, 64 clients (the prefix cache's load: ``peer.shared_specs``).
 ``--quick`` shrinks every count for a CPU smoke test. On a GPU host without a
-registry, ``../shared/gpu-host/wheels.sh --peer`` fetches what this needs (its header says
-how to install it); build the model there with ``make-test-model ... --size gpt2``.
+registry, ``benchmarks/gpu_host_wheels.sh --peer`` fetches what this needs into ``.whl``
+(``../shared/gpu-host/wheels.sh``, whose header says how to install them, and llguidance);
+build the model there with ``make-test-model ... --size gpt2``.
 """
 
 from __future__ import annotations
