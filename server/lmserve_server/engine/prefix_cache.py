@@ -100,6 +100,10 @@ class PrefixIndex:
             parent = block.id
         return chain
 
+    def holds(self, block: CachedBlock) -> bool:
+        """``block`` is still cached (not evicted)."""
+        return self._blocks.get(block.key) is block
+
     def touch(self, chain: Sequence[CachedBlock]) -> None:
         """``chain`` (a prefix, root first) was used now."""
         for block in reversed(chain):
@@ -223,7 +227,11 @@ class PrefixCache:
         """Keeps the full blocks of ``prompt[:computed]`` (in ``slot``'s positions) past
         ``chain``, the row's blocks kept so far, which grows with them. A block another row
         kept meanwhile is shared, not copied again; when the pool is full of blocks in use,
-        the rest are not kept."""
+        the rest are not kept. Blocks of ``chain`` evicted since (another row's keeping
+        needed the room) are dropped from it first: only leaves go, so they are its tail,
+        and the row keeps them again from its slot."""
+        while chain and not self.index.holds(chain[-1]):
+            chain.pop()
         self.index.pin(chain)  # its own chain is never what makes room for its next block
         fresh: list[tuple[int, int]] = []  # (block of the prompt, pool slot) to copy
         try:
