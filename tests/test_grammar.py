@@ -17,9 +17,9 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from lmserve_server.errors import InvalidArgumentError
-from lmserve_server.grammar.bitmask import BitmaskApplier, allocate_bitmask, apply_bitmask
+from lmserve_server.grammar.bitmask import BitmaskApplier, allocate_bitmask
 from lmserve_server.grammar.compiler import GrammarCompiler
-from lmserve_server.grammar.matcher import CompiledGrammar, ParallelFill, RowMatcher, fill_bitmasks
+from lmserve_server.grammar.matcher import CompiledGrammar, RowMatcher, fill_bitmasks
 from lmserve_server.grammar.spec import GrammarSpec
 from lmserve_server.testmodel import GPT2_EOS
 
@@ -187,18 +187,7 @@ def test_a_lark_grammar(compiler: GrammarCompiler, tokenizer: PreTrainedTokenize
     assert not matcher.accept(tokenizer.encode("+")[0])
 
 
-def test_rollback_takes_tokens_back(
-    compiler: GrammarCompiler, tokenizer: PreTrainedTokenizerBase
-) -> None:
-    grammar = compile_now(compiler, GrammarSpec.choice(["yes", "no"]))
-    matcher = drive(grammar, tokenizer.encode("yes"))
-    assert matcher.is_finished()
-    matcher.rollback(1)
-    assert not matcher.is_finished()
-    assert matcher.accept(tokenizer.encode("yes")[0]) and matcher.is_finished()
-
-
-def test_rows_fill_one_buffer_alone_or_in_parallel(
+def test_rows_fill_one_buffer(
     compiler: GrammarCompiler, tokenizer: PreTrainedTokenizerBase
 ) -> None:
     grammars = [
@@ -209,9 +198,6 @@ def test_rows_fill_one_buffer_alone_or_in_parallel(
     rows = [(g.matcher(), i) for i, g in enumerate(grammars)]
     alone = allocate_bitmask(4, VOCAB)
     fill_bitmasks(rows, alone)
-    together = allocate_bitmask(4, VOCAB)
-    fill_bitmasks(rows, together, ParallelFill(threads=2))
-    assert torch.equal(alone, together)
     # The schema forces '{"name":"' first: every allowed token is a piece of it.
     first = allowed_tokens(alone, 0)
     assert first and all('{"name":"'.startswith(tokenizer.decode([t])) for t in first)
@@ -386,7 +372,7 @@ def test_apply_matches_the_library_on_the_masked_rows_and_leaves_the_others(voca
     rows = torch.tensor([4, 1, 3])
     bitmask = torch.randint(-(2**31), 2**31 - 1, (3, words), dtype=torch.int32, generator=generator)
     scores = logits.clone()
-    apply_bitmask(scores, rows, bitmask)
+    BitmaskApplier("cpu", scores.dtype).apply(scores, rows, bitmask)
     expected = logits.clone()
     expected[rows] = reference(logits[rows], bitmask)
     assert torch.equal(scores, expected)
@@ -414,5 +400,7 @@ def test_apply_a_real_mask_in_half_precision(
 def test_apply_with_no_rows_changes_nothing() -> None:
     logits = torch.randn(2, 100)
     scores = logits.clone()
-    apply_bitmask(scores, torch.empty(0, dtype=torch.int64), torch.empty(0, 4, dtype=torch.int32))
+    BitmaskApplier("cpu", scores.dtype).apply(
+        scores, torch.empty(0, dtype=torch.int64), torch.empty(0, 4, dtype=torch.int32)
+    )
     assert torch.equal(scores, logits)

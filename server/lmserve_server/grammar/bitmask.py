@@ -4,7 +4,7 @@ The layout is the grammar libraries' own (xgrammar's and llguidance's alike): to
 a row is bit ``t % 32`` of word ``t // 32``, so a matcher fills its row of a preallocated
 ``(rows, words)`` int32 buffer in place and nothing is converted.
 
-``apply_bitmask`` turns the bits into -inf logits with a handful of tensor ops over the rows
+``BitmaskApplier`` turns the bits into -inf logits with a handful of tensor ops over the rows
 that have a grammar: a lookup of each mask byte in a 256-entry table of eight additive biases
 (0 or -inf), added into those rows with ``index_add_``. No Python loop over rows or over the
 vocabulary, the same kernels on CPU and GPU, and rows without a grammar are never touched, so
@@ -67,9 +67,3 @@ class BitmaskApplier:
         if rows.numel() == 0:
             return
         scores.index_add_(0, rows, self.bias(bitmask, scores.shape[1]))
-
-
-def apply_bitmask(scores: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> None:
-    """``BitmaskApplier(scores.device, scores.dtype).apply(scores, rows, bitmask)``, for a
-    one-off call (a step keeps its applier, whose table lives on the device)."""
-    BitmaskApplier(scores.device, scores.dtype).apply(scores, rows, bitmask)

@@ -79,34 +79,11 @@ class RowMatcher:
         (``a+`` after ``a``)."""
         return bool(self._matcher.is_accepting())
 
-    def rollback(self, tokens: int) -> None:
-        """Takes back the last ``tokens`` accepted tokens (a retried step's)."""
-        if not self._matcher.rollback(tokens):
-            raise ValueError(f"cannot roll back {tokens} tokens: {self.error}")
-
     @property
     def error(self) -> str | None:
         """Why the matcher is in error (a token the grammar refused, or a limit reached);
         None when it is not."""
         return self._matcher.get_error() or None
-
-
-class ParallelFill:
-    """Fills many rows' masks at once on the library's own threads (no GIL). Worth it on a
-    host with cores to spare and many rows; on a 2-core CPU a 16-row fill is faster on the
-    calling thread (``benchmarks/grammar_libs.py``)."""
-
-    def __init__(self, threads: int) -> None:
-        self._executor = llguidance.LLExecutor(num_threads=threads)
-
-    def fill(self, rows: Sequence[tuple[RowMatcher, int]], bitmask: torch.Tensor) -> None:
-        _check_buffer(bitmask)
-        self._executor.unsafe_compute_mask_ptr(
-            [(m._matcher, i) for m, i in rows],
-            bitmask.data_ptr(),
-            bitmask.shape[1] * bitmask.element_size(),
-            bitmask.shape[0],
-        )
 
 
 def _check_buffer(bitmask: torch.Tensor) -> None:
@@ -121,15 +98,9 @@ def _check_buffer(bitmask: torch.Tensor) -> None:
         raise ValueError("a bitmask is a contiguous 2-D int32 CPU tensor (allocate_bitmask)")
 
 
-def fill_bitmasks(
-    rows: Sequence[tuple[RowMatcher, int]],
-    bitmask: torch.Tensor,
-    parallel: ParallelFill | None = None,
-) -> None:
-    """Each ``(matcher, index)``'s mask into row ``index`` of ``bitmask``; in parallel when
-    given a ``ParallelFill``, else one after the other on this thread."""
-    if parallel is not None:
-        parallel.fill(rows, bitmask)
-        return
+def fill_bitmasks(rows: Sequence[tuple[RowMatcher, int]], bitmask: torch.Tensor) -> None:
+    """Each ``(matcher, index)``'s mask into row ``index`` of ``bitmask``, one after the
+    other on this thread (on a 2-core CPU a 16-row fill is faster here than on the
+    library's own threads: ``benchmarks/grammar_libs.py``)."""
     for matcher, index in rows:
         matcher.fill_bitmask(bitmask, index)
