@@ -509,7 +509,14 @@ def test_cli_generate_stream(target: str, capsys: pytest.CaptureFixture[str]) ->
     assert lines[-1]["finish_reason"] == "eos"
     # Issue 19: chunks before the last said "prompt_tokens": 0, "batch_size": 0, as if the
     # request had no prompt and no batch; how it was served is known only at its end.
-    usage = {"prompt_tokens", "completion_tokens", "batch_size", "queue_ms", "compute_ms"}
+    usage = {
+        "prompt_tokens",
+        "completion_tokens",
+        "batch_size",
+        "queue_ms",
+        "compute_ms",
+        "cached_prompt_tokens",
+    }
     for line, chunk in zip(lines[:-1], EXPECTED_CHUNKS[:-1], strict=True):
         assert line == {k: v for k, v in chunk.to_dict().items() if k not in usage}
         assert line["finish_reason"] is None and not usage & line.keys()
@@ -523,6 +530,22 @@ def test_cli_stream_falls_back_to_unary(
     out, err = capsys.readouterr()
     assert out == "echo: hi\n"
     assert "does not implement streaming" in err
+    # With --json the one chunk carries the whole result's usage, cached tokens included.
+    argv = ["generate", "hi", "--stream", "--json", "--cache-salt", "t", "--target", target]
+    assert main(argv) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert json.loads(line) == {
+        "text": "echo: hi",
+        "token_ids": [11, 22, 33],
+        "finish_reason": "length",
+        "logprobs": [],
+        "prompt_tokens": 1,
+        "completion_tokens": 3,
+        "batch_size": 4,
+        "queue_ms": 1.5,
+        "compute_ms": 12.25,
+        "cached_prompt_tokens": 2,
+    }
 
 
 def test_cli_tokenize_and_info(target: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -14,6 +14,7 @@ so a command can follow ``lmserve serve &`` at once.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -366,16 +367,8 @@ def _run_generate(args: argparse.Namespace) -> int:
             result = client.generate(prompt, **sampling)
             if args.json:
                 # Keep the one-object-per-chunk shape a --stream --json reader expects.
-                last = StreamChunk(
-                    text=result.text,
-                    token_ids=result.token_ids,
-                    finish_reason=result.finish_reason,
-                    logprobs=result.logprobs,
-                    prompt_tokens=result.prompt_tokens,
-                    completion_tokens=result.completion_tokens,
-                    batch_size=result.batch_size,
-                    queue_ms=result.queue_ms,
-                    compute_ms=result.compute_ms,
+                last = StreamChunk(  # the result's fields, all a last chunk has
+                    **{f.name: getattr(result, f.name) for f in dataclasses.fields(StreamChunk)}
                 )
                 _print_json(_chunk_json(last))
             else:
@@ -397,7 +390,14 @@ def _print_result(result: GenerationResult, *, as_json: bool) -> None:
 
 
 # How a request was served: known only at its end, so only the last chunk carries them.
-_USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "batch_size", "queue_ms", "compute_ms")
+_USAGE_FIELDS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "batch_size",
+    "queue_ms",
+    "compute_ms",
+    "cached_prompt_tokens",
+)
 
 
 def _chunk_json(chunk: StreamChunk) -> dict[str, Any]:
