@@ -32,8 +32,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Generic, Protocol, TypeVar
 
 import torch
@@ -118,26 +119,29 @@ class ContinuousBatch(Generic[E]):
         the planner lets them in; returns the next step's work."""
         cache = self.runner.cache
         running = self.running
-        prompts = [
-            (*e.row.request.prompt_ids, *e.row.tokens) for e in list(waiting)[: cache.free_slots]
-        ]
-        cached = [
-            self._cached_prefix(e.row, prompt) for e, prompt in zip(waiting, prompts, strict=False)
-        ]
+        # Each waiting request's prompt and cached prefix, looked up only as far as the
+        # planner reads (one past the last it admits), not for the whole queue every step.
+        looked_up: list[tuple[tuple[int, ...], list[CachedBlock], int]] = []
+
+        def left_to_compute() -> Iterator[int]:
+            for entry in islice(waiting, cache.free_slots):
+                prompt = (*entry.row.request.prompt_ids, *entry.row.tokens)
+                blocks, cached = self._cached_prefix(entry.row, prompt)
+                looked_up.append((prompt, blocks, cached))
+                yield len(prompt) - cached
+
         plan = self.planner.plan(
-            [len(r.prompt) - r.prefilled for r in running],
-            [len(prompt) - n for prompt, (_, n) in zip(prompts, cached, strict=True)],
-            cache.free_slots,
+            [len(r.prompt) - r.prefilled for r in running], left_to_compute(), cache.free_slots
         )
         now = self._clock()
-        for k, _ in enumerate(plan.admit):
+        for prompt, blocks, cached in looked_up[: len(plan.admit)]:
             slot = cache.allocate()
             assert slot is not None, "the planner admits into free slots only"
             entry = waiting.popleft()
             row = entry.row
             self.runner.sampling.admit(slot, row.request, row.seed, row.tokens)
-            admitted = Running(entry, slot, now, prompts[k], resumed=len(row.tokens))
-            self._start_after(admitted, *cached[k])
+            admitted = Running(entry, slot, now, prompt, resumed=len(row.tokens))
+            self._start_after(admitted, blocks, cached)
             running.append(admitted)
         decoding = sorted(plan.decode, key=lambda i: running[i].slot)  # slots 0, 1, ...: a view
         work = [self._decode(running[i]) for i in decoding]

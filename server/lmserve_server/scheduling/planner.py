@@ -18,7 +18,7 @@ would not give the bits it gives chunked another (or cached).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 
@@ -43,11 +43,12 @@ class StepPlanner:
         self.max_step_tokens = max_step_tokens
 
     def plan(
-        self, prompt_left: Sequence[int], waiting_prompts: Sequence[int], free_slots: int
+        self, prompt_left: Sequence[int], waiting_prompts: Iterable[int], free_slots: int
     ) -> Plan:
         """``prompt_left``: the running rows in admission order, how much of each one's
         prompt is not yet in the cache (0: it decodes); ``waiting_prompts``: the prompt
-        lengths of the waiting requests, oldest first."""
+        lengths of the waiting requests, oldest first, read only as far as one past the
+        last admitted (so a caller may compute them lazily)."""
         plan = Plan(decode=[i for i, left in enumerate(prompt_left) if left == 0])
         budget = self.max_step_tokens - len(plan.decode)
         for i, left in enumerate(prompt_left):
