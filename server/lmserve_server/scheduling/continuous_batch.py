@@ -91,7 +91,6 @@ class Work(Generic[E]):
     prefill: int = 0  # prompt tokens this chunk adds to the cache
     token: SampledToken | None = None
     error: Exception | None = None
-    restore: tuple[CachedBlock, ...] = ()  # prefix-cache blocks copied in before the step
 
 
 # (rows in the step, its seconds, tokens it produced, whether it failed)
@@ -209,7 +208,7 @@ class ContinuousBatch(Generic[E]):
         last = start + n == len(running.prompt)
         grammar = running.row.matcher if last else None
         chunk = Chunk(running.slot, running.prompt[start : start + n], start, last, grammar)
-        return Work(running, chunk, prefill=n, restore=running.restore)
+        return Work(running, chunk, prefill=n)
 
     def _execute(self, work: Sequence[Work[E]]) -> None:
         """Runs ``work`` as one step; when it fails, each half as its own, down to the rows
@@ -269,9 +268,9 @@ class ContinuousBatch(Generic[E]):
         their slots."""
         prefixes = self.runner.cache.prefixes
         for w in work:
-            if w.restore:
+            if w.running.restore:
                 assert prefixes is not None
-                prefixes.restore(self.runner.cache, w.running.slot, w.restore)
+                prefixes.restore(self.runner.cache, w.running.slot, w.running.restore)
         return self._step(work)
 
     def _after_step(self, work: Sequence[Work[E]]) -> None:
@@ -282,8 +281,8 @@ class ContinuousBatch(Generic[E]):
             return
         for w in work:
             running = w.running
-            if w.restore:
-                prefixes.index.unpin(w.restore)
+            if running.restore:
+                prefixes.index.unpin(running.restore)
                 running.restore = ()
             if w.prefill and w.error is None:
                 prefixes.store(
