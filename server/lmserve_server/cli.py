@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from lmserve_server import __version__
-from lmserve_server.config import EngineConfig, ServerConfig
+from lmserve_server.config import EngineConfig, ServerConfig, env_name
 from lmserve_server.errors import LmserveError, ModelLoadError
 from lmserve_server.logs import (
     LOG_FORMATS,
@@ -49,10 +49,6 @@ _SERVER_MODULES = frozenset(
         "jinja2",
     }
 )
-
-
-def _env_name(flag: str) -> str:
-    return "LMSERVE_" + flag.lstrip("-").replace("-", "_").upper()
 
 
 def _optional(text: str) -> str | None:
@@ -95,7 +91,7 @@ def _add(
     """A flag whose default comes from its env var when set; --help names both. A bad value
     of the variable is kept in the parser's ``env_problems`` (reported by ``serve`` unless the
     flag overrides it), so ``--help`` still works."""
-    env = _env_name(flag)
+    env = env_name(flag)
     dest = flag.lstrip("-").replace("-", "_")
     if env in os.environ:
         value = os.environ[env]
@@ -161,7 +157,7 @@ def ignored_settings(args: argparse.Namespace) -> list[str]:
             if dest in given:
                 flag = "--" + dest.replace("_", "-")
                 lines.append(
-                    f"{flag} {getattr(args, dest)} ({_env_name(flag)}) is ignored: it applies "
+                    f"{flag} {getattr(args, dest)} ({env_name(flag)}) is ignored: it applies "
                     f"to --scheduler {scheduler}, and this daemon runs {args.scheduler}"
                 )
     return lines

@@ -19,7 +19,13 @@ def setting(name: str) -> str:
     if name in _SETTINGS:
         return _SETTINGS[name]
     flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
-    return f"{flag} ({'LMSERVE_' + flag.removeprefix('--').replace('-', '_').upper()})"
+    return f"{flag} ({env_name(flag)})"
+
+
+def env_name(flag: str) -> str:
+    """The environment variable that sets ``flag``: ``--max-batch-size`` is
+    ``LMSERVE_MAX_BATCH_SIZE``."""
+    return "LMSERVE_" + flag.removeprefix("--").replace("-", "_").upper()
 
 
 @dataclass(frozen=True)

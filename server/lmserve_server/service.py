@@ -81,7 +81,6 @@ class GeneratorService(lmserve_pb2_grpc.GeneratorServicer):
             request_tokens_flag=(
                 "--max-batch-tokens" if capacity.scheduler == "static" else "--kv-cache-tokens"
             ),
-            max_grammar_chars=config.max_prompt_chars,
         )
 
     async def Generate(

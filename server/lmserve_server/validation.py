@@ -37,7 +37,6 @@ class RequestLimits:
     max_stop_token_ids: int = 64
     max_logit_bias: int = 300  # entries, as OpenAI allows
     max_logprobs: int = 20
-    max_grammar_chars: int = 100_000  # a schema, regex, grammar or choice's options
     max_cache_salt_chars: int = 256
 
 
@@ -193,9 +192,9 @@ def grammar_spec(msg: lmserve_pb2.GenerateRequest, limits: RequestLimits) -> Gra
 
 
 def _grammar_size(field: str, chars: int, limits: RequestLimits) -> None:
-    if chars > limits.max_grammar_chars:
+    if chars > limits.max_prompt_chars:
         raise InvalidArgumentError(
-            f"{field}: {chars} characters, at most {limits.max_grammar_chars} allowed "
+            f"{field}: {chars} characters, at most {limits.max_prompt_chars} allowed "
             "(--max-prompt-chars)"
         )
 
