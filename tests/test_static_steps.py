@@ -89,3 +89,17 @@ def test_the_daemon_reports_the_steps_engine_s_capacity(daemon: RunningDaemon) -
         assert info.kv_cache_tokens == 8 * 512 and info.max_request_tokens == 512
         result = client.generate("Hello", max_new_tokens=6)
     assert result.completion_tokens == 6
+
+
+def test_a_request_over_the_limit_is_told_the_setting_behind_it() -> None:
+    """The static scheduler's per-request limit is its batch token limit or, through the
+    runner's steps, a KV cache slot, whichever is smaller; the refusal names that one."""
+    from lmserve_server.scheduling.base import Capacity
+
+    def flag(scheduler: str, limit: int, slot: int, batch_tokens: int) -> str:
+        return Capacity(scheduler, limit, slot, 0, batch_tokens).request_limit_flag
+
+    assert flag("static", 512, 0, 512) == "--max-batch-tokens"  # generate, a batch limit
+    assert flag("static", 256, 256 * 4, 512) == "--kv-cache-tokens"  # steps, a smaller slot
+    assert flag("static", 512, 1024 * 4, 512) == "--max-batch-tokens"  # steps, a larger slot
+    assert flag("continuous", 1024, 1024 * 4, 0) == "--kv-cache-tokens"

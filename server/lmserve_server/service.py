@@ -78,9 +78,7 @@ class GeneratorService(lmserve_pb2_grpc.GeneratorServicer):
             vocab_size=engine.vocab_size,
             max_prompt_chars=config.max_prompt_chars,
             max_request_tokens=capacity.max_request_tokens,
-            request_tokens_flag=(
-                "--max-batch-tokens" if capacity.scheduler == "static" else "--kv-cache-tokens"
-            ),
+            request_tokens_flag=capacity.request_limit_flag,
         )
 
     async def Generate(

@@ -24,6 +24,14 @@ class Capacity:
     max_step_tokens: int  # tokens per continuous step (0: static)
     max_batch_tokens: int  # padded tokens per static batch (0: no limit)
 
+    @property
+    def request_limit_flag(self) -> str:
+        """The setting behind ``max_request_tokens``: a static batch's token limit when it
+        is the smaller one, else the size of a KV cache slot (continuous, static steps)."""
+        if self.max_batch_tokens and self.max_request_tokens == self.max_batch_tokens:
+            return "--max-batch-tokens"
+        return "--kv-cache-tokens"
+
 
 class Scheduler(Protocol):
     """The static micro-batching scheduler and the continuous one both fit this."""
