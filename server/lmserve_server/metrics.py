@@ -55,8 +55,9 @@ class Metrics:
         self.queue_depth.set_function(queue_depth)
         self.kv_cache_usage = Gauge(
             "lmserve_kv_cache_usage",
-            "Share of the continuous scheduler's KV cache slots held by running requests "
-            "(sampled at scrape; 0 under the static scheduler, whose cache is per batch)",
+            "Share of the KV cache's slots held by running requests (sampled at scrape; the "
+            "continuous scheduler's, or a static one's running its batches through steps; 0 "
+            "under static generate, whose cache is per batch)",
             registry=r,
         )
         self.kv_cache_usage.set_function(kv_cache_usage or (lambda: 0.0))
