@@ -8,18 +8,47 @@ STAMP  := $(VENV)/.installed-stamp
 MODEL  ?= models/tiny-gpt2
 ARGS   ?=
 
-.PHONY: install serve test proto lint bench clean
+.PHONY: install serve test test-newest lock upgrade proto lint bench clean
 
 install: $(STAMP)
 
-# torch first, pinned: it is the CPU build on machines without a GPU, and an unpinned
-# torch dragged in by a dependency would pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+# Every package at the version requirements.lock names, so this machine, CI's fresh clone,
+# the Docker image and the GPU check's wheels run the same code. torch first, pinned: it is
+# the CPU build on machines without a GPU, and an unpinned torch dragged in by a dependency
+# would pull a multi-GB CUDA build. The project itself goes in without resolving anything.
+$(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[server,dev,plot]'
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python tools/check_lock.py --installed
 	touch $(STAMP)
+
+# Re-resolves requirements.lock: the newest release of everything pyproject.toml allows,
+# except what requirements-hold.txt holds (with its reasons), in a throwaway venv.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install -q --upgrade pip setuptools
+	.venv-lock/bin/pip install -q torch==2.13.0
+	.venv-lock/bin/pip install -q -c requirements-hold.txt '.[server,dev,plot]'
+	.venv-lock/bin/python tools/check_lock.py --write requirements.lock
+	rm -rf .venv-lock
+
+# The one command for a dependency upgrade: re-lock, reinstall from the new lock, run the suite.
+upgrade: lock
+	rm -f $(STAMP)
+	$(MAKE) test
+
+# The suite against the newest release of everything (no lock, no holds), in its own venv:
+# what a user who installs the server extra unlocked gets today.
+test-newest:
+	rm -rf .venv-newest
+	$(PYTHON) -m venv .venv-newest
+	.venv-newest/bin/pip install -q torch==2.13.0
+	.venv-newest/bin/pip install -q -e '.[server,dev,plot]'
+	.venv-newest/bin/pip list --format=freeze | grep -iE '^(transformers|huggingface.hub|tokenizers)=='
+	.venv-newest/bin/pytest -q -p no:cacheprovider
 
 models/tiny-gpt2: | $(STAMP)
 	$(BIN)/lmserve make-test-model $@
@@ -49,4 +78,4 @@ bench: $(STAMP) models/gpt2-random
 	$(BIN)/python benchmarks/run.py --model models/gpt2-random $(ARGS)
 
 clean:
-	rm -rf $(VENV) models .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-lock .venv-newest models .pytest_cache .mypy_cache .ruff_cache
