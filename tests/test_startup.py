@@ -234,7 +234,9 @@ def test_a_non_sdpa_model_under_the_continuous_scheduler_is_one_line(
     model = tmp_path / "eager"
     shutil.copytree(tiny_model_dir, model)
     config = json.loads((model / "config.json").read_text())
-    config["_attn_implementation"] = "eager"
+    # The public key (transformers 5.25 ignores the private ``_attn_implementation`` in a
+    # config file; every 5.x reads this one).
+    config["attn_implementation"] = "eager"
     (model / "config.json").write_text(json.dumps(config))
     proc = serve(model, "--port", "0", "--scheduler", "continuous", "--log-format", "json")
     assert proc.returncode != 0
