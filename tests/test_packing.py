@@ -18,6 +18,7 @@ from lmserve_server.engine.packing import (
     ROW_BUCKETS,
     PackedLinear,
     can_pack,
+    invariant_min_rows,
     pack_linears,
     row_bucket,
 )
@@ -134,3 +135,51 @@ def test_fused_activations_compute_what_the_plain_model_does(
             assert torch.allclose(
                 packed(input_ids=rows).logits, plain(input_ids=rows).logits, atol=1e-4, rtol=1e-4
             )
+
+
+def _split_below(rows_split: int, weight: torch.Tensor):  # type: ignore[no-untyped-def]
+    """A matmul (rows, count) -> (count, out) whose calls of fewer than ``rows_split`` rows
+    give other bits, as a kernel that splits small calls' inner dimension across threads
+    does. Exact otherwise: inputs are small integers, so every summation order of a large
+    call gives the same bits (a real BLAS's own choices by row count would blur the test),
+    and small calls round their two partial sums to bfloat16 before adding them."""
+    half = weight.shape[0] // 2
+
+    def run_at(rows: torch.Tensor, count: int) -> torch.Tensor:
+        rows = torch.nn.functional.pad((rows * 16).round(), (0, 0, 0, count - rows.shape[0]))
+        if count < rows_split:
+            low, high = rows[:, :half] @ weight[:half], rows[:, half:] @ weight[half:]
+            return low.bfloat16().float() + high.bfloat16().float()
+        return rows @ weight
+
+    return run_at
+
+
+def test_the_least_invariant_row_count_is_found_on_a_kernel_that_splits_small_calls() -> None:
+    torch.manual_seed(0)
+    weight = torch.randint(-8, 8, (64, 96)).float()
+    run_at = _split_below(6, weight)
+    x = torch.randn(4, 64)
+    assert not torch.equal(run_at(x[:1], 2)[0], run_at(x, 8)[0]), "the stand-in differs"
+    assert invariant_min_rows(run_at, 64) == 6
+    assert invariant_min_rows(_split_below(0, weight), 64) == ROW_BUCKETS[0]
+
+
+def test_this_cpus_packed_kernels_need_no_padding(engine: Engine) -> None:
+    """On this machine every row count agrees, so no call pays padding; where a CPU's
+    kernels differ, the warm-up raises ``min_rows`` (the test above) and says so."""
+    layers = [m for m in engine.model.modules() if isinstance(m, PackedLinear)]
+    assert {layer.min_rows for layer in layers} == {2}
+    for layer in layers[:3]:
+        assert invariant_min_rows(layer.run_at, layer.in_features) == 2
+
+
+def test_a_raised_least_row_count_pads_small_calls_and_keeps_results() -> None:
+    torch.manual_seed(0)
+    layer = PackedLinear(torch.randn(64, 256), torch.randn(256))
+    rows = torch.randn(24, 64)
+    before = layer(rows)
+    layer.min_rows = 16
+    assert torch.equal(layer(rows[:3]), layer.run_at(rows[:3], 16)[:3])
+    assert torch.allclose(layer(rows), before, atol=1e-5)
+    assert torch.equal(layer(rows[:1])[0], layer(rows[:16])[0])

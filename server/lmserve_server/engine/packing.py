@@ -33,6 +33,18 @@ per shape the kernels are few, ``warm_up_packed`` compiles them all before the d
 serves, and its memory stays where it was once warm. The padding costs at most a quarter
 more rows (37 -> 40: 8%), against a packed matmul 1.2-3x faster than the plain one here.
 
+Whether a row's result is the same at every row count is the kernels' choice, not
+PyTorch's: oneDNN picks how to split a matmul across threads by its row count, and on some
+CPUs (seen on an AVX-512/AMX Xeon) it splits the inner dimension of small calls across
+threads and adds the partial sums, so a row computed with few companions sums in another
+order than in a large call, and a seeded request's tokens changed with its company. So the
+daemon does not assume it: ``warm_up_packed`` checks, for each kind of layer, that sample
+rows give the same bits at every row count as alone, and where some small counts differ it
+raises the layer's least row count (``min_rows``) to the first count from which every
+larger one agrees; calls with fewer rows are padded up to it. On this project's AVX2 CPU
+every count agrees (``min_rows`` stays 2); a CPU whose kernels differ pays some padding on
+small steps instead of giving a request other tokens in company.
+
 Only for float32 models on the CPU, where oneDNN is available; elsewhere ``pack_linears``
 changes nothing. The packed path computes the same products in another summation order, so
 its results can differ from the plain one's in the last bits (as between two BLAS
@@ -42,6 +54,7 @@ libraries); both schedulers use the same packed model.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -97,6 +110,10 @@ class PackedLinear(torch.nn.Module):
 
     packed_weight: torch.Tensor
     bias: torch.Tensor | None
+    # The fewest rows a call runs at (``warm_up_packed`` raises it where this CPU's kernels
+    # give a row other bits at small counts). A lone row runs as two: one row alone takes
+    # another kernel.
+    min_rows: int = 2
 
     def __init__(
         self,
@@ -124,15 +141,18 @@ class PackedLinear(torch.nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
     def _packed(self, rows: torch.Tensor) -> torch.Tensor:
-        """``rows`` (2..MAX_ROWS of them) through the packed weight at their bucket's count."""
+        """``rows`` (1..MAX_ROWS of them) through the packed weight at their bucket's count."""
         count = rows.shape[0]
-        bucket = row_bucket(count) if count > 1 else 2
-        if bucket != count:  # zero rows below: their results are computed and dropped
-            rows = torch.nn.functional.pad(rows, (0, 0, 0, bucket - count))
-        y = torch.ops.mkldnn._linear_pointwise(
+        return self.run_at(rows, max(row_bucket(count), self.min_rows))[:count]
+
+    def run_at(self, rows: torch.Tensor, count: int) -> torch.Tensor:
+        """``rows`` through the packed weight in one call of exactly ``count`` rows (zero
+        rows below: their results are computed and returned too)."""
+        if rows.shape[0] != count:
+            rows = torch.nn.functional.pad(rows, (0, 0, 0, count - rows.shape[0]))
+        return torch.ops.mkldnn._linear_pointwise(
             rows, self.packed_weight, self.bias, self._post_op, [], self._algorithm
-        )  # (bucket, out)
-        return y[:count]
+        )  # (count, out)
 
 
 def can_pack(model: Any) -> bool:
@@ -173,20 +193,70 @@ def pack_linears(model: Any) -> int:
 
 
 def warm_up_packed(model: Any) -> int:
-    """Runs each kind of packed layer of ``model`` (its shape, bias and activation) once at
-    every count of ``ROW_BUCKETS``, so that oneDNN compiles every kernel the model will use
-    now, before serving, and the daemon's memory does not grow later. Returns how many
-    kinds there were (0 when nothing is packed)."""
-    kinds: dict[tuple[int, int, str | None, bool], PackedLinear] = {}
+    """Runs each kind of packed layer of ``model`` (its shape, bias and activation) at every
+    count of ``ROW_BUCKETS``, so that oneDNN compiles every kernel the model will use now,
+    before serving, and the daemon's memory does not grow later; and sets each kind's
+    ``min_rows`` to the least count from which a row's result does not depend on its
+    company on this CPU (``invariant_min_rows``). Returns how many kinds there were (0 when
+    nothing is packed)."""
+    kinds: dict[tuple[int, int, str | None, bool], list[PackedLinear]] = {}
     for module in model.modules():
         if isinstance(module, PackedLinear):
             key = (module.in_features, module.out_features, module.activation, module.bias is None)
-            kinds.setdefault(key, module)
+            kinds.setdefault(key, []).append(module)
     with torch.inference_mode():
-        for layer in kinds.values():
-            for rows in ROW_BUCKETS:
-                layer(torch.zeros(rows, layer.in_features))  # float32: packing is for it alone
+        for (rows_in, rows_out, activation, _), layers in kinds.items():
+            least = invariant_min_rows(layers[0].run_at, rows_in)
+            if least is None:
+                log.warning(
+                    "this CPU's matmul kernels give a row of the packed %dx%d layer other bits "
+                    "in company at every row count: seeded sampling may depend on a "
+                    "request's company here (try --pack-weights false or another "
+                    "ONEDNN_MAX_CPU_ISA)",
+                    rows_in,
+                    rows_out,
+                )
+                continue
+            if least > layers[0].min_rows:
+                log.warning(
+                    "this CPU's matmul kernels give a row of the packed %dx%d%s layer other "
+                    "bits at fewer than %d rows: its calls are padded to %d rows so that a "
+                    "request's tokens do not depend on its company",
+                    rows_in,
+                    rows_out,
+                    f" ({activation})" if activation else "",
+                    least,
+                    least,
+                )
+            for layer in layers:
+                layer.min_rows = max(layer.min_rows, least)
     return len(kinds)
+
+
+# Rows whose results the invariance check compares, at every count above them.
+_PROBE_POSITIONS = (0, 1, 2, 3, 5, 7, 9, 15, 17, 31, 63, 127, 255)
+
+
+def invariant_min_rows(
+    run_at: Callable[[torch.Tensor, int], torch.Tensor], in_features: int
+) -> int | None:
+    """The least count of ``ROW_BUCKETS`` at which ``run_at`` (rows, count) -> (count, out)
+    gives each sample row, alone in a call of that count, the same bits as in a call of any
+    larger count at any sampled position; None when no count does. Calls every count once
+    (which also compiles its kernel) and a few more per count it rejects."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(MAX_ROWS, in_features, generator=generator)
+    together = {count: run_at(x[:count], count) for count in ROW_BUCKETS}
+    for least in ROW_BUCKETS:
+        larger = [count for count in ROW_BUCKETS if count >= least]
+
+        def agrees(r: int, least: int = least, larger: list[int] = larger) -> bool:
+            alone = run_at(x[r : r + 1], least)[0]
+            return all(torch.equal(alone, together[count][r]) for count in larger if count > r)
+
+        if all(agrees(r) for r in _PROBE_POSITIONS):
+            return least
+    return None
 
 
 def _fuse_activations(model: Any) -> dict[str, str]:
