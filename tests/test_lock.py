@@ -11,7 +11,7 @@ from packaging.version import Version
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 
-import check_lock  # noqa: E402
+import check_lock
 
 
 def test_the_lock_pins_every_requirement_inside_its_range() -> None:
