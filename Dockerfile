@@ -9,7 +9,9 @@
 #
 # Any Debian or Ubuntu base works (Python 3.10 or newer comes from its packages). The torch
 # wheel comes from TORCH_INDEX_URL, pinned to the version pyproject.toml's [server] extra
-# pins, before the package itself, so pip never swaps in another build of torch.
+# pins, before the package itself, so pip never swaps in another build of torch; everything
+# else at the versions requirements.lock names (CI's), as constraints: the image installs
+# only what the server extra needs of them.
 
 ARG BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
@@ -27,10 +29,10 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0
 WORKDIR /src
 # Only what the wheel is built from (see .dockerignore): a code change rebuilds from here,
 # the torch layer above stays cached.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY client/ client/
 COPY server/ server/
-RUN pip install '.[server]'
+RUN pip install -c requirements.lock '.[server]'
 
 FROM ${BASE_IMAGE}
 ARG DEBIAN_FRONTEND=noninteractive

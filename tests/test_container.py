@@ -81,7 +81,7 @@ def test_torch_is_installed_first_at_the_version_the_server_extra_pins() -> None
     assert f"torch=={pinned.group(1)}" in torch_install.split()
     assert '--index-url "${TORCH_INDEX_URL}"' in torch_install
     assert any(c.cmd == "ARG" and c.value[0].startswith("TORCH_INDEX_URL=") for c in build)
-    package_install = runs.index("pip install '.[server]'")
+    package_install = runs.index("pip install -c requirements.lock '.[server]'")
     assert runs.index(torch_install) < package_install
 
 
@@ -145,8 +145,9 @@ def test_every_copied_path_exists_and_is_in_the_build_context() -> None:
                     continue
                 assert in_build_context(relative), f"{relative} is excluded by .dockerignore"
             copied.append(source.rstrip("/"))
-    # What pyproject.toml builds the package from: its readme and both package directories.
-    assert set(copied) == {"pyproject.toml", "README.md", "client", "server"}
+    # What pyproject.toml builds the package from (its readme and both package directories)
+    # and the lock its dependencies are installed at.
+    assert set(copied) == {"pyproject.toml", "README.md", "requirements.lock", "client", "server"}
     for large in (".venv/bin/python", "models/tiny-gpt2/config.json", ".git/HEAD", "tests"):
         assert not in_build_context(large), large
     assert not in_build_context("client/lmserve/__pycache__/cli.cpython-311.pyc")
