@@ -1,22 +1,39 @@
-"""The whole GPU check in one run: every way to serve the same model, side by side.
+"""The GPU check, as legs that each fit one short call on a lent GPU: every way to serve
+the same model, side by side.
 
-    python benchmarks/gpu.py --model models/gpt2-random                  # one H100/H200, ~6 min
-    python benchmarks/gpu.py --model DIR --device cpu --quick            # the smoke test
+    python benchmarks/gpu.py --model models/gpt2-random --leg smoke        # ~1 min: first
+    python benchmarks/gpu.py --model models/gpt2-random --leg continuous   # then these,
+    python benchmarks/gpu.py --model models/gpt2-random --leg peer         # each < 3 min
+    python benchmarks/gpu.py --model models/gpt2-random --leg compiled     # on an H100
+    python benchmarks/gpu.py --model models/gpt2-random --leg steps
+    python benchmarks/gpu.py --model DIR --device cpu --quick              # every leg: CPU smoke
 
-Legs, each writing its figures to ``--out`` (JSON) as soon as it has them, so a run cut
-short still leaves what it measured:
+A machine lent for minutes can stop answering mid-call, and a call returns its files only
+when it ends: so each leg is its own call, writes its own file (``--out``, by default
+``bench-results/gpu-<leg>.json``) after every figure, and the most important runs first.
+BENCHMARKS.md has the exact commands (wheels, model, legs) for the device tool.
 
-- in process, transformers' own ``generate``: eager, and with the static cache
-  (``cache_implementation="static"``: transformers compiles the decode step, CUDA graphs),
-  at batch 1 (the *single* load's ceiling) and batch ``--clients`` (the *uniform* load's);
-- lmserve ``--scheduler static --static-engine steps`` (CUDA's default: batches through
-  the continuous runner's captured steps), ``--scheduler static --static-engine generate``
-  (transformers' generate per batch), ``--scheduler continuous``, and
-  ``transformers serve --continuous-batching`` (the peer, when installed): each on a *cold*
-  uniform load (the first after SERVING) then *single*, *uniform*, *mixed*, *sampled* and
-  *shared* loads, and the GPU memory its process holds at the end;
-- for both lmserve modes: greedy batch invariance (of 16 prompts, how many get the same
-  tokens sent together as alone), stream == unary, seeded sampling repeatable in company.
+The legs (``--leg``; none: all of them, in this order):
+
+- *smoke*: the model loaded in process, its decode steps captured (CUDA graphs; a CPU
+  replays the captured closure instead), one request, then four together: load and capture
+  times, the first request's latency, graph replays (must be > 0 on CUDA), greedy tokens
+  alone == together;
+
+- *continuous*, *steps*, *generate*: lmserve ``--scheduler continuous``, ``--scheduler
+  static --static-engine steps`` (CUDA's default: batches through the continuous runner's
+  captured steps) and ``--static-engine generate`` (transformers' generate per batch), each
+  on a *cold* uniform load (the first after SERVING) then *single*, *uniform*, *mixed*,
+  *sampled* and *shared* loads, the GPU memory its process holds at the end, and greedy
+  batch invariance (of 16 prompts, how many get the same tokens together as alone), stream
+  == unary, seeded sampling repeatable in company;
+- *peer*: ``transformers serve --continuous-batching`` on the same loads (when installed);
+- *eager*, *compiled*: transformers' own ``generate`` in process, eager and with the static
+  cache (``cache_implementation="static"``: transformers compiles the decode step, CUDA
+  graphs; on a GPU only), at batch 1 (the *single* load's ceiling) and batch ``--clients``
+  (the *uniform* load's).
+
+Ratios between legs (``targets``) are computed from the files of the legs run so far.
 
 Loads (the GPU issue's): *single* = 8 requests one after another, a 48-word prompt, 64 new
 tokens; *uniform* = 256 such requests from 64 clients in a closed loop (more, when a run
@@ -26,8 +43,8 @@ clients; *sampled* = the mixed requests with temperature 0.8, top-p 0.95 and a s
 new tokens, 64 clients (the prefix cache's load: ``peer.shared_specs``).
 ``--quick`` shrinks every count for a CPU smoke test. On a GPU host without a
 registry, ``benchmarks/gpu_host_wheels.sh --peer`` fetches what this needs into ``.whl``
-(``../shared/gpu-host/wheels.sh``, whose header says how to install them, and llguidance);
-build the model there with ``make-test-model ... --size gpt2``.
+(its header says how to install them there); build the model there with
+``make-test-model ... --size gpt2``.
 """
 
 from __future__ import annotations
@@ -243,28 +260,141 @@ def process_memory_mb(pid: int) -> float | None:
     return sum(used) if used else None
 
 
-def summary(results: Results, loads: Loads) -> None:
-    """The issue's targets, as ratios measured in this run."""
-    d = results.data
-    ceiling = d.get("generate, static cache", {})
+def smoke(setup: Setup, loads: Loads, results: Results) -> None:
+    """The engine alone, in process: load, capture the decode steps, one request, then four
+    together against each alone. The first thing to run on a lent GPU."""
+    import torch
+
+    from lmserve_server.config import EngineConfig
+    from lmserve_server.engine.model import Engine
+    from lmserve_server.engine.runner import CudaGraphCapture, rerun_capture
+    from lmserve_server.engine.types import GenerationRequest
+    from lmserve_server.scheduling.steps import (
+        StepSettings,
+        capacity,
+        planner,
+        prepare_runner,
+        run_to_end,
+    )
+
+    name = "smoke"
+    cuda = setup.device.startswith("cuda")
+    started = time.perf_counter()
+    engine = Engine.load(EngineConfig(model=setup.model, device=setup.device))
+    results.put(name, "load_s", round(time.perf_counter() - started, 2))
+    rows = 8
+    settings = StepSettings(
+        rows=rows,
+        slot_tokens=capacity(engine, rows, rows * 1024, 0.5),
+        max_step_tokens=256,
+        step_graphs=CudaGraphCapture() if cuda else rerun_capture,
+        warm_up=True,
+    )
+    started = time.perf_counter()
+    runner = prepare_runner(engine, settings)
+    results.put(name, "capture_and_warm_up_s", round(time.perf_counter() - started, 2))
+
+    def generate(prompts: Sequence[str]) -> list[tuple[int, ...]]:
+        requests = [
+            GenerationRequest(prompt_ids=tuple(engine.tokenize(p)), max_new_tokens=16)
+            for p in prompts
+        ]
+        outputs = run_to_end(runner, planner(settings), [engine.new_row(r) for r in requests])
+        tokens = []
+        for output in outputs:
+            if isinstance(output, Exception):
+                raise output
+            tokens.append(output.token_ids)
+        return tokens
+
+    prompts = [s.prompt for s in uniform_specs(loads, 4)]
+    replays = runner.graph_replays
+    started = time.perf_counter()
+    generate(prompts[:1])
+    results.put(name, "first_request_s", round(time.perf_counter() - started, 3))
+    results.put(name, "graph_replays", runner.graph_replays - replays)
+    together = generate(prompts)
+    alone = [generate([p])[0] for p in prompts]
+    same = sum(t == a for t, a in zip(together, alone, strict=True))
+    results.put(name, "greedy_alone_equals_together", f"{same}/{len(prompts)}")
+    if cuda:
+        results.put(name, "peak_memory_mb", round(torch.cuda.max_memory_allocated() / 2**20))
+
+
+def served_leg(setup: Setup, loads: Loads, results: Results, leg: str) -> None:
+    """One lmserve mode as a daemon: its loads, correctness and GPU memory."""
+    flags = SERVED_LEGS[leg]
+    name = f"lmserve {flags[1]}" + (f" {flags[3]}" if len(flags) > 3 else "")
+    started = time.perf_counter()
+    with daemon(setup, *flags) as address:
+        results.put(name, "start_to_serving_s", time.perf_counter() - started)
+        served(name, measure_lmserve(address), loads, results)
+        results.put(name, "correctness", correctness(address, loads))
+        pid = _pid_listening(address)
+        results.put(name, "gpu_memory_mb", pid and process_memory_mb(pid))
+
+
+SERVED_LEGS = {
+    "continuous": ("--scheduler", "continuous"),
+    "steps": ("--scheduler", "static", "--static-engine", "steps"),  # CUDA's default
+    "generate": ("--scheduler", "static", "--static-engine", "generate"),
+}
+
+
+def peer_leg(setup: Setup, loads: Loads, results: Results) -> None:
+    try:
+        import fastapi  # noqa: F401  (transformers serve needs its [serving] extra)
+    except ImportError:
+        results.put("transformers serve CB", "skipped", "pip install 'transformers[serving]'")
+        return
+    with peer_server(setup) as url:
+        served("transformers serve CB", measure_peer(url, setup.model), loads, results)
+
+
+# Most important first: a lease that ends early has measured what matters most.
+LEGS = ("smoke", "continuous", "peer", "compiled", "steps", "generate", "eager")
+
+
+def run_leg(leg: str, setup: Setup, loads: Loads, results: Results) -> None:
+    if leg == "smoke":
+        smoke(setup, loads, results)
+    elif leg in SERVED_LEGS:
+        served_leg(setup, loads, results, leg)
+    elif leg == "peer":
+        peer_leg(setup, loads, results)
+    elif leg == "eager":
+        in_process(setup, loads, results, compiled=False)
+    elif leg == "compiled":
+        # The static cache is compiled: minutes on a CPU, so only where it is the ceiling.
+        if setup.device.startswith("cuda"):
+            in_process(setup, loads, results, compiled=True)
+        else:
+            results.put("generate, static cache", "skipped", "compiled on a GPU only")
+
+
+def summary(figures: dict[str, Any], results: Results, loads: Loads) -> None:
+    """The issue's targets, as ratios between the legs' figures (``figures``: every leg's
+    sections merged)."""
+    d = figures
+    ceiling = {k: v for k, v in d.get("generate, static cache", {}).items() if k != "skipped"}
     eager = d.get("generate, eager", {})
     best = ceiling or eager
     peer = d.get("transformers serve CB", {})
-    for mode in ("lmserve static", "lmserve static generate", "lmserve continuous"):
-        figures = d.get(mode, {})
-        if not figures:
+    for mode in ("lmserve static steps", "lmserve static generate", "lmserve continuous"):
+        modes = d.get(mode, {})
+        if not modes:
             continue
         batch = f"batch {loads.clients}"
-        if best.get(batch) and figures.get("uniform"):
-            ratio = figures["uniform"]["tokens_per_s"] / best[batch]["tokens_per_s"]
+        if best.get(batch) and modes.get("uniform"):
+            ratio = modes["uniform"]["tokens_per_s"] / best[batch]["tokens_per_s"]
             results.put("targets", f"{mode}: uniform / ceiling", round(ratio, 3))
-        if best.get("batch 1") and figures.get("single"):
-            ratio = figures["single"]["tokens_per_s"] / best["batch 1"]["tokens_per_s"]
+        if best.get("batch 1") and modes.get("single"):
+            ratio = modes["single"]["tokens_per_s"] / best["batch 1"]["tokens_per_s"]
             results.put("targets", f"{mode}: single / ceiling", round(ratio, 3))
         for load_name in ("mixed", "sampled", "shared"):
-            if peer.get(load_name) and figures.get(load_name):
-                tok = figures[load_name]["tokens_per_s"] / peer[load_name]["tokens_per_s"]
-                p99 = figures[load_name]["p99_ms"] / peer[load_name]["p99_ms"]
+            if peer.get(load_name) and modes.get(load_name):
+                tok = modes[load_name]["tokens_per_s"] / peer[load_name]["tokens_per_s"]
+                p99 = modes[load_name]["p99_ms"] / peer[load_name]["p99_ms"]
                 results.put("targets", f"{mode}: {load_name} / peer", round(tok, 2))
                 results.put("targets", f"{mode}: {load_name} p99 / peer", round(p99, 2))
     results.put("targets", "ceiling", "static cache" if ceiling else "eager (no static cache)")
@@ -275,48 +405,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="small counts: a smoke test")
-    parser.add_argument("--out", default="bench-results/gpu.json")
-    parser.add_argument("--skip", default="", help="comma-separated legs to leave out: eager, "
-                        "static-cache, static, static-generate, continuous, peer")  # fmt: skip
+    parser.add_argument(
+        "--leg", action="append", choices=LEGS, help="the leg to run (repeatable; default all)"
+    )
+    parser.add_argument(
+        "--out-dir", type=Path, default=Path("bench-results"),
+        help="each leg writes gpu-<leg>.json here, the ratios gpu-targets.json",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     loads = Loads.quick() if args.quick else Loads()
-    results = Results(Path(args.out))
-    results.put("run", "device", _device_name(args.device))
-    results.put("run", "loads", loads.__dict__)
     setup = Setup(
         model=args.model, device=args.device, daemon_flags=("--max-batch-size", str(loads.clients))
     )
-    if "eager" not in skip:
-        in_process(setup, loads, results, compiled=False)
-    # The static cache is compiled: minutes on a CPU, so only where it is the ceiling.
-    if "static-cache" not in skip and args.device.startswith("cuda"):
-        in_process(setup, loads, results, compiled=True)
-    modes = {
-        "static": ("--scheduler", "static", "--static-engine", "steps"),  # CUDA's default
-        "static-generate": ("--scheduler", "static", "--static-engine", "generate"),
-        "continuous": ("--scheduler", "continuous"),
-    }
-    for mode, flags in modes.items():
-        if mode in skip:
-            continue
-        name = f"lmserve {mode.replace('-', ' ')}"
+    for leg in [leg for leg in LEGS if leg in (args.leg or LEGS)]:
+        results = Results(args.out_dir / f"gpu-{leg}.json")
+        results.put("run", "device", _device_name(args.device))
+        results.put("run", "loads", loads.__dict__)
         started = time.perf_counter()
-        with daemon(setup, *flags) as address:
-            results.put(name, "start_to_serving_s", time.perf_counter() - started)
-            served(name, measure_lmserve(address), loads, results)
-            results.put(name, "correctness", correctness(address, loads))
-            pid = _pid_listening(address)
-            results.put(name, "gpu_memory_mb", pid and process_memory_mb(pid))
-    if "peer" not in skip:
-        try:
-            import fastapi  # noqa: F401  (transformers serve needs its [serving] extra)
-        except ImportError:
-            results.put("transformers serve CB", "skipped", "pip install 'transformers[serving]'")
-        else:
-            with peer_server(setup) as url:
-                served("transformers serve CB", measure_peer(url, setup.model), loads, results)
-    summary(results, loads)
+        run_leg(leg, setup, loads, results)
+        results.put("run", "leg_seconds", round(time.perf_counter() - started, 1))
+    figures: dict[str, Any] = {}
+    for path in sorted(args.out_dir.glob("gpu-*.json")):
+        if path.name != "gpu-targets.json":
+            figures.update({k: v for k, v in json.loads(path.read_text()).items() if k != "run"})
+    summary(figures, Results(args.out_dir / "gpu-targets.json"), loads)
     return 0
 
 
