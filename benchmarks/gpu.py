@@ -412,12 +412,16 @@ def main(argv: list[str] | None = None) -> int:
         "--out-dir", type=Path, default=Path("bench-results"),
         help="each leg writes gpu-<leg>.json here, the ratios gpu-targets.json",
     )  # fmt: skip
+    parser.add_argument(
+        "--summarize", action="store_true",
+        help="run no leg: compute gpu-targets.json from the legs' files in --out-dir",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     loads = Loads.quick() if args.quick else Loads()
     setup = Setup(
         model=args.model, device=args.device, daemon_flags=("--max-batch-size", str(loads.clients))
     )
-    for leg in [leg for leg in LEGS if leg in (args.leg or LEGS)]:
+    for leg in [leg for leg in LEGS if leg in (args.leg or LEGS) and not args.summarize]:
         results = Results(args.out_dir / f"gpu-{leg}.json")
         results.put("run", "device", _device_name(args.device))
         results.put("run", "loads", loads.__dict__)
