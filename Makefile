@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 MODEL  ?= models/tiny-gpt2
 ARGS   ?=
 
-.PHONY: install serve test test-newest lock upgrade proto lint bench clean
+.PHONY: install serve test test-newest lock upgrade _resolve proto lint bench clean
 
 install: $(STAMP)
 
@@ -24,21 +24,28 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python tools/check_lock.py --installed
 	touch $(STAMP)
 
-# Re-resolves requirements.lock: the newest release of everything pyproject.toml allows,
-# except what requirements-hold.txt holds (with its reasons), in a throwaway venv.
+# Re-writes requirements.lock after pyproject.toml's requirements changed: what is locked
+# stays at its version, what is new is resolved (newest that fits), in a throwaway venv.
+# `make upgrade` instead takes the newest of everything.
 lock:
+	$(MAKE) _resolve LOCK_CONSTRAINTS='-c requirements.lock -c requirements-hold.txt'
+
+# The one command for a dependency upgrade: the newest release of everything pyproject.toml
+# allows, except what requirements-hold.txt holds (with its reasons); then reinstall from
+# the new lock and run the suite.
+upgrade:
+	$(MAKE) _resolve LOCK_CONSTRAINTS='-c requirements-hold.txt'
+	rm -f $(STAMP)
+	$(MAKE) test
+
+_resolve:
 	rm -rf .venv-lock
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/pip install -q --upgrade pip setuptools
 	.venv-lock/bin/pip install -q torch==2.13.0
-	.venv-lock/bin/pip install -q -c requirements-hold.txt '.[server,dev,plot]'
+	.venv-lock/bin/pip install -q $(LOCK_CONSTRAINTS) '.[server,dev,plot]'
 	.venv-lock/bin/python tools/check_lock.py --write requirements.lock
 	rm -rf .venv-lock
-
-# The one command for a dependency upgrade: re-lock, reinstall from the new lock, run the suite.
-upgrade: lock
-	rm -f $(STAMP)
-	$(MAKE) test
 
 # The suite against the newest release of everything (no lock, no holds), in its own venv:
 # what a user who installs the server extra unlocked gets today.

@@ -29,9 +29,10 @@ LOCK = ROOT / "requirements.lock"
 EXTRAS = ("server", "dev", "plot")
 HEADER = """\
 # The versions `make install`, CI (.ci/run), the Docker image and the GPU check's wheels
-# install. Written by `make lock` (tools/check_lock.py) from a fresh resolve of
-# pyproject.toml's [server,dev,plot] extras, holding what requirements-hold.txt holds;
-# `make upgrade` re-locks and runs the suite. Do not edit by hand.
+# install. Written by tools/check_lock.py from a resolve of pyproject.toml's
+# [server,dev,plot] extras, holding what requirements-hold.txt holds: `make lock` after a
+# requirement changed (the rest stays), `make upgrade` for the newest of everything (then
+# the suite). Do not edit by hand.
 """
 
 
