@@ -25,11 +25,11 @@ fused model against the plain one).
 
 A packed matmul runs at a fixed set of row counts (``ROW_BUCKETS``): a step of 37 rows is
 padded to 40, one of 600 goes through in pieces of 256. oneDNN compiles a kernel per row
-count and keeps it, about 0.85 MB each whatever the matrix's size (0.55 MB in its primitive
-cache, 0.28 MB in ideep's), so with the raw counts of continuous steps (every count from 1 to
-``--max-step-tokens``, times each linear's shape) the daemon's memory grew by hundreds of MB
-under mixed load (issue 19: 460 -> 979 MB in 4 minutes on the tiny model). With 27 counts
-per shape the kernels are few, ``warm_up_packed`` compiles them all before the daemon
+count and keeps it, about 0.6 MB each whatever the matrix's size
+(``benchmarks/packed_kernels.py``), so with the raw counts of continuous steps (every count
+from 1 to ``--max-step-tokens``, times each linear's shape) the daemon's memory grew by
+hundreds of MB under mixed load (460 -> 979 MB in 4 minutes on the tiny model). With 27
+counts per shape the kernels are few, ``warm_up_packed`` compiles them all before the daemon
 serves, and its memory stays where it was once warm. The padding costs at most a quarter
 more rows (37 -> 40: 8%), against a packed matmul 1.2-3x faster than the plain one here.
 
