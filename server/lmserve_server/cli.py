@@ -132,6 +132,7 @@ _SCHEDULER_ONLY = {
         "kv_cache_tokens",
         "kv_cache_memory",
         "cuda_graphs",
+        "allow_eager_fallback",
         "prefix_cache",
         "prefix_cache_tokens",
     ),
@@ -264,7 +265,15 @@ def _serve_parser(sub: Any) -> None:
         "continuous scheduler (and static with --static-engine steps) on CUDA: capture the "
         "decode step once per bucket of rows (1, 2, 4, ... --max-batch-size) and of attention "
         "columns (64, 128, ... a slot's length) before serving, and replay it (one launch "
-        "instead of hundreds); ignored on CPU",
+        "instead of hundreds); a capture that fails stops the start; ignored on CPU",
+    )
+    _add(
+        p,
+        "--allow-eager-fallback",
+        _bool,
+        False,
+        "with --cuda-graphs: when the capture fails, warn and serve with eager decode steps "
+        "(several times slower per step on a GPU) instead of refusing to start",
     )
     _add(
         p,
@@ -442,6 +451,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         kv_cache_tokens=args.kv_cache_tokens,
         kv_cache_memory=args.kv_cache_memory,
         cuda_graphs=args.cuda_graphs,
+        allow_eager_fallback=args.allow_eager_fallback,
         prefix_cache=args.prefix_cache,
         prefix_cache_tokens=args.prefix_cache_tokens,
         scheduler=args.scheduler,

@@ -59,6 +59,7 @@ class ContinuousScheduler:
         prefix_cache: bool = True,
         prefix_cache_tokens: int = 0,
         step_graphs: Capture | None = None,
+        allow_eager_fallback: bool = False,
         on_step: StepObserver | None = None,
         warm_up: bool = False,
         executor: Executor,
@@ -73,6 +74,7 @@ class ContinuousScheduler:
             slot_tokens=self._slot_tokens,
             max_step_tokens=max_step_tokens,
             step_graphs=step_graphs,
+            allow_eager_fallback=allow_eager_fallback,
             warm_up=warm_up,
             prefix_cache_tokens=prefix_capacity(
                 prefix_cache, prefix_cache_tokens, max_batch_size, self._slot_tokens
