@@ -162,8 +162,9 @@ def serve_lines(*args: str, env: dict[str, str] | None = None) -> tuple[int, lis
 def test_a_settings_error_names_the_setting_the_value_and_the_reason(
     args: list[str], env: dict[str, str], said: str
 ) -> None:
-    """Issue 19: "invalid setting(s): scheduler (see lmserve serve --help)" said neither the
-    variable, nor the value, nor what would do."""
+    """An operator fixes a setting from the one line alone: it names the flag and its
+    variable, the value given, and what would do (a bare "invalid setting(s): scheduler"
+    leaves them to guess which source set it, and to what)."""
     code, lines = serve_lines(*args, env=env)
     assert code == 2
     assert len(lines) == 1 and lines[0].startswith(f"lmserve: error: {said}"), lines

@@ -111,7 +111,8 @@ def test_the_finish_reasons_are_named_as_users_see_them(daemon: RunningDaemon) -
 
 
 def test_the_readme_is_in_a_newcomers_order_with_the_internals_elsewhere() -> None:
-    """Issue 19: how batching works sat between the API and operations."""
+    """A newcomer reads top down: running it, the API, operating it; how batching works
+    inside belongs in docs/, not between the API and operations."""
     headings = re.findall(r"^## (.+)$", README.read_text(), flags=re.M)
     wanted = [
         "The two commands",
