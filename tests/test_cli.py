@@ -170,6 +170,31 @@ def test_a_settings_error_names_the_setting_the_value_and_the_reason(
     assert len(lines) == 1 and lines[0].startswith(f"lmserve: error: {said}"), lines
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (
+            ["--scheduler", "continous"],
+            "--scheduler (LMSERVE_SCHEDULER) 'continous': choose static or continuous",
+        ),
+        (
+            ["--dtype", "bf16"],
+            "--dtype (LMSERVE_DTYPE) 'bf16': choose auto, float16, bfloat16 or float32",
+        ),
+        (["--max-queue", "1o24"], "--max-queue (LMSERVE_MAX_QUEUE) '1o24': takes a whole number"),
+        (["--warm-up", "maybe"], "--warm-up (LMSERVE_WARM_UP) 'maybe': expected true or false"),
+        (["--max-qeue", "8"], "unrecognized arguments: --max-qeue 8"),
+    ],
+)
+def test_a_mistyped_flag_value_is_one_line(args: list[str], said: str) -> None:
+    """A mistake on the command line is one line like every other start-up failure (the
+    Troubleshooting table's promise), not argparse's usage text before the error."""
+    code, lines = serve_lines(*args)
+    assert code == 2
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"lmserve: error: {said} (see lmserve"), lines
+
+
 def test_a_bad_variable_that_a_flag_overrides_does_not_matter() -> None:
     code, lines = serve_lines("--scheduler", "static", env={"LMSERVE_SCHEDULER": "continous"})
     assert code == 2 and len(lines) == 1 and "does not exist" in lines[0], lines
