@@ -277,3 +277,31 @@ def test_the_readme_states_the_daemons_memory() -> None:
         "grammars",
     ):
         assert part in memory, part
+
+
+def shown(default: object) -> str:
+    """A flag's default as the README's tables write it."""
+    if isinstance(default, bool):
+        return str(default).lower()
+    if default is None:
+        return "unset"
+    return f"{default:g}" if isinstance(default, float) else str(default)
+
+
+def test_the_flag_tables_agree_with_serve_help() -> None:
+    """Every flag row of the README's tables gives the default ``lmserve serve`` has, and
+    the two say the same of the warm-up and of a packed kernel's size."""
+    from lmserve_server.cli import build_parser
+
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    actions = {a.option_strings[0]: a for a in serve._actions if a.option_strings}
+    rows = re.findall(r"^\| `(--[\w-]+)` \| ([^|]*) \| ([^|]*) \|$", README.read_text(), re.M)
+    assert len(rows) >= 25, rows
+    for flag, default, _ in rows:
+        wanted = actions[flag].default
+        assert default.strip("` ").split(" ")[0] == shown(wanted), (flag, default, wanted)
+    said = {flag: text for flag, _, text in rows}
+    for flag, fact in (("--warm-up", "two short requests"), ("--pack-weights", "0.6 MB")):
+        assert fact in (actions[flag].help or ""), flag
+        readme = said[flag] if fact in said[flag] else section("Operations")
+        assert fact in readme, flag

@@ -356,7 +356,7 @@ def _serve_parser(sub: Any) -> None:
         True,
         "float32 on CPU: prepack the linear layers' weights for oneDNN once at load "
         "(20-30%% faster matmuls at 2-256 rows; one more copy of those weights in memory, and "
-        "about 0.85 MB per compiled kernel: 27 row counts for each shape of layer, compiled "
+        "about 0.6 MB per compiled kernel: 27 row counts for each shape of layer, compiled "
         "at warm-up) and run MLP activations inside them; ignored elsewhere",
     )
     _add(
@@ -383,7 +383,15 @@ def _serve_parser(sub: Any) -> None:
     _add(p, "--max-new-tokens-cap", int, 1024, "largest max_new_tokens a request may ask for")
     _add(p, "--drain-timeout", float, 30.0, "seconds accepted requests get to finish on SIGTERM")
     _add(p, "--reflection", _bool, True, "serve gRPC server reflection (grpcurl list)")
-    _add(p, "--warm-up", _bool, True, "run two short requests before reporting SERVING")
+    _add(
+        p,
+        "--warm-up",
+        _bool,
+        True,
+        "before reporting SERVING, compile the packed layers' kernels and run two short "
+        "requests (one padded generate() batch under --static-engine generate, else through "
+        "the runner's steps)",
+    )
     _add(
         p,
         "--log-level",
