@@ -1,5 +1,5 @@
 """Health and an authorised call while clients without a token flood the daemon with big
-requests (issue 19): does the token check spare the daemon the work of reading them?
+requests: does the token check spare the daemon the work of reading them?
 
     python benchmarks/auth_flood.py --model models/tiny-gpt2 [--seconds 20]
 

@@ -1,5 +1,5 @@
 """xgrammar against llguidance on lmserve's loads: the measurements behind the choice of
-structured-output library (issue 18; the figures and the choice are in BENCHMARKS.md).
+structured-output library (the figures and the choice are in BENCHMARKS.md).
 
     python benchmarks/grammar_libs.py [--model DIR] [--rows 16] [--threads 2]
 

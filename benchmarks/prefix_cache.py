@@ -1,4 +1,4 @@
-"""The prefix cache (issue 21): what it costs and what it buys, side by side.
+"""The prefix cache: what it costs and what it buys, side by side.
 
     python benchmarks/prefix_cache.py --model models/gpt2-random [--only copy,ttft,mixed,engine]
 
@@ -11,11 +11,11 @@
 - ``ttft``: a real daemon (``--scheduler continuous``), one stream at a time: the time to
   the first token of a ~525-token request whose 510-token system prompt is new (a new
   prompt each time: nothing cached) and of one whose system prompt was just sent (cached),
-  interleaved; medians and their ratio (the issue asks <= 0.2).
+  interleaved; medians and their ratio (the target: <= 0.2).
 - ``mixed``: the peer benchmark's mixed load (48 requests, 3-150-word prompts, 4-96 new
   tokens, 16 clients: nothing shared) against ``--prefix-cache true`` and ``false``,
   interleaved rounds (alternating which goes first); tok/s per round and the median ratio
-  (the issue asks within 3%).
+  (the target: within 3%, what a cache that finds nothing may cost).
 - ``engine`` (in process, one thread, thread CPU time): the same mixed requests through the
   continuous batch with a prefix cache (emptied before each run: nothing is found) and
   without, alternating; what the cache's bookkeeping and copies cost a load that shares

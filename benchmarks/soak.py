@@ -7,7 +7,7 @@ Starts a real ``lmserve serve`` (``--scheduler continuous`` and the default flag
 (uncounted), reads its RSS ("warm"), then runs the load tester's mixed workload (random
 prompt lengths and ``max_new_tokens``, so every step has another shape) for ``--minutes``
 while reading the daemon's RSS every ``--every`` seconds. Prints one line per reading and
-the ratio last/warm; exits 1 when the ratio is over ``--limit`` (issue 19 asks 1.25).
+the ratio last/warm; exits 1 when the ratio is over ``--limit`` (default 1.25).
 """
 
 from __future__ import annotations

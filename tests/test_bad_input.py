@@ -213,9 +213,10 @@ def test_max_new_tokens_beyond_32_bits_is_refused_not_wrapped(daemon: RunningDae
 async def test_a_request_over_the_size_limit_is_too_large_not_an_overload(
     make_daemon, capsys: pytest.CaptureFixture[str]
 ) -> None:  # type: ignore[no-untyped-def]
-    """Issue 19: over --max-message-bytes gRPC itself answers RESOURCE_EXHAUSTED, which the
-    client raised as OverloadedError ("back off and retry"): a retry can never succeed. The
-    status stays gRPC's (server and client agree on it); the client says what it is."""
+    """Over --max-message-bytes gRPC itself answers RESOURCE_EXHAUSTED, the code of an
+    overload; raised as OverloadedError ("back off and retry") it would invite a retry that
+    can never succeed. The status stays gRPC's (server and client agree on it); the client
+    says what it is."""
     running: RunningDaemon = make_daemon(max_message_bytes=65536)
     prompt = "x" * 100_000
     with grpc.insecure_channel(running.address) as channel, pytest.raises(grpc.RpcError) as raw:

@@ -385,7 +385,7 @@ def test_plot_writes_a_png(daemon: RunningDaemon, tmp_path: Path, stream: bool) 
     assert code == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (report["ttft_ms"] is not None) is stream  # what the TTFT panel is drawn from
-    # Issue 19: the title named neither the model nor the scheduler.
+    # A plot read alone (pasted in a ticket) says what it measured.
     model = report["model"]
     assert plot_title(report).splitlines()[0] == (
         f"{model['model']} on cpu (float32), static scheduler, max batch {model['max_batch_size']}"
@@ -393,8 +393,8 @@ def test_plot_writes_a_png(daemon: RunningDaemon, tmp_path: Path, stream: bool) 
 
 
 def test_plot_draws_requests_and_tokens_on_axes_of_their_own(tmp_path: Path) -> None:
-    """Issue 19: on twin axes, tokens/s (a constant times requests/s) drew on top of
-    requests/s. Each rate now has its own panel, one above the other, each scaled alike."""
+    """On twin axes tokens/s (a constant times requests/s) would draw on top of
+    requests/s; each rate has its own panel, one above the other, each scaled alike."""
     matplotlib = pytest.importorskip("matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -162,11 +162,37 @@ def serve_lines(*args: str, env: dict[str, str] | None = None) -> tuple[int, lis
 def test_a_settings_error_names_the_setting_the_value_and_the_reason(
     args: list[str], env: dict[str, str], said: str
 ) -> None:
-    """Issue 19: "invalid setting(s): scheduler (see lmserve serve --help)" said neither the
-    variable, nor the value, nor what would do."""
+    """An operator fixes a setting from the one line alone: it names the flag and its
+    variable, the value given, and what would do (a bare "invalid setting(s): scheduler"
+    leaves them to guess which source set it, and to what)."""
     code, lines = serve_lines(*args, env=env)
     assert code == 2
     assert len(lines) == 1 and lines[0].startswith(f"lmserve: error: {said}"), lines
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (
+            ["--scheduler", "continous"],
+            "--scheduler (LMSERVE_SCHEDULER) 'continous': choose static or continuous",
+        ),
+        (
+            ["--dtype", "bf16"],
+            "--dtype (LMSERVE_DTYPE) 'bf16': choose auto, float16, bfloat16 or float32",
+        ),
+        (["--max-queue", "1o24"], "--max-queue (LMSERVE_MAX_QUEUE) '1o24': takes a whole number"),
+        (["--warm-up", "maybe"], "--warm-up (LMSERVE_WARM_UP) 'maybe': expected true or false"),
+        (["--max-qeue", "8"], "unrecognized arguments: --max-qeue 8"),
+    ],
+)
+def test_a_mistyped_flag_value_is_one_line(args: list[str], said: str) -> None:
+    """A mistake on the command line is one line like every other start-up failure (the
+    Troubleshooting table's promise), not argparse's usage text before the error."""
+    code, lines = serve_lines(*args)
+    assert code == 2
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"lmserve: error: {said} (see lmserve"), lines
 
 
 def test_a_bad_variable_that_a_flag_overrides_does_not_matter() -> None:

@@ -507,8 +507,8 @@ def test_cli_generate_stream(target: str, capsys: pytest.CaptureFixture[str]) ->
     assert len(lines) == len(EXPECTED_CHUNKS)
     assert lines[-1] == EXPECTED_CHUNKS[-1].to_dict()
     assert lines[-1]["finish_reason"] == "eos"
-    # Issue 19: chunks before the last said "prompt_tokens": 0, "batch_size": 0, as if the
-    # request had no prompt and no batch; how it was served is known only at its end.
+    # How a request was served is known only at its end: chunks before the last leave the
+    # usage out rather than say "prompt_tokens": 0, "batch_size": 0.
     usage = {
         "prompt_tokens",
         "completion_tokens",

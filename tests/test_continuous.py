@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import pytest
@@ -23,6 +24,8 @@ from lmserve_server.engine.types import (
     SamplingParams,
     TextDelta,
 )
+from lmserve_server.limits import MAX_LOGPROBS
+from lmserve_server.scheduling.continuous import ContinuousScheduler
 from lmserve_server.scheduling.continuous_batch import ContinuousBatch
 from lmserve_server.scheduling.planner import StepPlanner
 from tests.test_engine import PROMPTS, request, solo
@@ -242,26 +245,61 @@ def test_a_long_prompt_never_stalls_decoding_rows_for_more_than_a_chunk(engine: 
     assert steps == 9  # 200 prompt tokens, 23 a step beside the decoding row
 
 
-async def test_a_failed_capture_leaves_the_scheduler_serving_eagerly(engine: Engine) -> None:
-    """--cuda-graphs has not yet run on a GPU: a capture that fails must not stop serving."""
-    import asyncio
-    from concurrent.futures import ThreadPoolExecutor
+class FailingCapture:
+    """``rerun_capture`` for the first ``works`` forwards, then a capture that fails, as a
+    CUDA graph capture can part-way (memory, an op that can't be captured)."""
 
-    from lmserve_server.scheduling.continuous import ContinuousScheduler
+    def __init__(self, works: int) -> None:
+        self.works = works
+        self.captured = 0
 
-    def broken_capture(forward):  # type: ignore[no-untyped-def]
-        raise RuntimeError("capture not supported here")
+    def __call__(self, forward):  # type: ignore[no-untyped-def]
+        if self.captured == self.works:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        self.captured += 1
+        return rerun_capture(forward)
 
-    executor = ThreadPoolExecutor(1)
-    scheduler = ContinuousScheduler(
+
+def failing_scheduler(
+    engine: Engine, executor: Executor, allow_eager_fallback: bool = False
+) -> ContinuousScheduler:
+    return ContinuousScheduler(
         engine,
         max_batch_size=4,
         max_queue=8,
         max_step_tokens=64,
         kv_cache_tokens=1024,
-        step_graphs=broken_capture,
+        step_graphs=FailingCapture(works=2),
+        allow_eager_fallback=allow_eager_fallback,
         executor=executor,
     )
+
+
+def test_a_failed_capture_stops_the_start(engine: Engine) -> None:
+    """Eager decode steps are several times slower on a GPU: a daemon that falls back to
+    them unasked looks healthy while it misses its latency, so the start fails, naming the
+    two settings that would let it serve."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lmserve_server.errors import StartupError
+
+    with ThreadPoolExecutor(1) as executor:
+        scheduler = failing_scheduler(engine, executor)
+        with pytest.raises(StartupError) as refused:
+            scheduler.prepare()
+    said = str(refused.value)
+    assert "operation not permitted when stream is capturing" in said
+    assert "--cuda-graphs false" in said and "--allow-eager-fallback" in said
+
+
+async def test_with_the_fallback_a_failed_capture_serves_eagerly(engine: Engine) -> None:
+    """--allow-eager-fallback: the graphs captured before the failure are dropped (a half
+    set would replay some buckets and not others), and every step runs eagerly."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    executor = ThreadPoolExecutor(1)
+    scheduler = failing_scheduler(engine, executor, allow_eager_fallback=True)
     await asyncio.get_running_loop().run_in_executor(executor, scheduler.prepare)
     scheduler.start()
     try:
@@ -270,6 +308,9 @@ async def test_a_failed_capture_leaves_the_scheduler_serving_eagerly(engine: Eng
         await scheduler.close()
         executor.shutdown()
     assert served.value == solo(engine, "Hello", 8)
+    assert scheduler._batch is not None
+    runner = scheduler._batch.runner
+    assert runner.graph_replays == 0 and not runner.fixed_shapes
 
 
 @pytest.mark.parametrize("warm_up", [True, False])
@@ -322,25 +363,26 @@ def test_the_gpu_s_staging_path_gives_the_same_tokens(engine: Engine) -> None:
 
 
 def test_the_largest_bucket_with_the_most_logprobs_fits_the_download(engine: Engine) -> None:
-    """128 slots, fixed shapes, staged: a 128-row bucket where one row asks 20 logprobs
-    (2 + 2 x 20 values a row) downloads whole (the buffer once held 4096 values)."""
+    """128 slots, fixed shapes, staged: a 128-row bucket where one row asks the most
+    logprobs the validator allows (2 + 2 x MAX_LOGPROBS values a row) downloads whole."""
     batch = batch_of(engine, rows=128, budget=512, slot_tokens=32, fixed=True, staged=True)
     pairs = batch.runner.capture_graphs(rerun_capture, max_rows=128)
     assert (128, 32) in pairs
     rows = [engine.new_row(request(engine, "Hi", 4)) for _ in range(127)]
-    asking = engine.new_row(request(engine, "Hello", 4, logprobs=20))
+    asking = engine.new_row(request(engine, "Hello", 4, logprobs=MAX_LOGPROBS))
     waiting = deque(Entry(r) for r in [*rows, asking])  # all at once
     while waiting or batch.running:
         batch.run(batch.admit_and_plan(waiting))
         batch.retire()
     assert len(asking.output().logprobs) == 4
-    assert all(len(lp.top) == 20 for lp in asking.output().logprobs)
+    assert all(len(lp.top) == MAX_LOGPROBS for lp in asking.output().logprobs)
     assert batch.runner.graph_replays > 0
 
 
 def test_graphs_survive_long_penalised_prompts(engine: Engine) -> None:
-    """Penalised rows with long prompts no longer grow the step's inputs (their history is
-    on the device): a plain load afterwards still replays every decode step's graph."""
+    """Penalised rows with long prompts keep their history on the device, not in the
+    step's inputs, so the inputs keep their captured places: a plain load afterwards still
+    replays every decode step's graph."""
     batch = batch_of(engine, rows=4, budget=64, slot_tokens=512, fixed=True)
     batch.runner.capture_graphs(rerun_capture, max_rows=4)
     long_prompt = " ".join(["word"] * 450)

@@ -111,9 +111,9 @@ def test_json_logs_turn_grpc_core_lines_into_json(tiny_model_dir: Path, tmp_path
 def test_continuous_steps_are_json_lines_that_the_readme_jq_filter_selects(
     tiny_model_dir: Path,
 ) -> None:
-    """Issue 19: under --scheduler continuous the JSON logs had no batch lines, so README's
-    ``jq 'select(.batch_size)'`` printed nothing. Each step is a debug line with the fields
-    of a static batch line (info would flood the journal: a step every few milliseconds)."""
+    """README's ``jq 'select(.batch_size)'`` must select something under --scheduler
+    continuous too. Each step is a debug line with the fields of a static batch line (info
+    would flood the journal: a step every few milliseconds)."""
     flags = ["--scheduler", "continuous", "--log-format", "json"]
     for level, expect_steps in (("debug", True), ("info", False)):
         server = ServeProcess(tiny_model_dir, "--port", "0", *flags, "--log-level", level)

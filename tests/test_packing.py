@@ -99,9 +99,10 @@ print(warm, rss_mb())
 
 
 def test_memory_stays_flat_over_every_step_shape_once_warm(tiny_model_dir: Path) -> None:
-    """Issue 19: the daemon grew by hundreds of MB under mixed load, a oneDNN kernel (and
-    its 0.85 MB) kept per new row count. Warm, forwards of 300 lengths and of 32 batch sizes,
-    twice, must leave the RSS about where it was: +15 MB here, +616 MB before the buckets."""
+    """oneDNN keeps a kernel (and its 0.85 MB) per new row count, so without the row
+    buckets a daemon under mixed load grows by hundreds of MB. Warm, forwards of 300
+    lengths and of 32 batch sizes, twice, must leave the RSS about where it was (+15 MB
+    measured with the buckets, +616 MB without)."""
     done = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(MEMORY_PROBE), str(tiny_model_dir)],
         capture_output=True,

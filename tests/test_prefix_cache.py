@@ -202,8 +202,9 @@ def test_tokens_and_logprobs_are_the_same_bits_with_the_cache_and_without(
         assert a.error is None and b.error is None
         assert same_bits(a.output(), b.output()), (len(r.prompt_ids), r.sampling)
         assert a.cached_prompt_tokens == 0
-    cached = [row.cached_prompt_tokens for row in with_cache]
-    assert [row.output().cached_prompt_tokens for row in with_cache] == cached
+    # What a caller reads, checked against the prompts' shapes below and against the
+    # cache's own counters (kept apart from the rows') at the end.
+    cached = [row.output().cached_prompt_tokens for row in with_cache]
     # Every prompt computes at least its last two tokens.
     assert all(c <= len(r.prompt_ids) - 2 for c, r in zip(cached, requests, strict=True))
     assert cached[0] == 0
@@ -338,19 +339,34 @@ def test_restore_and_store_copy_the_slot_s_bits(engine: Engine) -> None:
     assert prefixes.nbytes == 8 * BLOCK * engine.kv_shape.bytes_per_token
     prompt = tuple(range(130))
     chain: list[CachedBlock] = []
-    prefixes.store(cache, 0, "", prompt, chain, computed=70)
+    prefixes.store(cache, 0, "tenant-a", prompt, chain, computed=70)
     assert len(chain) == 2
-    prefixes.store(cache, 0, "", prompt, chain, computed=130)
+    prefixes.store(cache, 0, "tenant-a", prompt, chain, computed=130)
     assert len(chain) == 4
-    blocks, cached = prefixes.usable("", prompt)
+    blocks, cached = prefixes.usable("tenant-a", prompt)
     assert blocks == chain and cached == 4 * BLOCK
     prefixes.restore(cache, 1, blocks)
     n = 4 * BLOCK
     for t in (*cache.keys, *cache.values):
         assert torch.equal(t[1, :, :n], t[0, :, :n])
         assert not torch.equal(t[1, :, n : n + 8], t[0, :, n : n + 8]), "only the blocks"
-    assert prefixes.usable("other salt", prompt) == ([], 0)
-    assert prefixes.usable("", prompt[:65]) == (chain[:2], 63)
+    # Kept under the row's salt: neither another tenant nor the empty salt finds them.
+    assert prefixes.usable("tenant-b", prompt) == ([], 0)
+    assert prefixes.usable("", prompt) == ([], 0)
+    assert prefixes.usable("tenant-a", prompt[:65]) == (chain[:2], 63)
+
+
+def test_rows_find_only_the_prefixes_kept_under_their_own_salt(engine: Engine) -> None:
+    """The engine passes each row's ``cache_salt`` to the cache when it keeps the row's
+    blocks and when it looks a prompt up: the same 100-token prompt, one request at a
+    time, is found only by a request with the salt it was kept under (the empty salt being
+    a group of its own)."""
+    prompt = tuple(range(1000, 1100))  # three full blocks and 4 tokens
+    salts = ["tenant-a", "", "tenant-b", "tenant-a", "", "tenant-b"]
+    requests = [GenerationRequest(prompt, 2, cache_salt=salt) for salt in salts]
+    rows = run(engine, batch_of(engine, prefix_tokens=4096), requests, "one-by-one")
+    cached = [row.output().cached_prompt_tokens for row in rows]
+    assert cached == [0, 0, 0, 96, 96, 96], cached
 
 
 def test_a_row_whose_kept_blocks_were_evicted_keeps_its_next_ones_after_what_is_left(

@@ -14,15 +14,19 @@ import json
 import re
 import shutil
 import sys
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
+import pytest
 from google.protobuf import json_format
 
 from lmserve import FinishReason
 from lmserve.v1 import lmserve_pb2, lmserve_pb2_grpc
-from tests.conftest import RunningDaemon
-from tests.ops_support import free_port, run_group
+from lmserve_server.config import ServerConfig
+from tests.conftest import RunningDaemon, engine_for
+from tests.ops_support import free_port, make_pki, run_group
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -111,7 +115,8 @@ def test_the_finish_reasons_are_named_as_users_see_them(daemon: RunningDaemon) -
 
 
 def test_the_readme_is_in_a_newcomers_order_with_the_internals_elsewhere() -> None:
-    """Issue 19: how batching works sat between the API and operations."""
+    """A newcomer reads top down: running it, the API, operating it; how batching works
+    inside belongs in docs/, not between the API and operations."""
     headings = re.findall(r"^## (.+)$", README.read_text(), flags=re.M)
     wanted = [
         "The two commands",
@@ -159,15 +164,106 @@ def test_the_client_section_names_every_public_method_and_error() -> None:
         assert f"`{name}`" in client, name
 
 
-def test_the_client_example_runs(daemon: RunningDaemon, tmp_path: Path) -> None:
-    (example,) = code_blocks(section("The Python client"), "python")
-    script = tmp_path / "example.py"
-    script.write_text(example.replace(DEFAULT_ADDRESS, daemon.address))
-    done = run_group([sys.executable, str(script)], timeout=240)
-    assert done.returncode == 0, done.stdout + done.stderr
-    lines = done.stdout.splitlines()
-    assert lines[0] == "SERVING"
-    assert lines[1].split()[1:] == ["static", "32", "1024"], lines[1]
+# The README's Python blocks, in order. Each runs as written, as a script in a scratch
+# directory, against a real daemon on loopback; only the address moves to that daemon's.
+def python_blocks() -> dict[str, str]:
+    """Each ```python block of the README by the heading it sits under (numbered when a
+    heading holds more than one)."""
+    text = README.read_text()
+    blocks: dict[str, str] = {}
+    for match in re.finditer(r"```python\n(.*?)```", text, flags=re.S):
+        heading = re.findall(r"^#+ (.+)$", text[: match.start()], flags=re.M)[-1]
+        name = heading.split("(")[0].strip()
+        while name in blocks:
+            name += "+"
+        blocks[name] = match.group(1)
+    return blocks
+
+
+PYTHON_BLOCKS = python_blocks()
+# A chat template for the tiny GPT-2 (which has none), as ``--chat-template`` gives one.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+TLS_ADDRESS = "lm.internal:50051"
+TOKEN = "readme-token"
+
+
+@pytest.fixture(scope="module")
+def continuous_daemon(
+    daemon_config: ServerConfig,
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[RunningDaemon]:
+    """Where the structured-output and prefix-caching blocks need a daemon: a chat template
+    for their messages, the continuous scheduler for the prefix cache."""
+    template = tmp_path_factory.mktemp("chat") / "chat.jinja"
+    template.write_text(CHAT_TEMPLATE)
+    config = replace(
+        daemon_config,
+        scheduler="continuous",
+        chat_template=str(template),
+        max_batch_size=4,
+        kv_cache_tokens=4096,
+    )
+    running = RunningDaemon(config, engine_for(config, request))
+    yield running
+    running.stop()
+
+
+def run_block(block: str, address: str, cwd: Path, **env: str) -> list[str]:
+    """``block`` as a script, its addresses moved to ``address``; its stdout lines."""
+    script = cwd / "snippet.py"
+    script.write_text(block.replace(DEFAULT_ADDRESS, address).replace(TLS_ADDRESS, address))
+    done = run_group(
+        [sys.executable, str(script)], cwd=cwd, env={**_environment(), **env}, timeout=240
+    )
+    assert done.returncode == 0, f"{block}\n{done.stdout}{done.stderr}"
+    return done.stdout.splitlines()
+
+
+def test_the_readme_has_python_blocks_to_run() -> None:
+    assert len(PYTHON_BLOCKS) >= 6, "the blocks below are picked by what they use"
+
+
+@pytest.mark.parametrize("under", PYTHON_BLOCKS)
+def test_every_python_block_runs_as_written(
+    under: str,
+    daemon: RunningDaemon,
+    continuous_daemon: RunningDaemon,
+    make_daemon,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+) -> None:
+    block = PYTHON_BLOCKS[under]
+    if "tls_ca=" in block:  # mutual TLS and a token: the files and variable it names
+        pki = make_pki(tmp_path / "pki")
+        for source, name in (
+            (pki.ca, "ca.crt"),
+            (pki.client_cert, "me.crt"),
+            (pki.client_key, "me.key"),
+        ):
+            shutil.copy(source, tmp_path / name)
+        secure: RunningDaemon = make_daemon(
+            tls_cert=str(pki.server_cert),
+            tls_key=str(pki.server_key),
+            tls_client_ca=str(pki.ca),
+            auth_token=TOKEN,
+        )
+        run_block(block, f"localhost:{secure.port}", tmp_path, LMSERVE_TOKEN=TOKEN)
+    elif "AsyncClient" in block:  # the client section's example, on the default daemon
+        lines = run_block(block, daemon.address, tmp_path)
+        assert lines[0] == "SERVING"
+        assert lines[1].split()[1:] == ["static", "32", "1024"], lines[1]
+    elif "structured_output" in block:
+        lines = run_block(block, continuous_daemon.address, tmp_path)
+        assert lines[0].startswith('{"city":"'), lines  # the schema's first key, compact
+    elif "cache_salt" in block:
+        lines = run_block(block, continuous_daemon.address, tmp_path)
+        first, again = map(int, lines[-1].split())
+        assert first == 0 and again >= 4 * 32, lines  # the system prompt's full blocks
+    else:
+        run_block(block, continuous_daemon.address, tmp_path)
 
 
 def test_the_readme_states_the_daemons_memory() -> None:
@@ -181,3 +277,31 @@ def test_the_readme_states_the_daemons_memory() -> None:
         "grammars",
     ):
         assert part in memory, part
+
+
+def shown(default: object) -> str:
+    """A flag's default as the README's tables write it."""
+    if isinstance(default, bool):
+        return str(default).lower()
+    if default is None:
+        return "unset"
+    return f"{default:g}" if isinstance(default, float) else str(default)
+
+
+def test_the_flag_tables_agree_with_serve_help() -> None:
+    """Every flag row of the README's tables gives the default ``lmserve serve`` has, and
+    the two say the same of the warm-up and of a packed kernel's size."""
+    from lmserve_server.cli import build_parser
+
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    actions = {a.option_strings[0]: a for a in serve._actions if a.option_strings}
+    rows = re.findall(r"^\| `(--[\w-]+)` \| ([^|]*) \| ([^|]*) \|$", README.read_text(), re.M)
+    assert len(rows) >= 25, rows
+    for flag, default, _ in rows:
+        wanted = actions[flag].default
+        assert default.strip("` ").split(" ")[0] == shown(wanted), (flag, default, wanted)
+    said = {flag: text for flag, _, text in rows}
+    for flag, fact in (("--warm-up", "two short requests"), ("--pack-weights", "0.6 MB")):
+        assert fact in (actions[flag].help or ""), flag
+        readme = said[flag] if fact in said[flag] else section("Operations")
+        assert fact in readme, flag

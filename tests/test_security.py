@@ -121,9 +121,10 @@ def test_bearer_token_guards_the_service_but_not_health_or_reflection(make_daemo
 def test_the_token_is_checked_before_the_request_is_read(
     make_daemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
-    """Issue 19: anyone could make the daemon receive and parse up to --max-message-bytes per
-    call before being refused. The request's deserializer must run for authorised calls
-    only; a refused one (4 MB, unary and streaming) is never parsed."""
+    """Parsing a request before checking its token would let anyone make the daemon
+    receive and parse up to --max-message-bytes per call. The request's deserializer must
+    run for authorised calls only; a refused one (4 MB, unary and streaming) is never
+    parsed."""
     parsed: list[int] = []
     parse = lmserve_pb2.GenerateRequest.FromString
 

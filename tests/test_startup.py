@@ -179,7 +179,8 @@ def test_a_missing_model_directory_is_said_to_be_missing(tmp_path: Path, log_for
         text=True,
         timeout=120,
         cwd=tmp_path,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},  # the old lookup fails fast offline
+        # Offline, a Hub look-up (the wrong answer here) fails fast instead of timing out.
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert proc.returncode != 0
     line = error_line(proc.stderr, log_format)
@@ -188,8 +189,8 @@ def test_a_missing_model_directory_is_said_to_be_missing(tmp_path: Path, log_for
 
 
 def test_a_relative_path_under_a_local_directory_is_no_such_directory(tmp_path: Path) -> None:
-    """Issue 19: ``models/tiny-gpt3`` looks like a Hub ``owner/name`` and was looked up on the
-    Hub; with a ``models`` directory here it is a path, and a missing one."""
+    """``models/tiny-gpt3`` looks like a Hub ``owner/name``; with a ``models`` directory
+    here it is a path, and a missing one (not a Hub look-up that fails offline)."""
     (tmp_path / "models" / "tiny-gpt2").mkdir(parents=True)
     proc = subprocess.run(
         [*LMSERVE, "serve", "--model", "models/tiny-gpt3", "--port", "0"],

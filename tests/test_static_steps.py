@@ -97,7 +97,7 @@ def test_a_request_over_the_limit_is_told_the_setting_behind_it() -> None:
     from lmserve_server.scheduling.base import Capacity
 
     def flag(scheduler: str, limit: int, slot: int, batch_tokens: int) -> str:
-        return Capacity(scheduler, limit, slot, 0, batch_tokens).request_limit_flag
+        return Capacity(scheduler, limit, slot, 0, batch_tokens).request_tokens.flag
 
     assert flag("static", 512, 0, 512) == "--max-batch-tokens"  # generate, a batch limit
     assert flag("static", 256, 256 * 4, 512) == "--kv-cache-tokens"  # steps, a smaller slot

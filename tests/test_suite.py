@@ -1,6 +1,6 @@
 """The test suite itself on a loaded machine: every test's own limits fire before pytest's
-last-resort timeout, and no process a test starts outlives it (issue 19: a timed-out test
-left its daemon running for 44 minutes)."""
+last-resort timeout, and no process a test starts outlives it (a timed-out test must not
+leave its daemon running, holding memory and cores, after the run)."""
 
 from __future__ import annotations
 

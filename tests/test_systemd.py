@@ -223,7 +223,7 @@ def test_env_example_names_only_real_settings() -> None:
     text = (DEPLOY / "lmserve.env.example").read_text()
     names = set(re.findall(r"^#?([A-Z][A-Z0-9_]+)=", text, flags=re.M))
     assert names and names <= known, names - known
-    # Issue 19: it lacked LMSERVE_SCHEDULER and LMSERVE_METRICS_HOST; now every setting.
+    # Every setting, so an operator edits a line instead of looking up a variable's name.
     assert names == known, known - names
     assert "LMSERVE_SCHEDULER=continuous\n" in text  # README's recommendation
     metrics = text[text.index("# Prometheus") : text.index("#LMSERVE_METRICS_PORT")]
@@ -231,8 +231,9 @@ def test_env_example_names_only_real_settings() -> None:
 
 
 def test_the_template_s_header_installs_it_before_enabling_it() -> None:
-    """Issue 19: the header's steps skipped installing the unit, daemon-reload and creating
-    /etc/lmserve, so `enable --now` found no unit and `tee` no directory."""
+    """The header's steps, run in order on a fresh host, must work: install the unit,
+    daemon-reload and create /etc/lmserve before `enable --now` (which needs the unit) and
+    `tee` (which needs the directory)."""
     header = [
         line.removeprefix("#").strip()
         for line in (DEPLOY / "lmserve@.service").read_text().splitlines()

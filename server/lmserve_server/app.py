@@ -92,6 +92,7 @@ class Daemon:
                 prefix_cache=config.prefix_cache,
                 prefix_cache_tokens=config.prefix_cache_tokens,
                 step_graphs=step_graphs,
+                allow_eager_fallback=config.allow_eager_fallback,
                 on_step=self._record_step,
                 warm_up=config.warm_up,
                 executor=self._executor,
@@ -107,6 +108,7 @@ class Daemon:
                     slot_tokens=slot_tokens,
                     max_step_tokens=max(config.max_step_tokens, config.max_batch_size + 1),
                     step_graphs=step_graphs,
+                    allow_eager_fallback=config.allow_eager_fallback,
                     warm_up=config.warm_up,
                     prefix_cache_tokens=prefix_capacity(
                         config.prefix_cache,

@@ -15,10 +15,11 @@ import asyncio
 import importlib.util
 import logging
 import os
+import re
 import signal
 import sys
-from collections.abc import Callable
-from typing import Any, TextIO
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, TextIO
 
 from lmserve_server import __version__
 from lmserve_server.config import EngineConfig, ServerConfig, env_name
@@ -62,7 +63,52 @@ def _bool(text: str) -> bool:
         return True
     if value in ("0", "false", "no", "off"):
         return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    raise argparse.ArgumentTypeError("expected true or false")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a mistake on the command line is one line, as every other
+    start-up failure is (not the whole usage text, then the error): it names the flag, its
+    variable and the value given. ``--help`` prints the usage as usual."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.variables: dict[str, str] = {}  # flag -> its LMSERVE_* variable (``_add``)
+
+    def error(self, message: str) -> NoReturn:
+        match = re.fullmatch(r"argument (--[\w-]+): (.*)", message, flags=re.S)
+        if match and match.group(1) in self.variables:
+            flag = match.group(1)
+            message = f"{flag} ({self.variables[flag]}) {match.group(2)}"
+        line = " ".join(message.split())
+        self.exit(2, f"lmserve: error: {line} (see {self.prog} --help)\n")
+
+
+def _one_of(choices: Sequence[str]) -> str:
+    """``a or b``, ``a, b or c``."""
+    return f"{', '.join(choices[:-1])} or {choices[-1]}" if len(choices) > 1 else choices[0]
+
+
+def _checked(kind: Callable[[str], Any], choices: Sequence[str] | None) -> Callable[[str], Any]:
+    """``kind`` whose refusal says what was given and what would do, in the words of the
+    settings' own checks (``config.py``), instead of argparse's "invalid int value"."""
+
+    def convert(text: str) -> Any:
+        try:
+            value = kind(text)
+        except argparse.ArgumentTypeError as err:
+            raise argparse.ArgumentTypeError(f"{text!r}: {err}") from err
+        except ValueError as err:
+            wanted = "a whole number" if kind is int else "a number" if kind is float else None
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: takes {wanted}" if wanted else str(err)
+            ) from err
+        if choices is not None and value not in choices:
+            raise argparse.ArgumentTypeError(f"{text!r}: choose {_one_of(choices)}")
+        return value
+
+    convert.__name__ = getattr(kind, "__name__", "value")
+    return convert
 
 
 class _Given(argparse.Action):
@@ -112,9 +158,11 @@ def _add(
                 parser.get_default("env_given").add(dest)
     if "choices" not in kwargs:
         kwargs.setdefault("metavar", {int: "N", float: "X", _bool: "BOOL"}.get(kind, "TEXT"))
+    if isinstance(parser, _Parser):
+        parser.variables[flag] = env
     parser.add_argument(
         flag,
-        type=kind,
+        type=_checked(kind, kwargs.get("choices")),
         default=default,
         action=_Given,
         help=f"{help} [env {env}; default: %(default)s]",
@@ -132,6 +180,7 @@ _SCHEDULER_ONLY = {
         "kv_cache_tokens",
         "kv_cache_memory",
         "cuda_graphs",
+        "allow_eager_fallback",
         "prefix_cache",
         "prefix_cache_tokens",
     ),
@@ -264,7 +313,15 @@ def _serve_parser(sub: Any) -> None:
         "continuous scheduler (and static with --static-engine steps) on CUDA: capture the "
         "decode step once per bucket of rows (1, 2, 4, ... --max-batch-size) and of attention "
         "columns (64, 128, ... a slot's length) before serving, and replay it (one launch "
-        "instead of hundreds); ignored on CPU",
+        "instead of hundreds); a capture that fails stops the start; ignored on CPU",
+    )
+    _add(
+        p,
+        "--allow-eager-fallback",
+        _bool,
+        False,
+        "with --cuda-graphs: when the capture fails, warn and serve with eager decode steps "
+        "(several times slower per step on a GPU) instead of refusing to start",
     )
     _add(
         p,
@@ -299,7 +356,7 @@ def _serve_parser(sub: Any) -> None:
         True,
         "float32 on CPU: prepack the linear layers' weights for oneDNN once at load "
         "(20-30%% faster matmuls at 2-256 rows; one more copy of those weights in memory, and "
-        "about 0.85 MB per compiled kernel: 27 row counts for each shape of layer, compiled "
+        "about 0.6 MB per compiled kernel: 27 row counts for each shape of layer, compiled "
         "at warm-up) and run MLP activations inside them; ignored elsewhere",
     )
     _add(
@@ -326,7 +383,15 @@ def _serve_parser(sub: Any) -> None:
     _add(p, "--max-new-tokens-cap", int, 1024, "largest max_new_tokens a request may ask for")
     _add(p, "--drain-timeout", float, 30.0, "seconds accepted requests get to finish on SIGTERM")
     _add(p, "--reflection", _bool, True, "serve gRPC server reflection (grpcurl list)")
-    _add(p, "--warm-up", _bool, True, "run two short requests before reporting SERVING")
+    _add(
+        p,
+        "--warm-up",
+        _bool,
+        True,
+        "before reporting SERVING, compile the packed layers' kernels and run two short "
+        "requests (one padded generate() batch under --static-engine generate, else through "
+        "the runner's steps)",
+    )
     _add(
         p,
         "--log-level",
@@ -412,7 +477,7 @@ def _make_test_model_parser(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lmserve",
         description="lmserve: a gRPC daemon serving causal language models with dynamic "
         "micro-batching.",
@@ -442,6 +507,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         kv_cache_tokens=args.kv_cache_tokens,
         kv_cache_memory=args.kv_cache_memory,
         cuda_graphs=args.cuda_graphs,
+        allow_eager_fallback=args.allow_eager_fallback,
         prefix_cache=args.prefix_cache,
         prefix_cache_tokens=args.prefix_cache_tokens,
         scheduler=args.scheduler,

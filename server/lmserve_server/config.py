@@ -64,6 +64,8 @@ class ServerConfig:
     kv_cache_tokens: int = 0  # continuous: KV cache size in tokens; 0 = every row a full context
     kv_cache_memory: float = 0.5  # continuous on CUDA, with kv_cache_tokens 0: share of free memory
     cuda_graphs: bool = True  # continuous on CUDA: decode steps replayed as CUDA graphs
+    # a capture that fails: False stops the start, True serves with eager decode steps
+    allow_eager_fallback: bool = False
     # continuous (and static steps): keep prompt prefixes' keys and values for later requests
     prefix_cache: bool = True
     prefix_cache_tokens: int = 0  # the prefix cache's size; 0 = a quarter of the KV cache's

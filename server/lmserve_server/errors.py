@@ -28,6 +28,10 @@ class ModelLoadError(LmserveError):
     """The model or tokenizer could not be loaded; the message says what to do."""
 
 
+class StartupError(LmserveError):
+    """The daemon can't serve as configured; the message names the setting to change."""
+
+
 class GenerationFailedError(LmserveError):
     """The model failed for this request (alone, after its company was retried apart)."""
 

@@ -77,8 +77,7 @@ class GeneratorService(lmserve_pb2_grpc.GeneratorServicer):
             max_stop_chars=config.max_stop_chars,
             vocab_size=engine.vocab_size,
             max_prompt_chars=config.max_prompt_chars,
-            max_request_tokens=capacity.max_request_tokens,
-            request_tokens_flag=capacity.request_limit_flag,
+            request_tokens=capacity.request_tokens,
         )
 
     async def Generate(

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lmserve.v1 import lmserve_pb2
 from lmserve_server.engine.types import GenerationRequest, SamplingParams
 from lmserve_server.errors import InvalidArgumentError
 from lmserve_server.grammar.spec import GrammarKind, GrammarSpec
+from lmserve_server.limits import MAX_LOGPROBS, RequestTokenLimit
 
 # Renders a request's messages ((role, content) pairs) into prompt text (``chat.py``).
 RenderChat = Callable[[Sequence[tuple[str, str]]], str]
@@ -32,11 +33,10 @@ class RequestLimits:
     max_stop_chars: int = 256
     vocab_size: int = 50257
     max_prompt_chars: int = 100_000
-    max_request_tokens: int = 0  # prompt + max_new_tokens the scheduler can hold; 0 = any
-    request_tokens_flag: str = "--max-batch-tokens"  # the setting behind that limit
+    # What the scheduler can hold (prompt + max_new_tokens); the default: any length.
+    request_tokens: RequestTokenLimit = field(default_factory=RequestTokenLimit)
     max_stop_token_ids: int = 64
     max_logit_bias: int = 300  # entries, as OpenAI allows
-    max_logprobs: int = 20
     max_cache_salt_chars: int = 256
 
 
@@ -96,8 +96,8 @@ def build_generation_request(
             f"min_new_tokens: {min_new_tokens} exceeds max_new_tokens ({max_new_tokens})"
         )
     logprobs = msg.logprobs if msg.HasField("logprobs") else None
-    if logprobs is not None and logprobs > limits.max_logprobs:
-        raise InvalidArgumentError(f"logprobs: {logprobs} must be in [0, {limits.max_logprobs}]")
+    if logprobs is not None and logprobs > MAX_LOGPROBS:
+        raise InvalidArgumentError(f"logprobs: {logprobs} must be in [0, {MAX_LOGPROBS}]")
     if len(msg.cache_salt) > limits.max_cache_salt_chars:
         raise InvalidArgumentError(
             f"cache_salt: {len(msg.cache_salt)} characters, at most "
@@ -124,13 +124,7 @@ def build_generation_request(
             f"{len(prompt_ids) + max_new_tokens} exceeds the model's context of "
             f"{limits.max_context} tokens"
         )
-    total = len(prompt_ids) + max_new_tokens
-    if limits.max_request_tokens and total > limits.max_request_tokens:
-        raise InvalidArgumentError(
-            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
-            f"exceeds the server's limit of {limits.max_request_tokens} tokens per request "
-            f"({limits.request_tokens_flag})"
-        )
+    limits.request_tokens.check(len(prompt_ids), max_new_tokens)
     return GenerationRequest(
         prompt_ids=tuple(prompt_ids),
         max_new_tokens=max_new_tokens,

@@ -97,6 +97,12 @@ class KVCache:
         return len(self._free)
 
     @property
+    def occupancy(self) -> float:
+        """The share of the slots that rows hold now (``lmserve_kv_cache_usage``); a plain
+        read of the free list's length, so any thread may ask."""
+        return 1.0 - len(self._free) / self.slots
+
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 

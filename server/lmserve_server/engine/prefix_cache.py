@@ -48,7 +48,8 @@ from lmserve_server.engine.types import PrefixCacheStats
 if TYPE_CHECKING:
     from lmserve_server.engine.kv_cache import KVCache, KVCacheShape
 
-# Tokens per cached block: the granularity of reuse (the issue asks at most 32).
+# Tokens per cached block: the granularity of reuse. Small enough that a prompt which
+# diverges mid-way still finds most of its shared part; vLLM's default block is 16-32.
 BLOCK = 32
 
 # A block's key: its parent's id (the request's salt for a prompt's first block) and its

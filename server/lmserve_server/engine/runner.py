@@ -53,13 +53,12 @@ from lmserve_server.engine.kv_cache import KVCache
 from lmserve_server.engine.sampling import Sampled, sample, unpack
 from lmserve_server.engine.sampling_slots import SamplingSlots
 from lmserve_server.engine.types import TokenLogprob
+from lmserve_server.limits import MAX_LOGPROBS
 
 if TYPE_CHECKING:
     from lmserve_server.grammar.bitmask import BitmaskApplier
     from lmserve_server.grammar.matcher import RowMatcher
 
-# The most logprobs a request may ask (validation's limit): the download buffer holds them.
-MAX_LOGPROBS = 20
 # The narrowest attention window of a captured decode step.
 MIN_WINDOW = 64
 

@@ -1,4 +1,4 @@
-"""Structured output: grammars that constrain what a row may generate (issue 18).
+"""Structured output: grammars that constrain what a row may generate.
 
 One job per module, so each is tested alone:
 

@@ -8,6 +8,7 @@ from typing import Protocol
 from lmserve_server.engine.rows import DeltaSink
 from lmserve_server.engine.types import GenerationOutput, GenerationRequest, PrefixCacheStats
 from lmserve_server.errors import queue_full
+from lmserve_server.limits import RequestTokenLimit
 from lmserve_server.scheduling.batcher import Served
 
 # What a request stopped by the drain deadline (or a crash) tells its caller, in both modes.
@@ -25,12 +26,13 @@ class Capacity:
     max_batch_tokens: int  # padded tokens per static batch (0: no limit)
 
     @property
-    def request_limit_flag(self) -> str:
-        """The setting behind ``max_request_tokens``: a static batch's token limit when it
-        is the smaller one, else the size of a KV cache slot (continuous, static steps)."""
+    def request_tokens(self) -> RequestTokenLimit:
+        """``max_request_tokens`` and the setting behind it: a static batch's token limit
+        when it is the smaller one, else the size of a KV cache slot (continuous, static
+        steps)."""
         if self.max_batch_tokens and self.max_request_tokens == self.max_batch_tokens:
-            return "--max-batch-tokens"
-        return "--kv-cache-tokens"
+            return RequestTokenLimit(self.max_request_tokens, "--max-batch-tokens")
+        return RequestTokenLimit(self.max_request_tokens, "--kv-cache-tokens")
 
 
 class Scheduler(Protocol):

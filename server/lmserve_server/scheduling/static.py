@@ -113,8 +113,7 @@ class StaticScheduler:
     def kv_slot_occupancy(self) -> float:
         if self._runner is None:
             return 0.0  # generate() makes a cache per batch
-        cache = self._runner.cache
-        return 1.0 - cache.free_slots / cache.slots
+        return self._runner.cache.occupancy
 
     @property
     def prefix_cache_stats(self) -> PrefixCacheStats:

@@ -25,6 +25,7 @@ from lmserve_server.engine.model import Engine
 from lmserve_server.engine.rows import Row
 from lmserve_server.engine.runner import Capture, ModelRunner
 from lmserve_server.engine.types import GenerationOutput
+from lmserve_server.errors import StartupError
 from lmserve_server.scheduling.continuous_batch import ContinuousBatch
 from lmserve_server.scheduling.planner import StepPlanner
 
@@ -34,14 +35,16 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class StepSettings:
     """How the runner is built: ``rows`` slots of ``slot_tokens`` (``capacity``), steps of
-    at most ``max_step_tokens``, decode steps captured with ``step_graphs`` (None: eager),
-    two short requests run through it first when ``warm_up``, a prefix cache of
+    at most ``max_step_tokens``, decode steps captured with ``step_graphs`` (None: eager;
+    a capture that fails stops the start unless ``allow_eager_fallback``), two short
+    requests run through it first when ``warm_up``, a prefix cache of
     ``prefix_cache_tokens`` (0: none; ``prefix_capacity``)."""
 
     rows: int
     slot_tokens: int
     max_step_tokens: int
     step_graphs: Capture | None = None
+    allow_eager_fallback: bool = False
     warm_up: bool = False
     prefix_cache_tokens: int = 0
 
@@ -78,9 +81,13 @@ class _Entry:
 
 
 def prepare_runner(engine: Engine, settings: StepSettings) -> ModelRunner:
-    """A runner with its KV cache and buffers allocated, its decode steps captured (a
-    capture that fails is a warning and eager steps: serving beats not serving), warmed up
-    when asked. On the engine thread."""
+    """A runner with its KV cache and buffers allocated, its decode steps captured, warmed
+    up when asked. On the engine thread.
+
+    A capture that fails is a StartupError: eager decode steps on a GPU run at a fraction
+    of the graphed speed, and a fleet that silently serves that way looks healthy while it
+    misses its latency. ``allow_eager_fallback`` (``--allow-eager-fallback``) trades that
+    for availability: a warning, and every step eager."""
     runner = engine.continuous_runner(
         slots=settings.rows,
         slot_tokens=settings.slot_tokens,
@@ -93,8 +100,18 @@ def prepare_runner(engine: Engine, settings: StepSettings) -> ModelRunner:
         try:
             pairs = runner.capture_graphs(settings.step_graphs, max_rows=settings.rows)
         except Exception as err:
+            if not settings.allow_eager_fallback:
+                raise StartupError(
+                    f"could not capture the decode steps as CUDA graphs ({err!r}); serve "
+                    "without them with --cuda-graphs false, or let a failed capture fall "
+                    "back to eager steps with --allow-eager-fallback"
+                ) from err
             runner.drop_graphs()
-            log.warning("could not capture the decode steps (%r); running them eagerly", err)
+            log.warning(
+                "could not capture the decode steps (%r); running them eagerly "
+                "(--allow-eager-fallback)",
+                err,
+            )
         else:
             log.info(
                 "captured the decode step for %d bucket(s) of rows x attention window (%s) "
