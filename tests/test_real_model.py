@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +32,8 @@ from tests.conftest import MODELS, RunningDaemon
 
 pytestmark = pytest.mark.slow
 
+README = Path(__file__).resolve().parents[1] / "README.md"
+
 # Six questions with short, checkable answers.
 QUESTIONS = [
     "What is the capital of France?",
@@ -39,7 +44,7 @@ QUESTIONS = [
     "Write one short sentence about cats.",
 ]
 FRANCE = 0
-MAX_NEW_TOKENS = 24
+MAX_NEW_TOKENS = 16
 PERSON = {
     "type": "object",
     "properties": {
@@ -218,7 +223,7 @@ def test_a_stop_string_cuts_the_answer_before_it(
 def test_a_stream_equals_the_unary_answer_greedy_and_sampled(
     client: Client, answers: list[GenerationResult]
 ) -> None:
-    sampled: dict[str, Any] = {"temperature": 0.9, "seed": 7, "max_new_tokens": 16}
+    sampled: dict[str, Any] = {"temperature": 0.9, "seed": 7, "max_new_tokens": 8}
     spanish = chat(QUESTIONS[3])
     cases: list[tuple[list[ChatMessage], dict[str, Any], GenerationResult]] = [
         (chat(QUESTIONS[FRANCE]), {"max_new_tokens": MAX_NEW_TOKENS}, answers[FRANCE]),
@@ -250,3 +255,29 @@ def test_the_converted_folder_serves_the_same_tokens_as_the_gguf_file(
     finally:
         running.stop()
     assert [a.token_ids for a in answers] == [tokens for _, tokens, _ in reference]
+
+
+def test_the_readmes_first_steps_print_what_it_says(daemon: RunningDaemon, tmp_path: Path) -> None:
+    """The README's "First steps" block, pasted against this daemon: each command prints
+    the line its comment shows."""
+    text = README.read_text()
+    steps = text[text.index("### First steps\n") : text.index("### GGUF files served directly")]
+    (block,) = re.findall(r"```bash\n(.*?)```", steps, flags=re.S)
+    (tmp_path / ".venv").symlink_to(Path(sys.prefix), target_is_directory=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LMSERVE_")}
+    env["LMSERVE_TARGET"] = daemon.address
+    env["LMSERVE_TIMEOUT"] = str(CALL_TIMEOUT_S)
+    proc = subprocess.run(
+        ["bash", "-e", "-c", block],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=CALL_TIMEOUT_S + 60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.splitlines()
+    shown = [line.removeprefix("# ") for line in block.splitlines() if line.startswith("# ")]
+    assert shown and all(line in out for line in shown), proc.stdout
+    for name, value in (("weights_format", "gguf"), ("gguf_file_type", "Q4_1")):
+        assert any(re.fullmatch(rf"{name}\s+{value}", line) for line in out), proc.stdout
