@@ -281,3 +281,17 @@ def test_the_readmes_first_steps_print_what_it_says(daemon: RunningDaemon, tmp_p
     assert shown and all(line in out for line in shown), proc.stdout
     for name, value in (("weights_format", "gguf"), ("gguf_file_type", "Q4_1")):
         assert any(re.fullmatch(rf"{name}\s+{value}", line) for line in out), proc.stdout
+
+
+def test_the_load_tester_sends_chat_prompts_that_end_their_turn(daemon: RunningDaemon) -> None:
+    """``lmserve-client bench --chat``: the mixed workload's prompts as user messages."""
+    command = [sys.executable, "-m", "lmserve.cli", "bench", "--target", daemon.address]
+    command += ["--chat", "--mixed", "--prompt-tokens", "4:12", "--new-tokens", "4:8"]
+    command += ["--requests", "4", "--concurrency", "4", "--warmup", "0", "--json", "-"]
+    proc = subprocess.run(
+        command, capture_output=True, text=True, timeout=CALL_TIMEOUT_S, env=os.environ.copy()
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["requests"] == {"sent": 4, "ok": 4, "errors": 0}
+    assert report["workload"]["chat"] is True
