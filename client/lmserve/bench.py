@@ -20,7 +20,13 @@ from lmserve.argtypes import non_negative_int, positive_float, positive_int
 from lmserve.bench_load import LoadConfig, RunResult, run_load
 from lmserve.bench_plot import check_available, plot_report
 from lmserve.bench_stats import format_report
-from lmserve.bench_workload import FixedWorkload, MixedWorkload, Workload, load_prompts_file
+from lmserve.bench_workload import (
+    ChatWorkload,
+    FixedWorkload,
+    MixedWorkload,
+    Workload,
+    load_prompts_file,
+)
 
 DEFAULT_PROMPT = "The future of AI is"
 DEFAULT_REQUESTS = 100
@@ -133,6 +139,12 @@ def add_parser(
         default=(8, 64),
         help="--mixed: max_new_tokens range (default: 8:64)",
     )
+    work.add_argument(
+        "--chat",
+        action="store_true",
+        help="send each text prompt as a user message, rendered by the model's chat template "
+        "(an instruct model then answers and ends its turn)",
+    )
     work.add_argument("--temperature", metavar="T", type=float, help="sample (default: greedy)")
     work.add_argument(
         "--cache-salt",
@@ -164,11 +176,14 @@ def add_parser(
 
 
 def _workload(args: argparse.Namespace) -> Workload:
+    workload: Workload
     if args.prompts_file:
-        return load_prompts_file(args.prompts_file, args.max_new_tokens)
-    if args.mixed:
-        return MixedWorkload(args.prompt_tokens, args.new_tokens, seed=args.seed)
-    return FixedWorkload(args.prompt or DEFAULT_PROMPT, args.max_new_tokens)
+        workload = load_prompts_file(args.prompts_file, args.max_new_tokens)
+    elif args.mixed:
+        workload = MixedWorkload(args.prompt_tokens, args.new_tokens, seed=args.seed)
+    else:
+        workload = FixedWorkload(args.prompt or DEFAULT_PROMPT, args.max_new_tokens)
+    return ChatWorkload(workload) if args.chat else workload
 
 
 def config_from_args(args: argparse.Namespace) -> LoadConfig:

@@ -90,6 +90,24 @@ class FixedWorkload(Workload):
         }
 
 
+class ChatWorkload(Workload):
+    """Another workload's text prompts, each sent as one user message: the server renders it
+    with the model's chat template, so an instruct model answers it and ends its turn (token
+    ids and chat prompts are sent as they are)."""
+
+    def __init__(self, inner: Workload) -> None:
+        self._inner = inner
+
+    def spec(self, index: int) -> RequestSpec:
+        spec = self._inner.spec(index)
+        if not isinstance(spec.prompt, str):
+            return spec
+        return RequestSpec((ChatMessage("user", spec.prompt),), spec.max_new_tokens, spec.options)
+
+    def describe(self) -> dict[str, Any]:
+        return {**self._inner.describe(), "chat": True}
+
+
 class ListWorkload(Workload):
     """Requests taken in turn from a list (cycled when the run asks for more)."""
 

@@ -171,6 +171,9 @@ class ModelInfo:
     kv_cache_tokens: int = 0  # continuous: the preallocated KV cache
     max_step_tokens: int = 0  # continuous: tokens per step
     max_batch_tokens: int = 0  # static: padded tokens per batch (0: no limit)
+    # "gguf" (a GGUF file, dequantized to dtype) or "transformers"; "" from older servers.
+    weights_format: str = ""
+    gguf_file_type: str = ""  # a GGUF file's quantization, e.g. "Q4_1"; "" otherwise
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of all fields."""
@@ -279,4 +282,6 @@ def model_info_from_proto(msg: lmserve_pb2.ModelInfo) -> ModelInfo:
         kv_cache_tokens=msg.kv_cache_tokens,
         max_step_tokens=msg.max_step_tokens,
         max_batch_tokens=msg.max_batch_tokens,
+        weights_format=msg.weights_format,
+        gguf_file_type=msg.gguf_file_type,
     )

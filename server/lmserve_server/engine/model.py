@@ -24,6 +24,7 @@ from lmserve_server.engine.rows import DeltaSink, Row
 from lmserve_server.engine.runner import ModelRunner
 from lmserve_server.engine.static import generate_batch
 from lmserve_server.engine.types import GenerationOutput, GenerationRequest
+from lmserve_server.gguf_file import GgufSummary
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +33,17 @@ class Engine:
     """A loaded model and tokenizer. Not thread-safe: the daemon's engine thread uses it."""
 
     def __init__(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        name: str,
+        gguf: GgufSummary | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
+        # The GGUF file the weights were dequantized from; None for a transformers checkpoint.
+        self.gguf = gguf
         self.eos_token_id: int = int(tokenizer.eos_token_id)
         # Every token that ends a sequence: the tokenizer's EOS and the checkpoint's (some
         # models end on any of several).
@@ -55,11 +62,12 @@ class Engine:
 
     @classmethod
     def load(cls, config: EngineConfig) -> Engine:
-        model, tokenizer = load_model(config)
-        engine = cls(model, tokenizer, config.model)
+        model, tokenizer, gguf = load_model(config)
+        engine = cls(model, tokenizer, config.model, gguf)
         log.info(
-            "loaded %s on %s as %s (context %d tokens)",
+            "loaded %s%s on %s as %s (context %d tokens)",
             config.model,
+            f" ({gguf.architecture}, {gguf.file_type} GGUF, dequantized)" if gguf else "",
             engine.device,
             engine.dtype,
             engine.max_context,
