@@ -151,7 +151,7 @@ class Daemon:
             on_hit=self.metrics.grammar_cache_hit,
         )
         template = read_chat_template(config.chat_template) if config.chat_template else None
-        self.chat = ChatRenderer(engine.tokenizer, template)
+        self.chat = ChatRenderer(engine.tokenizer, template, config.chat_special_tokens)
 
     def _record_step(self, rows: int, seconds: float, tokens: int, failed: bool) -> None:
         # In continuous mode a "batch" is one step (called on the engine thread).

@@ -25,6 +25,7 @@ then a round trip of well under a millisecond besides the compile itself.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import subprocess
@@ -54,6 +55,8 @@ PROBE_STACK_BYTES = 4 * 1024 * 1024
 # a grammar's first steps blow a library limit ("Too many items") or the mask budget, the
 # request is refused before it takes a batch row.
 PROBE_STEPS = 4
+# The child's scheduling priority, below the daemon's (Unix niceness, 0-19).
+PROBE_NICENESS = 10
 # A child's start (an interpreter, the library, the tokenizer's index): far above what it
 # takes; past it the child is taken for broken.
 START_TIMEOUT_S = 60.0
@@ -184,6 +187,10 @@ def _child_main() -> None:
     daemon closes the pipe. Its stdout is the pipe, so anything printed goes to stderr."""
     conn = _Pipe(os.dup(0), os.dup(1))
     os.dup2(2, 1)
+    # Below the engine's priority: a costly spec's probe takes the CPU the running requests
+    # leave, not theirs (its mask budget counts CPU time, so waiting does not count).
+    with contextlib.suppress(OSError):
+        os.nice(PROBE_NICENESS)
     tokenizer_json, vocab_size, end_token_ids = conn.recv()
     index = index_from_json(tokenizer_json, vocab_size, end_token_ids)
     conn.send("ready")
