@@ -223,3 +223,47 @@ def test_fuzzed_shapes_never_crash_the_compile_service(tiny_model_dir: Path) -> 
             _, length = outcome.split()
             assert int(length) < 400, (kind, text[:60])
     assert outcomes[0] == "compiled" and "refused" in outcomes[3]  # 10 rules; 3,000 rules
+
+
+_CACHE_RSS = textwrap.dedent(
+    """
+    import asyncio, os, sys
+    from transformers import AutoTokenizer
+    from lmserve_server.grammar.compiler import GrammarCompiler
+    from lmserve_server.grammar.spec import GrammarSpec
+
+    def rss():
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    cap = int(sys.argv[2])
+    compiler = GrammarCompiler(AutoTokenizer.from_pretrained(sys.argv[1]), model_vocab_size=50257,
+                               end_token_ids={50256}, timeout_s=60, cache_size=256, cache_bytes=cap)
+
+    async def run():
+        await compiler.compile(GrammarSpec("regex", "a+"))
+        before = rss()
+        for n in range(10, 46):  # 36 regexes of a few megabytes each
+            await compiler.compile(GrammarSpec("regex", "((a{20}){20}){%d}" % n))
+        print(rss() - before, compiler.cached_bytes, compiler.cached)
+
+    asyncio.run(run())
+    compiler.close()
+    """
+)
+
+
+def test_the_grammar_cache_and_the_memory_stay_within_their_bytes(tiny_model_dir: Path) -> None:
+    """36 distinct regexes of a few megabytes each through a cache of 32 MiB: the cache
+    evicts by bytes and the process's resident memory grows by at most the cache's bytes and
+    10% (measured in a child process of its own)."""
+    cap = 32 * 1024 * 1024
+    done = subprocess.run(
+        [sys.executable, "-c", _CACHE_RSS, str(tiny_model_dir), str(cap)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    growth, cached_bytes, cached = map(int, done.stdout.split())
+    assert 0 < cached_bytes <= cap and 1 < cached < 36
+    assert growth <= cap * 1.1

@@ -42,6 +42,7 @@ from lmserve_server.grammar.backend import (
     build_index,
     compile_template,
 )
+from lmserve_server.grammar.heap import release_free_heap
 from lmserve_server.grammar.matcher import CompiledGrammar
 from lmserve_server.grammar.probe import CompileProbe, ProbeStartError
 from lmserve_server.grammar.spec import GrammarSpec
@@ -212,6 +213,7 @@ class GrammarCompiler:
         start the same compile again. Least recently used out first while the cache holds
         more than its entries or bytes (the new entry too, if it alone is over: its
         requests still get it)."""
+        evicted = False
         with self._lock:
             self._compiling.pop(spec.key, None)
             if entry is None:
@@ -226,6 +228,11 @@ class GrammarCompiler:
             ):
                 key, _ = self._cache.popitem(last=False)
                 self._cached_bytes -= self._weights.pop(key)
+                evicted = True
+        if evicted:
+            # An evicted grammar's memory is freed once no row uses it (the rows hold
+            # the grammar); what is free by now goes back to the system.
+            release_free_heap()
 
     @property
     def cached(self) -> int:

@@ -26,7 +26,6 @@ then a round trip of well under a millisecond besides the compile itself.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from lmserve_server.grammar.backend import (
     index_from_json,
     short_reason,
 )
+from lmserve_server.grammar.heap import heap_bytes
 from lmserve_server.grammar.spec import GrammarSpec
 
 # The probe's compile thread's stack: half a default thread's (8 MiB), a quarter of the
@@ -218,12 +218,12 @@ def _on_small_stack(work: Callable[[], tuple[str, Any]]) -> tuple[str, Any]:
 
 
 def _probe(index: TokenizerIndex, spec: GrammarSpec, mask_budget_s: float) -> tuple[str, Any]:
-    before = _heap_bytes()
+    before = heap_bytes()
     try:
         template = compile_template(index, spec)
     except GrammarError as err:
         return ("error", str(err))
-    heap = max(0, _heap_bytes() - before)
+    heap = max(0, heap_bytes() - before)
     matcher = template.deep_copy()
     ends = set(index.end_token_ids)
     for _ in range(PROBE_STEPS):
@@ -258,36 +258,6 @@ def _lowest_allowed(mask: bytes, ends: set[int]) -> int | None:
             if byte >> bit & 1 and position * 8 + bit not in ends:
                 return position * 8 + bit
     return None
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena",
-            "ordblks",
-            "smblks",
-            "hblks",
-            "hblkhd",
-            "usmblks",
-            "fsmblks",
-            "uordblks",
-            "fordblks",
-            "keepcost",
-        )
-    ]
-
-
-def _heap_bytes() -> int:
-    """Bytes the C heap has handed out (every arena, and mmapped blocks); 0 where glibc's
-    ``mallinfo2`` is not there."""
-    try:
-        mallinfo2 = ctypes.CDLL(None).mallinfo2
-    except (OSError, AttributeError):
-        return 0
-    mallinfo2.restype = _MallInfo2
-    info = mallinfo2()
-    return int(info.uordblks + info.hblkhd)
 
 
 if __name__ == "__main__":
