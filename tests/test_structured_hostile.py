@@ -8,6 +8,7 @@ in a child process, so a shape that crashes it fails the test instead of the tes
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -20,15 +21,19 @@ from transformers import AutoTokenizer
 
 from lmserve import Client, Regex
 from lmserve.v1 import lmserve_pb2, lmserve_pb2_grpc
+from lmserve_server.engine.model import Engine
 from lmserve_server.engine.rows import Row
 from lmserve_server.engine.types import GenerationRequest
 from lmserve_server.errors import InvalidArgumentError
 from lmserve_server.grammar.bitmask import allocate_bitmask
 from lmserve_server.grammar.compiler import GrammarCompiler
+from lmserve_server.grammar.matcher import CompiledGrammar
 from lmserve_server.grammar.spec import GrammarSpec
 from lmserve_server.interceptors import MAX_STATUS_MESSAGE_CHARS
 from lmserve_server.testmodel import GPT2_EOS
 from tests.conftest import RunningDaemon
+from tests.test_continuous import batch_of, run
+from tests.test_engine import PROMPTS, request, solo
 
 VOCAB = 50257
 
@@ -120,13 +125,49 @@ def test_a_hostile_spec_is_invalid_argument_with_a_short_reason(
     assert_serving(daemon.address)
 
 
+def over_budget_grammar(engine: Engine) -> CompiledGrammar:
+    """A grammar compiled as the daemon does, then given a budget every mask goes over."""
+    compiler = GrammarCompiler(
+        engine.tokenizer,
+        model_vocab_size=engine.vocab_size,
+        end_token_ids=engine.end_token_ids,
+        timeout_s=30,
+        cache_size=4,
+    )
+    try:
+        grammar = asyncio.run(compiler.compile(GrammarSpec("regex", "[0-9]+")))
+    finally:
+        compiler.close()
+    grammar.mask_budget_s = 1e-9
+    return grammar
+
+
+def test_rows_over_their_budget_end_and_their_neighbours_get_their_solo_tokens(
+    engine: Engine,
+) -> None:
+    grammar = over_budget_grammar(engine)
+    neighbours = [request(engine, p, n) for p, n in zip(PROMPTS, [8, 5, 7], strict=False)]
+    constrained = [request(engine, "Digits:", 8, grammar=grammar) for _ in range(2)]
+    mixed = [neighbours[0], constrained[0], neighbours[1], constrained[1], neighbours[2]]
+    alone = [solo(engine, engine.decode(r.prompt_ids), r.max_new_tokens) for r in neighbours]
+    # The continuous scheduler's steps, rows arriving one a step.
+    rows = [engine.new_row(r) for r in mixed]
+    run(batch_of(engine, rows=5), rows, arrive_every=1)
+    outcomes: list[object] = [r.error or r.output() for r in rows]
+    # A static batch (generate) of the same rows.
+    outcomes_static = engine.generate_batch([engine.new_row(r) for r in mixed])
+    for got in (outcomes, outcomes_static):
+        assert [got[i] for i in (0, 2, 4)] == alone
+        for i in (1, 3):
+            assert isinstance(got[i], InvalidArgumentError)
+            assert "--grammar-mask-budget-ms" in str(got[i])
+
+
 def test_a_row_whose_mask_goes_over_its_budget_ends_with_the_reason(
     tiny_model_dir: Path,
 ) -> None:
     """After a compile that passed its probe, a mask over the budget ends the row at its next
     token, INVALID_ARGUMENT naming the setting (here every fill is over a 1 ns budget)."""
-    import asyncio
-
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     compiler = GrammarCompiler(
         tokenizer,
@@ -160,6 +201,7 @@ _FUZZ = textwrap.dedent(
     from transformers import AutoTokenizer
     from lmserve_server.errors import InvalidArgumentError
     from lmserve_server.grammar.compiler import GrammarCompiler
+from lmserve_server.grammar.matcher import CompiledGrammar
     from lmserve_server.grammar.spec import GrammarSpec
 
     tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
@@ -230,6 +272,7 @@ _CACHE_RSS = textwrap.dedent(
     import asyncio, os, sys
     from transformers import AutoTokenizer
     from lmserve_server.grammar.compiler import GrammarCompiler
+from lmserve_server.grammar.matcher import CompiledGrammar
     from lmserve_server.grammar.spec import GrammarSpec
 
     def rss():
