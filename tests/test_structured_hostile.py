@@ -201,7 +201,6 @@ _FUZZ = textwrap.dedent(
     from transformers import AutoTokenizer
     from lmserve_server.errors import InvalidArgumentError
     from lmserve_server.grammar.compiler import GrammarCompiler
-from lmserve_server.grammar.matcher import CompiledGrammar
     from lmserve_server.grammar.spec import GrammarSpec
 
     tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
@@ -272,7 +271,6 @@ _CACHE_RSS = textwrap.dedent(
     import asyncio, os, sys
     from transformers import AutoTokenizer
     from lmserve_server.grammar.compiler import GrammarCompiler
-from lmserve_server.grammar.matcher import CompiledGrammar
     from lmserve_server.grammar.spec import GrammarSpec
 
     def rss():

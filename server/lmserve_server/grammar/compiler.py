@@ -10,22 +10,22 @@ someone else's grammar). The library releases the GIL while it compiles.
   more than ``mask_budget_s`` a token, is INVALID_ARGUMENT and the daemon lives on. The
   daemon's compile threads have stacks of ``COMPILE_STACK_BYTES``, four times the probe's.
 - Cached by (kind, text), least recently used first out past ``cache_size`` entries or
-  ``cache_bytes`` bytes (a compiled grammar weighs the heap the probe saw it take, tens of
-  megabytes for a heavy regex); a bad spec's error is cached too (the same mistake sent
-  again is refused at once).
+  ``cache_bytes`` bytes (a compiled grammar weighs the heap the probe saw it take: from a
+  hundred kilobytes to megabytes for nested counted repetitions); a bad spec's error is
+  cached too (the same mistake sent again is refused at once).
 - Requests for a spec being compiled share that compile.
 - Time-limited: a probe that outlasts ``timeout_s`` is killed and the spec refused (and that
   refusal cached); a request that waits longer than ``timeout_s`` for its compile is
   INVALID_ARGUMENT naming the field (a late compile's result is still cached).
 - The tokenizer's index (a few hundred ms) is built once, on these threads, when the daemon
-  starts (``prepare``), and shared by every compiler of the same tokenizer in the process;
-  the probes' children start then too.
+  starts (``prepare``), and shared by every compiler of the same tokenizer in the process.
+  The probes' children start with the first compile (a daemon never asked for structured
+  output runs none).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import queue
 import threading
 import time
@@ -122,8 +122,7 @@ class GrammarCompiler:
         self._on_hit = on_hit or (lambda: None)
 
     def prepare(self) -> None:
-        """Starts building the tokenizer's index, then the probes' children, on the compile
-        threads (returns at once)."""
+        """Starts building the tokenizer's index on the compile threads (returns at once)."""
         self._index_future()
 
     def _index_future(self) -> Future[TokenizerIndex]:
@@ -135,9 +134,7 @@ class GrammarCompiler:
     def _build_index(self) -> TokenizerIndex:
         index = tokenizer_index(*self._index_args)
         for _ in range(self._workers):
-            probe = CompileProbe(index)
-            self._probes.put(probe)
-            self._pool.submit(_start_quietly, probe)
+            self._probes.put(CompileProbe(index))
         return index
 
     async def compile(self, spec: GrammarSpec) -> CompiledGrammar:
@@ -256,12 +253,6 @@ class GrammarCompiler:
 def _retrieve(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
-
-
-def _start_quietly(probe: CompileProbe) -> None:
-    """A probe's child, started ahead of the first compile; a failure shows there."""
-    with contextlib.suppress(ProbeStartError):
-        probe.start()
 
 
 def _pool_with_stacks(workers: int, stack_bytes: int) -> ThreadPoolExecutor:

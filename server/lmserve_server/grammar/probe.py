@@ -75,7 +75,8 @@ class ProbeStartError(RuntimeError):
 
 class CompileProbe:
     """``check(spec, timeout_s, mask_budget_s)`` -> ``ProbeResult``, or ``GrammarError`` with
-    a short reason. Starts its child on first use (``start`` does it beforehand)."""
+    a short reason. Starts its child on first use (``start`` does it beforehand), and a new
+    one after a crash or a timeout."""
 
     def __init__(self, index: TokenizerIndex) -> None:
         self._args = (index.tokenizer_json, index.vocab_size, index.end_token_ids)
@@ -187,13 +188,14 @@ def _child_main() -> None:
     daemon closes the pipe. Its stdout is the pipe, so anything printed goes to stderr."""
     conn = _Pipe(os.dup(0), os.dup(1))
     os.dup2(2, 1)
-    # Below the engine's priority: a costly spec's probe takes the CPU the running requests
-    # leave, not theirs (its mask budget counts CPU time, so waiting does not count).
-    with contextlib.suppress(OSError):
-        os.nice(PROBE_NICENESS)
     tokenizer_json, vocab_size, end_token_ids = conn.recv()
     index = index_from_json(tokenizer_json, vocab_size, end_token_ids)
     conn.send("ready")
+    # Started, now below the engine's priority: a costly spec's probe takes the CPU the
+    # running requests leave, not theirs (its mask budget counts CPU time, so waiting does
+    # not count against it).
+    with contextlib.suppress(OSError):
+        os.nice(PROBE_NICENESS)
     while True:
         try:
             kind, text, mask_budget_s = conn.recv()
