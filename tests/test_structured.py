@@ -272,6 +272,33 @@ def test_serve_flags_and_env_vars(monkeypatch: pytest.MonkeyPatch) -> None:
         parse("--grammar-compile-timeout-s", "0")
 
 
+def test_hardening_flags_and_env_vars(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmserve_server.cli import build_parser, config_from_args
+
+    def parse(*args: str):  # type: ignore[no-untyped-def]
+        return config_from_args(build_parser().parse_args(["serve", *args]))
+
+    config = parse()
+    assert config.grammar_cache_memory == 512 * 2**20
+    assert (config.grammar_mask_budget_ms, config.chat_special_tokens) == (20.0, "parse")
+    monkeypatch.setenv("LMSERVE_GRAMMAR_CACHE_MEMORY", "2GiB")
+    monkeypatch.setenv("LMSERVE_GRAMMAR_MASK_BUDGET_MS", "5")
+    monkeypatch.setenv("LMSERVE_CHAT_SPECIAL_TOKENS", "literal")
+    config = parse()
+    assert config.grammar_cache_memory == 2 * 2**30
+    assert (config.grammar_mask_budget_ms, config.chat_special_tokens) == (5.0, "literal")
+    assert parse("--grammar-cache-memory", "300MB").grammar_cache_memory == 300_000_000
+    assert parse("--grammar-cache-memory", "1048576").grammar_cache_memory == 2**20
+    with pytest.raises(SystemExit):
+        parse("--grammar-cache-memory", "lots")
+    with pytest.raises(SystemExit):
+        parse("--chat-special-tokens", "strip")
+    with pytest.raises(ValueError, match=r"--grammar-cache-memory \(LMSERVE_GRAMMAR_CACHE_MEM"):
+        parse("--grammar-cache-memory", "1KiB")
+    with pytest.raises(ValueError, match=r"--grammar-mask-budget-ms"):
+        parse("--grammar-mask-budget-ms", "0")
+
+
 @pytest.mark.parametrize(
     ("content", "says"),
     [

@@ -137,6 +137,7 @@ class Daemon:
             queue_depth=lambda: self.scheduler.queue_depth,
             kv_cache_usage=lambda: self.scheduler.kv_slot_occupancy,
             prefix_cache=lambda: self.scheduler.prefix_cache_stats,
+            grammar_cache_bytes=lambda: self.grammars.cached_bytes,
         )
         self.metrics.set_model(engine.name, engine.device, engine.dtype)
         # Structured output's compiles, on threads of their own (grammar/compiler.py).
@@ -146,11 +147,13 @@ class Daemon:
             end_token_ids=engine.end_token_ids,
             timeout_s=config.grammar_compile_timeout_s,
             cache_size=config.grammar_cache_size,
+            cache_bytes=config.grammar_cache_memory,
+            mask_budget_s=config.grammar_mask_budget_ms / 1000.0,
             on_compile=self.metrics.observe_grammar_compile,
             on_hit=self.metrics.grammar_cache_hit,
         )
         template = read_chat_template(config.chat_template) if config.chat_template else None
-        self.chat = ChatRenderer(engine.tokenizer, template)
+        self.chat = ChatRenderer(engine.tokenizer, template, config.chat_special_tokens)
 
     def _record_step(self, rows: int, seconds: float, tokens: int, failed: bool) -> None:
         # In continuous mode a "batch" is one step (called on the engine thread).

@@ -59,6 +59,33 @@ def _optional(text: str) -> str | None:
     return text.strip() or None
 
 
+_BYTE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+}
+
+
+def _byte_size(text: str) -> int:
+    """A size in bytes: a number with an optional unit (MB is 10^6, MiB 2^20)."""
+    value = text.strip().lower().replace(" ", "")
+    number = value.rstrip("kmgib")
+    unit = value[len(number) :]
+    try:
+        if unit not in _BYTE_UNITS:
+            raise ValueError(unit)
+        return int(float(number) * _BYTE_UNITS[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a size such as 536870912, 512MiB or 2GB, got {text!r}"
+        ) from None
+
+
 def _bool(text: str) -> bool:
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -454,12 +481,40 @@ def _serve_parser(sub: Any) -> None:
     )
     _add(
         p,
+        "--grammar-cache-memory",
+        _byte_size,
+        512 * 1024 * 1024,
+        "structured output: the most memory the compiled grammars kept may hold (bytes, or "
+        "with a suffix: 512MiB, 2GiB, 500MB); least recently used out first",
+        metavar="SIZE",
+    )
+    _add(
+        p,
+        "--grammar-mask-budget-ms",
+        float,
+        20.0,
+        "structured output: the most CPU time computing one token's allowed tokens may take "
+        "for a request; a grammar over it is INVALID_ARGUMENT (at compile, or ending its "
+        "row), so that its batch keeps its speed",
+    )
+    _add(
+        p,
         "--chat-template",
         _optional,
         None,
         "Jinja chat template that renders a request's messages, instead of the model's own "
         "(a model without one refuses messages)",
         metavar="FILE",
+    )
+    _add(
+        p,
+        "--chat-special-tokens",
+        str,
+        "parse",
+        "special-token text inside chat messages' content (<|im_start|>, <|eot_id|>): parse "
+        "makes it control tokens, as vLLM and transformers do (a user can forge a turn); "
+        "literal tokenizes it as plain text",
+        choices=["parse", "literal"],
     )
     p.set_defaults(handler=_serve)
 
@@ -554,7 +609,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         auth_token=_auth_token(args.auth_token_file),
         grammar_compile_timeout_s=args.grammar_compile_timeout_s,
         grammar_cache_size=args.grammar_cache_size,
+        grammar_cache_memory=args.grammar_cache_memory,
+        grammar_mask_budget_ms=args.grammar_mask_budget_ms,
         chat_template=args.chat_template,
+        chat_special_tokens=args.chat_special_tokens,
     )
 
 

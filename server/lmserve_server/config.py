@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 SCHEDULERS = ("static", "continuous")
+CHAT_SPECIAL_TOKENS = ("parse", "literal")
 
 # Settings whose flag is not --<field name with dashes>, or that have two ways in.
 _FLAGS = {"drain_timeout_s": "--drain-timeout"}
@@ -85,7 +86,13 @@ class ServerConfig:
     # (and refused ones) kept, least recently used out first.
     grammar_compile_timeout_s: float = 5.0
     grammar_cache_size: int = 256
+    grammar_cache_memory: int = 512 * 1024 * 1024  # bytes the compiled grammars may hold
+    # the most one token's mask may cost a row (CPU ms); over it the request is refused
+    grammar_mask_budget_ms: float = 20.0
     chat_template: str | None = None  # a Jinja file replacing the model's chat template
+    # special-token text inside chat messages: parse (control tokens, as vLLM and
+    # transformers do) | literal (plain text: a message can't forge a turn)
+    chat_special_tokens: str = "parse"
 
     def __post_init__(self) -> None:
         problems = [
@@ -143,6 +150,21 @@ class ServerConfig:
                 "must be more than 0 (seconds)",
             ),
             ("grammar_cache_size", self.grammar_cache_size >= 1, "must be at least 1"),
+            (
+                "grammar_cache_memory",
+                self.grammar_cache_memory >= 1024 * 1024,
+                "must be at least 1 MiB",
+            ),
+            (
+                "grammar_mask_budget_ms",
+                self.grammar_mask_budget_ms > 0,
+                "must be more than 0 (milliseconds)",
+            ),
+            (
+                "chat_special_tokens",
+                self.chat_special_tokens in CHAT_SPECIAL_TOKENS,
+                f"choose {' or '.join(CHAT_SPECIAL_TOKENS)}",
+            ),
         ]
         problems = [(name, getattr(self, name), reason) for name, ok, reason in checks if not ok]
         if self.auth_token is not None and not self.auth_token.strip():

@@ -104,11 +104,26 @@ def status_code(err: LmserveError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+# A status message rides in the response's trailing metadata, whose size a client limits
+# (gRPC's default: 8 KiB): past it the client sees RESOURCE_EXHAUSTED and no reason at all. The
+# daemon's reasons are one line; this bounds any text one might quote (a client's schema).
+MAX_STATUS_MESSAGE_CHARS = 500
+
+
+def status_message(text: str) -> str:
+    """``text`` cut to ``MAX_STATUS_MESSAGE_CHARS`` characters."""
+    if len(text) <= MAX_STATUS_MESSAGE_CHARS:
+        return text
+    return text[: MAX_STATUS_MESSAGE_CHARS - 3] + "..."
+
+
 async def _abort_for(err: Exception, context: grpc.aio.ServicerContext, method: str) -> None:
     if isinstance(err, LmserveError):
-        await context.abort(status_code(err), str(err))
+        await context.abort(status_code(err), status_message(str(err)))
     log.exception("%s failed", method, exc_info=err)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}")
+    await context.abort(
+        grpc.StatusCode.INTERNAL, status_message(f"internal error: {type(err).__name__}: {err}")
+    )
 
 
 async def _refuse_malformed(

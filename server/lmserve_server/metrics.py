@@ -45,6 +45,7 @@ class Metrics:
         queue_depth: Callable[[], float],
         kv_cache_usage: Callable[[], float] | None = None,
         prefix_cache: Callable[[], PrefixCacheStats] | None = None,
+        grammar_cache_bytes: Callable[[], float] | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -129,6 +130,14 @@ class Metrics:
             "Structured output: grammars served from the compile cache (a refused one too)",
             registry=r,
         )
+        self.grammar_cache_bytes = Gauge(
+            "lmserve_grammar_cache_bytes",
+            "Structured output: what the compiled grammars kept weigh, in bytes (the heap each "
+            "took to compile, its text, refusals); at most --grammar-cache-memory (sampled at "
+            "scrape)",
+            registry=r,
+        )
+        self.grammar_cache_bytes.set_function(grammar_cache_bytes or (lambda: 0.0))
         self.model = Info("lmserve_model", "The served model", registry=r)
         self._server: Any = None
         self._thread: threading.Thread | None = None

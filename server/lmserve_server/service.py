@@ -146,7 +146,7 @@ class GeneratorService(lmserve_pb2_grpc.GeneratorServicer):
                 request,
                 self._engine.tokenize,
                 self._limits,
-                self._chat.render,
+                self._chat.prompt,
             )
         if spec is None:
             return built

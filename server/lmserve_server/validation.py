@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from lmserve.v1 import lmserve_pb2
 from lmserve_server.engine.types import GenerationRequest, SamplingParams
@@ -14,8 +15,11 @@ from lmserve_server.errors import InvalidArgumentError
 from lmserve_server.grammar.spec import GrammarKind, GrammarSpec
 from lmserve_server.limits import MAX_LOGPROBS, RequestTokenLimit
 
+if TYPE_CHECKING:
+    from lmserve_server.chat import RenderedChat
+
 # Renders a request's messages ((role, content) pairs) into prompt text (``chat.py``).
-RenderChat = Callable[[Sequence[tuple[str, str]]], str]
+RenderChat = Callable[[Sequence[tuple[str, str]]], "RenderedChat"]
 # The structured_output formats given as text.
 _TEXT_KINDS: dict[str, GrammarKind] = {
     "json_schema": "json_schema",
@@ -107,13 +111,14 @@ def build_generation_request(
     if msg.messages:
         if render_chat is None:
             raise InvalidArgumentError("messages: this server does not render chat messages")
-        text = render_chat([(m.role, m.content) for m in msg.messages])
+        rendered = render_chat([(m.role, m.content) for m in msg.messages])
+        text = rendered.text
         if len(text) > limits.max_prompt_chars:
             raise InvalidArgumentError(
                 f"messages: rendered with the chat template, {len(text)} characters, at most "
                 f"{limits.max_prompt_chars} allowed (--max-prompt-chars)"
             )
-        prompt_ids = tokenize(text)
+        prompt_ids = rendered.token_ids if rendered.token_ids is not None else tokenize(text)
     else:
         prompt_ids = list(msg.prompt_token_ids) or tokenize(msg.prompt)
     if not prompt_ids:

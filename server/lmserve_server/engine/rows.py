@@ -43,7 +43,7 @@ from lmserve_server.engine.types import (
     TextDelta,
     TokenLogprob,
 )
-from lmserve_server.errors import GenerationFailedError
+from lmserve_server.errors import InvalidArgumentError
 
 DeltaSink = Callable[[TextDelta], object]
 
@@ -125,8 +125,13 @@ class Row:
         if token in self._stop_token_ids:
             self.finish_reason = FinishReason.STOP
             return True
+        if matcher is not None and matcher.failure is not None:
+            self.abort(InvalidArgumentError(f"structured_output: {matcher.failure}"))
+            return True
         if matcher is not None and not matcher.accept(token):
-            self.abort(GenerationFailedError(f"structured output: {matcher.error}"))
+            # Masked tokens only come here: the grammar went past a limit of the library
+            # ("Too many items"), the request's to fix.
+            self.abort(InvalidArgumentError(f"structured_output: {matcher.error}"))
             return True
         self.tokens.append(token)
         if logprob is not None and self.request.logprobs is not None:

@@ -7,6 +7,12 @@ buffer goes to the logits' device and ``bitmask.BitmaskApplier.apply`` sets the 
 -inf; after sampling, each row's ``accept(token)``. A row whose matcher ``is_finished()``
 can take no token but an end token: its output is complete.
 
+Per-token budget: a row's mask fill is timed (the engine thread's CPU time, which the other
+threads and processes don't inflate); a fill over ``mask_budget_s`` marks the row's matcher
+``failure``, and the row ends with that reason at its next token, so a grammar that passed
+the compile's probe yet turns costly later holds its batch up for one step, not for every
+step of its output.
+
 Thread-safety: a ``RowMatcher`` belongs to one row and is used by one thread at a time (the
 engine thread); different rows' matchers may fill in parallel (``fill_bitmasks`` with an
 executor does, in the library's own threads, without the GIL). ``CompiledGrammar.matcher()``
@@ -16,12 +22,13 @@ may be called from any thread.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 
 import llguidance
 import torch
 
-from lmserve_server.grammar.backend import TokenizerIndex
+from lmserve_server.grammar.backend import TokenizerIndex, short_reason
 from lmserve_server.grammar.spec import GrammarSpec
 
 
@@ -30,11 +37,16 @@ class CompiledGrammar:
     Immutable once made; ``matcher()`` starts a row at its beginning."""
 
     def __init__(
-        self, spec: GrammarSpec, template: llguidance.LLMatcher, index: TokenizerIndex
+        self,
+        spec: GrammarSpec,
+        template: llguidance.LLMatcher,
+        index: TokenizerIndex,
+        mask_budget_s: float = float("inf"),
     ) -> None:
         self.spec = spec
         self.vocab_size = index.vocab_size  # the masks' width in tokens
         self.end_token_ids = index.end_token_ids  # allowed once the grammar is complete
+        self.mask_budget_s = mask_budget_s  # the most one token's mask may cost a row
         self._template = template
         self._lock = threading.Lock()
 
@@ -42,7 +54,7 @@ class CompiledGrammar:
         """A new row's matcher: a copy of the template (microseconds; the template's first
         mask, already computed, is not recomputed from scratch)."""
         with self._lock:  # the template is one library object: one copy at a time
-            return RowMatcher(self._template.deep_copy(), self.vocab_size)
+            return RowMatcher(self._template.deep_copy(), self.vocab_size, self.mask_budget_s)
 
     def __repr__(self) -> str:
         return f"CompiledGrammar({self.spec.kind}, {len(self.spec.text)} chars)"
@@ -51,9 +63,14 @@ class CompiledGrammar:
 class RowMatcher:
     """One row's position in its grammar."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int) -> None:
+    def __init__(
+        self, matcher: llguidance.LLMatcher, vocab_size: int, mask_budget_s: float = float("inf")
+    ) -> None:
         self._matcher = matcher
         self.vocab_size = vocab_size  # its masks' width in tokens
+        self._mask_budget_s = mask_budget_s
+        # Why the row must end though its tokens are allowed: a mask over the budget.
+        self.failure: str | None = None
 
     def fill_bitmask(self, bitmask: torch.Tensor, index: int) -> None:
         """Writes the tokens allowed next into row ``index`` of ``bitmask`` (a CPU,
@@ -62,7 +79,13 @@ class RowMatcher:
         set when token ``t`` is allowed. Once finished, only end tokens are."""
         _check_buffer(bitmask)
         row = bitmask[index]
+        started = time.thread_time()
         self._matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
+        spent = time.thread_time() - started
+        if spent > self._mask_budget_s and self.failure is None:
+            from lmserve_server.grammar.probe import mask_over_budget
+
+            self.failure = mask_over_budget(spent, self._mask_budget_s)
 
     def accept(self, token: int) -> bool:
         """Advances past ``token``; False when the grammar does not allow it (the matcher
@@ -83,7 +106,7 @@ class RowMatcher:
     def error(self) -> str | None:
         """Why the matcher is in error (a token the grammar refused, or a limit reached);
         None when it is not."""
-        return self._matcher.get_error() or None
+        return short_reason(self._matcher.get_error()) or None
 
 
 def _check_buffer(bitmask: torch.Tensor) -> None:
