@@ -393,7 +393,7 @@ def test_a_token_guards_the_api_and_a_leaving_client_frees_its_row(
             next(iter(stream))
             assert running.daemon.scheduler.busy
             stream.close()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 2  # 1000 tokens take several seconds here
         while running.daemon.scheduler.busy:
             assert time.monotonic() < deadline, "the abandoned stream kept the engine busy"
             time.sleep(0.005)
@@ -411,3 +411,48 @@ def test_the_http_port_is_a_flag_and_an_environment_variable(
     config = config_from_args(build_parser().parse_args(["serve"]))
     assert (config.http_port, config.served_model_name) == (8001, "m")
     assert ServerConfig().http_port == 0  # off unless asked
+
+
+def test_a_client_that_leaves_a_unary_call_frees_its_row(served: RunningDaemon) -> None:
+    with (
+        openai.OpenAI(base_url=base_url(served), api_key="-", max_retries=0, timeout=0.5) as sdk,
+        pytest.raises(openai.APITimeoutError),
+    ):
+        sdk.completions.create(model=MODEL, prompt="Hello", max_tokens=1000, n=2)
+    # 1000 tokens take several seconds here; the rows must end within a few steps.
+    deadline = time.monotonic() + 2
+    while served.daemon.scheduler.busy:
+        assert time.monotonic() < deadline, "the abandoned request kept the engine busy"
+        time.sleep(0.005)
+
+
+def test_a_draining_daemon_finishes_what_it_accepted_and_refuses_the_rest(
+    daemon_config: ServerConfig, request: pytest.FixtureRequest
+) -> None:
+    running = start(daemon_config, request)
+    with (
+        openai.OpenAI(base_url=base_url(running), api_key="-", max_retries=0, timeout=60) as sdk,
+        ThreadPoolExecutor(2) as pool,
+    ):
+        options = {"model": None, "prompt": "Hello", "max_tokens": 120, "seed": 1}
+        alone = sdk.completions.create(**options).choices[0].text  # type: ignore[call-overload]
+        accepted = pool.submit(lambda: sdk.completions.create(**options).choices[0].text)  # type: ignore[call-overload]
+        deadline = time.monotonic() + 30
+        while not running.daemon.scheduler.busy:
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.001)
+        stopping = pool.submit(running.stop)
+        health = http.client.HTTPConnection("127.0.0.1", running.daemon.http_port, timeout=10)
+        while True:
+            health.request("GET", "/health")
+            reply = health.getresponse()
+            reply.read()
+            if reply.status == 503:
+                break
+            assert time.monotonic() < deadline, "health never said the daemon drains"
+            time.sleep(0.005)
+        with pytest.raises(openai.InternalServerError) as refused:
+            sdk.completions.create(**options)  # type: ignore[call-overload]
+        assert refused.value.status_code == 503
+        assert accepted.result(timeout=60) == alone
+        stopping.result(timeout=60)

@@ -380,6 +380,8 @@ async def _merged(
     finally:
         for task in pumps:
             task.cancel()
+        # Each stream's own clean-up (cancelling its request) runs as its pump stops.
+        await asyncio.gather(*pumps, return_exceptions=True)
 
 
 def _usage(
