@@ -4,14 +4,17 @@ the same tokens as the same request over gRPC, OpenAI's shapes, and its error st
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import http.client
 import json
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -21,7 +24,8 @@ from lmserve import ChatMessage, Client, JsonObject
 from lmserve_server.cli import build_parser, config_from_args
 from lmserve_server.config import ServerConfig
 from tests.conftest import RunningDaemon, engine_for
-from tests.ops_support import free_port
+from tests.ops_support import free_port, run_group
+from tests.test_readme import code_blocks, section
 
 MODEL = "tiny-gpt2"
 TEMPLATE = (
@@ -456,3 +460,17 @@ def test_a_draining_daemon_finishes_what_it_accepted_and_refuses_the_rest(
         assert refused.value.status_code == 503
         assert accepted.result(timeout=60) == alone
         stopping.result(timeout=60)
+
+
+def test_the_readme_examples_run(served: RunningDaemon, tmp_path: Path) -> None:
+    readme = section("The OpenAI-compatible HTTP API")
+    (shell, *_) = code_blocks(readme)
+    assert "--http-port 8000 --served-model-name tiny-gpt2" in shell
+    (example,) = code_blocks(readme, "python")
+    script = tmp_path / "example.py"
+    script.write_text(example.replace(":8000/", f":{served.daemon.http_port}/"))
+    done = run_group([sys.executable, str(script)], timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    first, streamed, chat = done.stdout.splitlines()
+    assert first.endswith(" 8") and streamed
+    assert len(ast.literal_eval(chat)) == 2
