@@ -8,6 +8,7 @@ import ast
 import asyncio
 import http.client
 import json
+import ssl
 import sys
 import threading
 import time
@@ -24,7 +25,7 @@ from lmserve import ChatMessage, Client, JsonObject
 from lmserve_server.cli import build_parser, config_from_args
 from lmserve_server.config import ServerConfig
 from tests.conftest import RunningDaemon, engine_for
-from tests.ops_support import free_port, run_group
+from tests.ops_support import free_port, make_pki, run_group
 from tests.test_readme import code_blocks, section
 
 MODEL = "tiny-gpt2"
@@ -474,3 +475,36 @@ def test_the_readme_examples_run(served: RunningDaemon, tmp_path: Path) -> None:
     first, streamed, chat = done.stdout.splitlines()
     assert first.endswith(" 8") and streamed
     assert len(ast.literal_eval(chat)) == 2
+
+
+def test_the_port_speaks_mutual_tls_with_the_grpc_files(
+    daemon_config: ServerConfig, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    pki = make_pki(tmp_path / "pki")
+    running = start(
+        daemon_config,
+        request,
+        tls_cert=str(pki.server_cert),
+        tls_key=str(pki.server_key),
+        tls_client_ca=str(pki.ca),
+    )
+    port = running.daemon.http_port
+    try:
+        trusted = ssl.create_default_context(cafile=str(pki.ca))
+        trusted.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+        connection = http.client.HTTPSConnection("127.0.0.1", port, context=trusted, timeout=60)
+        body = json.dumps({"prompt": "Hello", "max_tokens": 3, "temperature": 0})
+        connection.request("POST", "/v1/completions", body)
+        reply = connection.getresponse()
+        assert reply.status == 200
+        assert json.loads(reply.read())["usage"]["completion_tokens"] == 3
+        anonymous = ssl.create_default_context(cafile=str(pki.ca))  # no client certificate
+        for refused in (
+            http.client.HTTPSConnection("127.0.0.1", port, context=anonymous, timeout=10),
+            http.client.HTTPConnection("127.0.0.1", port, timeout=10),  # plaintext
+        ):
+            with pytest.raises((ssl.SSLError, ConnectionError, http.client.HTTPException)):
+                refused.request("GET", "/health")
+                refused.getresponse().read()
+    finally:
+        running.stop()

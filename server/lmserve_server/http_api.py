@@ -181,6 +181,10 @@ class HttpApi:
         except LmserveError as err:
             status, body = _lmserve_error(err, chat)
             return JSONResponse(body, status_code=status)
+        except Exception as err:  # unforeseen: logged with its traceback, as gRPC's INTERNAL
+            log.exception("%s %s failed", request.method, request.url.path)
+            message = f"internal error: {type(err).__name__}: {err}"
+            return JSONResponse(error_body(message, "server_error", None, None), status_code=500)
 
     def _authorize(self, request: Request) -> None:
         if self._token is None:
