@@ -508,3 +508,17 @@ def test_the_port_speaks_mutual_tls_with_the_grpc_files(
                 refused.getresponse().read()
     finally:
         running.stop()
+
+
+def test_ignore_eos_generates_up_to_max_tokens(sdk: openai.OpenAI) -> None:
+    eos_first = {"logit_bias": {"50256": 100}, "temperature": 0}
+    ended = sdk.completions.create(model=MODEL, prompt="Hi", max_tokens=5, **eos_first)
+    assert (ended.choices[0].finish_reason, ended.usage and ended.usage.completion_tokens) == (
+        "stop",
+        0,
+    )
+    kept = sdk.completions.create(
+        model=MODEL, prompt="Hi", max_tokens=5, extra_body={"ignore_eos": True}, **eos_first
+    )
+    assert kept.choices[0].finish_reason == "length"
+    assert kept.usage is not None and kept.usage.completion_tokens == 5

@@ -71,6 +71,7 @@ class _Request(BaseModel):
     min_p: float | None = None
     repetition_penalty: float | None = None
     min_tokens: int | None = None
+    ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     cache_salt: str | None = None
     guided_json: str | dict[str, Any] | None = None
@@ -299,6 +300,10 @@ def _common(
         _set_count(message, "top_k", request.top_k, "top_k")
     if request.min_tokens is not None:
         _set_count(message, "min_new_tokens", request.min_tokens, "min_tokens")
+    if request.ignore_eos:  # vLLM's: every token up to the limit (load tools send it)
+        if max_tokens is None:
+            raise InvalidArgumentError(f"ignore_eos: needs {max_field}")
+        message.min_new_tokens = message.max_new_tokens
     if request.seed is not None:
         _set_count(message, "seed", request.seed, "seed")
     stop = [request.stop] if isinstance(request.stop, str) else request.stop or []
