@@ -25,7 +25,7 @@ from lmserve import ChatMessage, Client, JsonObject
 from lmserve_server.cli import build_parser, config_from_args
 from lmserve_server.config import ServerConfig
 from tests.conftest import RunningDaemon, engine_for
-from tests.ops_support import free_port, make_pki, run_group
+from tests.ops_support import free_port, make_pki, run_group, scrape
 from tests.test_readme import code_blocks, section
 
 MODEL = "tiny-gpt2"
@@ -268,6 +268,11 @@ def test_models_and_health(sdk: openai.OpenAI, served: RunningDaemon) -> None:
     connection = http.client.HTTPConnection("127.0.0.1", served.daemon.http_port, timeout=10)
     connection.request("GET", "/health")
     assert connection.getresponse().status == 200
+    # No --metrics-port: /metrics is here, with what the HTTP requests so far recorded.
+    list(sdk.completions.create(model=MODEL, prompt="Hi", max_tokens=2, stream=True))
+    metrics = scrape(served.daemon.http_port)
+    assert metrics[("lmserve_prompt_tokens_total", ())] > 0
+    assert metrics[("lmserve_time_to_first_token_seconds_count", ())] > 0
 
 
 def openai_error(status: int, reply: Any) -> tuple[int, str, str | None]:

@@ -260,7 +260,11 @@ class Daemon:
     async def _start_http(self, frontend: Frontend) -> int:
         config = self.config
         self.http = HttpApi(
-            frontend, config.auth_token, config.served_model_name or self.engine.name
+            frontend,
+            config.auth_token,
+            config.served_model_name or self.engine.name,
+            # /metrics here too, unless it has a port of its own.
+            metrics=None if config.metrics_port else self.metrics.registry,
         )
         tls = None
         if config.tls_cert is not None and config.tls_key is not None:

@@ -7,8 +7,10 @@ it on the same scheduler and runs it; the result is written back as OpenAI's JSO
 server-sent events ending in ``data: [DONE]``. The daemon's errors become OpenAI's error body
 with the status that fits (``HTTP_STATUSES``, the counterpart of the gRPC status table). The
 bearer token of ``--auth-token-file`` is checked before the body is read (``/health`` stays
-open), and a body over ``--max-message-bytes`` is refused unread (413). A caller that
-disconnects cancels its request, unary or streamed, as a cancelled gRPC call does.
+open), and a body over ``--max-message-bytes`` is refused unread (413). Without a
+``--metrics-port``, the port also serves Prometheus' ``/metrics`` (behind the token too). A
+caller that disconnects cancels its request, unary or streamed, as a cancelled gRPC call
+does.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dataclasses import replace
 from typing import Any
 
 import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -88,8 +91,15 @@ def _lmserve_error(err: LmserveError, chat: bool) -> tuple[int, dict[str, Any]]:
 class HttpApi:
     """The app and its uvicorn server; ``start`` binds, ``stop`` closes after the drain."""
 
-    def __init__(self, frontend: Frontend, auth_token: str | None, model_name: str) -> None:
+    def __init__(
+        self,
+        frontend: Frontend,
+        auth_token: str | None,
+        model_name: str,
+        metrics: CollectorRegistry | None = None,
+    ) -> None:
         self._frontend = frontend
+        self._metrics = metrics
         self._token = auth_token.encode("utf-8") if auth_token is not None else None
         self.model_name = model_name
         self._created = int(time.time())
@@ -102,6 +112,7 @@ class HttpApi:
                 Route("/v1/chat/completions", self._chat, methods=["POST"]),
                 Route("/v1/models", self._models, methods=["GET"]),
                 Route("/health", self._health, methods=["GET"]),
+                *([Route("/metrics", self._scrape, methods=["GET"])] if metrics else []),
             ],
             exception_handlers={HTTPException: _http_exception},  # type: ignore[dict-item]
         )
@@ -146,6 +157,14 @@ class HttpApi:
         if self.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
         return JSONResponse({"status": "serving"})
+
+    async def _scrape(self, request: Request) -> Response:
+        return await self._answer(request, chat=False, handle=self._metrics_text)
+
+    async def _metrics_text(self, request: Request) -> Response:
+        assert self._metrics is not None
+        text = await asyncio.to_thread(generate_latest, self._metrics)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     async def _models(self, request: Request) -> Response:
         return await self._answer(request, chat=False, handle=self._list_models)
