@@ -464,6 +464,9 @@ def test_a_draining_daemon_finishes_what_it_accepted_and_refuses_the_rest(
         with pytest.raises(openai.InternalServerError) as refused:
             sdk.completions.create(**options)  # type: ignore[call-overload]
         assert refused.value.status_code == 503
+        with pytest.raises(openai.InternalServerError) as refused:
+            sdk.completions.create(stream=True, **options)  # type: ignore[call-overload]
+        assert refused.value.status_code == 503  # before a stream's 200, not in it
         assert accepted.result(timeout=60) == alone
         stopping.result(timeout=60)
 

@@ -45,6 +45,7 @@ from lmserve_server.errors import (
     OutOfMemoryError,
     QueueFullError,
     ShuttingDownError,
+    shutting_down,
 )
 from lmserve_server.frontend import Frontend
 from lmserve_server.network import grpc_address
@@ -270,6 +271,8 @@ class HttpApi:
     ) -> Response:
         choices = [_with_seed(prompt, body.seed, i) for prompt in prompts for i in range(body.n)]
         if body.stream:
+            if self.draining:  # a stream's status goes out before its requests are submitted
+                raise shutting_down()
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             events = self._events(choices, body.n, received, fmt, include_usage)
             return StreamingResponse(

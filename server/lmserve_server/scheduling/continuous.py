@@ -24,7 +24,7 @@ from lmserve_server.engine.model import Engine
 from lmserve_server.engine.rows import DeltaSink, Row
 from lmserve_server.engine.runner import Capture
 from lmserve_server.engine.types import GenerationOutput, GenerationRequest, PrefixCacheStats
-from lmserve_server.errors import InvalidArgumentError, ShuttingDownError
+from lmserve_server.errors import InvalidArgumentError, ShuttingDownError, shutting_down
 from lmserve_server.scheduling.base import STOPPED, Capacity, check_room
 from lmserve_server.scheduling.batcher import Served
 from lmserve_server.scheduling.continuous_batch import ContinuousBatch, Running, StepObserver
@@ -134,7 +134,7 @@ class ContinuousScheduler:
     ) -> Served[GenerationOutput]:
         self.check_room()
         if self._closing or self._loop is None:
-            raise ShuttingDownError("the server is shutting down and accepts no new requests")
+            raise shutting_down()
         if request.total_tokens > self._slot_tokens:
             raise InvalidArgumentError(
                 f"prompt ({len(request.prompt_ids)} tokens) + max_new_tokens "
