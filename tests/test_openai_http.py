@@ -22,7 +22,7 @@ import openai
 import pytest
 
 from lmserve import ChatMessage, Client, JsonObject
-from lmserve_server.cli import build_parser, config_from_args
+from lmserve_server.cli import build_parser, check_before_loading, config_from_args
 from lmserve_server.config import ServerConfig
 from tests.conftest import RunningDaemon, engine_for
 from tests.ops_support import free_port, make_pki, run_group, scrape
@@ -421,6 +421,11 @@ def test_the_http_port_is_a_flag_and_an_environment_variable(
     config = config_from_args(build_parser().parse_args(["serve"]))
     assert (config.http_port, config.served_model_name) == (8001, "m")
     assert ServerConfig().http_port == 0  # off unless asked
+    for other in ("port", "metrics_port"):
+        with pytest.raises(
+            ValueError, match=f"--http-port 8000 is also --{other.replace('_', '-')}"
+        ):
+            check_before_loading(ServerConfig(**{other: 8000}, http_port=8000))  # type: ignore[arg-type]
 
 
 def test_a_client_that_leaves_a_unary_call_frees_its_row(served: RunningDaemon) -> None:
