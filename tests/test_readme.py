@@ -138,7 +138,7 @@ def test_the_readme_is_in_a_newcomers_order_with_the_internals_elsewhere() -> No
 def test_the_comparison_says_what_lmserve_has_not() -> None:
     table = section("Coming from vLLM, TGI or Triton")
     for row in (
-        "**no HTTP or OpenAI-compatible endpoint**",
+        "**no tool calling, embeddings, Responses API or `echo`**",
         "| quantization | **none**",
         "| LoRA adapters | **none**",
         "| tensor / pipeline parallelism | **none**",

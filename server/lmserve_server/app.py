@@ -8,7 +8,9 @@ thread is idle (a step or batch that outlasts the drain is not waited for). Arou
 servicer: the request
 interceptor (request ids, per-call metrics, debug log), the bearer-token check when a token
 is set, and the error interceptor; TLS when a certificate is set; Prometheus ``/metrics``
-when a metrics port is set. Each batch is timed, counted and logged in ``_run_batch``.
+when a metrics port is set; the OpenAI-compatible HTTP API (``http_api.py``) beside the gRPC
+server when an HTTP port is set, on the same frontend and scheduler. Each batch is timed,
+counted and logged in ``_run_batch``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from lmserve_server.config import ServerConfig
 from lmserve_server.engine.model import Engine
 from lmserve_server.engine.runner import CudaGraphCapture
 from lmserve_server.engine.types import GenerationOutput
+from lmserve_server.frontend import Frontend
 from lmserve_server.grammar.compiler import GrammarCompiler
+from lmserve_server.http_api import HttpApi, TlsFiles
 from lmserve_server.interceptors import ErrorInterceptor, RequestInterceptor
 from lmserve_server.metrics import Metrics
 from lmserve_server.network import grpc_address, is_loopback
@@ -131,7 +135,9 @@ class Daemon:
             )
         self.health: health.aio.HealthServicer | None = None
         self.server: grpc.aio.Server | None = None
+        self.http: HttpApi | None = None
         self.port = 0
+        self.http_port = 0
         # Always recorded (cheap, and a registry per daemon); served only with a metrics port.
         self.metrics = Metrics(
             queue_depth=lambda: self.scheduler.queue_depth,
@@ -215,17 +221,17 @@ class Daemon:
                 ("grpc.so_reuseport", 0),
             ],
         )
+        self.frontend = Frontend(
+            self.engine,
+            self.scheduler,
+            self.config,
+            self._tokenizer_pool,
+            self.metrics,
+            self.grammars,
+            self.chat,
+        )
         lmserve_pb2_grpc.add_GeneratorServicer_to_server(
-            GeneratorService(
-                self.engine,
-                self.scheduler,
-                self.config,
-                self._tokenizer_pool,
-                self.metrics,
-                self.grammars,
-                self.chat,
-            ),
-            self.server,
+            GeneratorService(self.frontend), self.server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if self.config.reflection:
@@ -241,17 +247,34 @@ class Daemon:
         self.scheduler.start()
         self.grammars.prepare()  # the tokenizer's index, on the compile threads meanwhile
         await self.server.start()
+        if self.config.http_port:
+            self.http_port = await self._start_http(self.frontend)
         for service in ("", SERVICE_NAME):
             await self.health.set(service, _SERVING)
         security = "mutual TLS" if self.config.tls_client_ca else "TLS" if self.config.tls else ""
         auth = "bearer token" if self.config.auth_token is not None else ""
         log.info(
-            "serving %s on %s%s",
+            "serving %s on %s%s%s",
             self.engine.name,
             grpc_address(self.config.host, self.port),
+            f" and HTTP {grpc_address(self.config.host, self.http_port)}" if self.http else "",
             f" ({', '.join(x for x in (security, auth) if x)})" if security or auth else "",
         )
         return self.port
+
+    async def _start_http(self, frontend: Frontend) -> int:
+        config = self.config
+        self.http = HttpApi(
+            frontend,
+            config.auth_token,
+            config.served_model_name or self.engine.name,
+            # /metrics here too, unless it has a port of its own.
+            metrics=None if config.metrics_port else self.metrics.registry,
+        )
+        tls = None
+        if config.tls_cert is not None and config.tls_key is not None:
+            tls = TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca)
+        return await self.http.start(config.host, config.http_port, tls)
 
     def _bind(self, server: grpc.aio.Server, address: str) -> int:
         config = self.config
@@ -290,6 +313,8 @@ class Daemon:
         log.info("draining (up to %.1f s)", grace)
         assert self.server is not None and self.health is not None, "stop() before start()"
         await self.health.enter_graceful_shutdown()
+        if self.http is not None:
+            self.http.draining = True
         # Accepted requests finish while new ones get UNAVAILABLE from the closed scheduler;
         # only then does the server stop. grpc's own grace would also wait for every health
         # Watch stream (client-side health checking keeps one open per client), which never
@@ -315,6 +340,8 @@ class Daemon:
         # Replies already made still go out; with a busy engine, calls still waiting for it
         # are cancelled sooner.
         await self.server.stop(_REPLY_FLUSH_S if engine_idle else _ABANDON_WAIT_S)
+        if self.http is not None:
+            await self.http.stop(_REPLY_FLUSH_S if engine_idle else _ABANDON_WAIT_S)
         self._executor.shutdown(wait=engine_idle, cancel_futures=True)
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
         self.grammars.close()

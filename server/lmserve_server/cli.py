@@ -49,6 +49,9 @@ _SERVER_MODULES = frozenset(
         "prometheus_client",
         "llguidance",
         "jinja2",
+        "starlette",
+        "uvicorn",
+        "pydantic",
         "gguf",
     }
 )
@@ -398,7 +401,13 @@ def _serve_parser(sub: Any) -> None:
         "needs THP 'always' or 'madvise' in /sys/kernel/mm/transparent_hugepage/enabled",
     )
     _add(p, "--max-prompt-chars", int, 100_000, "longest prompt accepted, in characters")
-    _add(p, "--max-message-bytes", int, 4 * 1024 * 1024, "largest gRPC request message accepted")
+    _add(
+        p,
+        "--max-message-bytes",
+        int,
+        4 * 1024 * 1024,
+        "largest request accepted: a gRPC message, or an HTTP API body (413 beyond it)",
+    )
     _add(p, "--device", str, "auto", "auto (CUDA when available), cpu, cuda or cuda:N")
     _add(
         p,
@@ -444,6 +453,23 @@ def _serve_parser(sub: Any) -> None:
         str,
         "127.0.0.1",
         "address /metrics listens on (0.0.0.0 for a scraper on another machine or pod)",
+    )
+    _add(
+        p,
+        "--http-port",
+        int,
+        0,
+        "also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+        "/v1/models, /health) at this port of --host, from the same model and queue as gRPC, "
+        "with the same TLS files and token (0: off)",
+    )
+    _add(
+        p,
+        "--served-model-name",
+        _optional,
+        None,
+        "the model's name in the HTTP API (/v1/models, a request's model field); default: --model",
+        metavar="NAME",
     )
     _add(p, "--tls-cert", _optional, None, "PEM certificate chain: serve TLS", metavar="PATH")
     _add(p, "--tls-key", _optional, None, "PEM private key of --tls-cert", metavar="PATH")
@@ -603,6 +629,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         log_format=args.log_format,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
+        http_port=args.http_port,
+        served_model_name=args.served_model_name,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
@@ -660,7 +688,15 @@ def check_before_loading(config: ServerConfig) -> None:
             f"--metrics-port {config.metrics_port} is also --port: /metrics (HTTP) and the "
             "gRPC service each need a port of their own"
         )
+    for flag, port in (("--port", config.port), ("--metrics-port", config.metrics_port)):
+        if config.http_port and config.http_port == port:
+            raise ValueError(
+                f"--http-port {config.http_port} is also {flag}: the HTTP API needs a port of "
+                "its own"
+            )
     check_port_free(config.host, config.port, "--port")
+    if config.http_port:
+        check_port_free(config.host, config.http_port, "--http-port")
     if config.metrics_port:
         check_port_free(
             config.metrics_host, config.metrics_port, "--metrics-port", "--metrics-host"

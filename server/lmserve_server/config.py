@@ -76,6 +76,8 @@ class ServerConfig:
     warm_up: bool = True
     log_format: str = "text"  # text | json
     metrics_port: int = 0  # Prometheus /metrics on metrics_host:metrics_port; 0 = off
+    http_port: int = 0  # the OpenAI-compatible HTTP API on host:http_port; 0 = off
+    served_model_name: str | None = None  # the HTTP API's model name; None = engine.model
     # Loopback unless asked: /metrics need not follow --host onto the network.
     metrics_host: str = "127.0.0.1"
     tls_cert: str | None = None  # PEM certificate chain; with tls_key, the port speaks TLS
@@ -144,6 +146,7 @@ class ServerConfig:
             ("drain_timeout_s", self.drain_timeout_s >= 0, "must be 0 or more (seconds)"),
             ("log_format", self.log_format in ("text", "json"), "choose text or json"),
             ("metrics_port", 0 <= self.metrics_port <= 65535, "must be from 0 (off) to 65535"),
+            ("http_port", 0 <= self.http_port <= 65535, "must be from 0 (off) to 65535"),
             (
                 "grammar_compile_timeout_s",
                 self.grammar_compile_timeout_s > 0,

@@ -43,3 +43,8 @@ class OutOfMemoryError(LmserveError):
 def queue_full(depth: int, max_queue: int) -> QueueFullError:
     """The one message for a full queue, wherever it is noticed."""
     return QueueFullError(f"queue is full: {depth} requests waiting (--max-queue {max_queue})")
+
+
+def shutting_down() -> ShuttingDownError:
+    """The one message for a request that comes once the drain has begun."""
+    return ShuttingDownError("the server is shutting down and accepts no new requests")

@@ -15,7 +15,7 @@ import logging
 import os
 import ssl
 import stat
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -131,15 +131,21 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     def _problem(self, metadata: Any) -> str | None:
         """Why the call's metadata does not authenticate it; None when it does."""
         values = [value for key, value in metadata if key == "authorization"]
-        if not values:
-            return "missing credentials: send metadata 'authorization: Bearer <token>'"
-        value = values[0]
-        if not isinstance(value, str) or value[: len(_BEARER)].lower() != _BEARER:
-            return "malformed authorization metadata: expected 'Bearer <token>'"
-        offered = value[len(_BEARER) :].strip().encode("utf-8")
-        if len(values) > 1 or not hmac.compare_digest(offered, self._token):
-            return "invalid bearer token"
-        return None
+        return bearer_problem(self._token, values, "metadata")
+
+
+def bearer_problem(token: bytes, values: Sequence[object], carrier: str) -> str | None:
+    """Why the ``authorization`` values a call sent (gRPC metadata or HTTP headers, as
+    ``carrier`` says) do not carry ``token``; None when they do. Compared in constant time."""
+    if not values:
+        return f"missing credentials: send {carrier} 'authorization: Bearer <token>'"
+    value = values[0]
+    if not isinstance(value, str) or value[: len(_BEARER)].lower() != _BEARER:
+        return f"malformed authorization {carrier}: expected 'Bearer <token>'"
+    offered = value[len(_BEARER) :].strip().encode("utf-8")
+    if len(values) > 1 or not hmac.compare_digest(offered, token):
+        return "invalid bearer token"
+    return None
 
 
 def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:

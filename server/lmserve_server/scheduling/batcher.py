@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from lmserve_server.errors import ShuttingDownError, queue_full
+from lmserve_server.errors import ShuttingDownError, queue_full, shutting_down
 from lmserve_server.scheduling.halves import run_in_halves_async
 
 T = TypeVar("T")
@@ -132,7 +132,7 @@ class MicroBatcher(Generic[T, R]):
         if (depth := len(self._queue)) >= self._max_queue:
             raise queue_full(depth, self._max_queue)
         if self._closing:
-            raise ShuttingDownError("the server is shutting down and accepts no new requests")
+            raise shutting_down()
         if self._task is None:
             raise RuntimeError("MicroBatcher.submit() before start()")
         future: asyncio.Future[Served[R]] = asyncio.get_running_loop().create_future()

@@ -24,7 +24,7 @@ from lmserve_server.engine.model import Engine
 from lmserve_server.engine.rows import DeltaSink, Row
 from lmserve_server.engine.runner import Capture
 from lmserve_server.engine.types import GenerationOutput, GenerationRequest, PrefixCacheStats
-from lmserve_server.errors import ShuttingDownError
+from lmserve_server.errors import ShuttingDownError, shutting_down
 from lmserve_server.scheduling.base import STOPPED, Capacity, check_room
 from lmserve_server.scheduling.batcher import Served
 from lmserve_server.scheduling.continuous_batch import ContinuousBatch, Running, StepObserver
@@ -136,7 +136,7 @@ class ContinuousScheduler:
     ) -> Served[GenerationOutput]:
         self.check_room()
         if self._closing or self._loop is None:
-            raise ShuttingDownError("the server is shutting down and accepts no new requests")
+            raise shutting_down()
         # The service has checked this already; a caller that builds requests itself
         # (a benchmark, a test) gets the same refusal rather than a row that never fits.
         self.capacity.request_tokens.check(len(request.prompt_ids), request.max_new_tokens)
