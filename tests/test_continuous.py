@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from lmserve_server.engine import runner as runner_module
-from lmserve_server.engine.attention import DecodeRun, plan_decode_runs
+from lmserve_server.engine.attention import plan_decode_runs
 from lmserve_server.engine.model import Engine
+from lmserve_server.engine.prefix_cache import BLOCK
 from lmserve_server.engine.rows import Row
 from lmserve_server.engine.runner import Chunk, rerun_capture
 from lmserve_server.engine.types import (
@@ -33,6 +34,15 @@ class Entry:
     row: Row
 
 
+@dataclass(frozen=True)
+class Run:
+    """A decode run as planned: its rows, its window (longest row), whether they differ."""
+
+    count: int
+    window: int
+    ragged: bool
+
+
 def batch_of(
     engine: Engine,
     *,
@@ -44,7 +54,7 @@ def batch_of(
 ) -> ContinuousBatch[Entry]:
     runner = engine.continuous_runner(
         slots=rows,
-        slot_tokens=slot_tokens,
+        kv_tokens=rows * slot_tokens,
         max_step_tokens=budget,
         fixed_shapes=fixed,
         staged=staged,
@@ -115,11 +125,14 @@ def test_rows_of_unlike_lengths_attend_in_runs_and_get_their_solo_tokens(
     own longest row: ragged runs with a mask, exact ones and single rows without), and every
     row still gets its solo tokens."""
     engine = family_engine
-    planned: list[tuple[DecodeRun, ...]] = []
+    planned: list[list[Run]] = []
 
-    def spy(slots, lengths):  # type: ignore[no-untyped-def]
-        planned.append(plan_decode_runs(slots, lengths))
-        return planned[-1]
+    def spy(lengths):  # type: ignore[no-untyped-def]
+        spans = plan_decode_runs(lengths)
+        planned.append(
+            [Run(n, lengths[i + n - 1], lengths[i] != lengths[i + n - 1]) for i, n in spans]
+        )
+        return spans
 
     monkeypatch.setattr(runner_module, "plan_decode_runs", spy)
     rng = random.Random(5)
@@ -167,7 +180,8 @@ def test_captured_step_graphs_replay_over_the_persistent_buffers(family_engine: 
     batch = batch_of(engine, rows=5, fixed=True)
     pairs = batch.runner.capture_graphs(rerun_capture, max_rows=5)
     assert {rows for rows, _ in pairs} == {1, 2, 4, 8}
-    assert {window for _, window in pairs} == {64, 128, 256}
+    # Windows up to the longest row: the model's whole context (the pool holds more).
+    assert {window for _, window in pairs} == {64, 128, 256, 512, 1024}
     decode_only = 0
     launch = batch.runner.launch
 
@@ -326,7 +340,7 @@ def test_the_largest_bucket_with_the_most_logprobs_fits_the_download(engine: Eng
     (2 + 2 x 20 values a row) downloads whole (the buffer once held 4096 values)."""
     batch = batch_of(engine, rows=128, budget=512, slot_tokens=32, fixed=True, staged=True)
     pairs = batch.runner.capture_graphs(rerun_capture, max_rows=128)
-    assert (128, 32) in pairs
+    assert (128, 64) in pairs
     rows = [engine.new_row(request(engine, "Hi", 4)) for _ in range(127)]
     asking = engine.new_row(request(engine, "Hello", 4, logprobs=20))
     waiting = deque(Entry(r) for r in [*rows, asking])  # all at once
@@ -396,20 +410,25 @@ def test_a_prompt_s_keys_values_and_logits_are_the_same_bits_however_chunked(
     request = GenerationRequest(tuple(prompt), 1, logprobs=5)
 
     def prefill(sizes: list[int]) -> tuple[list[torch.Tensor], object]:
-        # 110 tokens: the last tile, [96, 128), runs past the slot's end.
-        runner = engine.continuous_runner(slots=3, slot_tokens=110, max_step_tokens=512)
+        runner = engine.continuous_runner(slots=3, kv_tokens=12 * BLOCK, max_step_tokens=512)
+        # Each row's blocks, the prompt's out of order in the pool.
+        mine, company_blocks, decoding = (2, 0, 3, 1), (4, 5, 6, 7), (8, 9, 10, 11)
         runner.sampling.admit(0, request, seed=0)
         start, company = 0, 3 * len(sizes)
         for n in sizes:
             last = start + n == len(prompt)
             chunks = [
-                Chunk(0, prompt[start : start + n], start, sample=last),
-                Chunk(1, other[company : company + 9], company),  # another prompt's chunk
-                Chunk(2, (other[n],), 40 + n % 50, sample=True),  # a decoding row
+                Chunk(0, prompt[start : start + n], start, sample=last, blocks=mine),
+                # another prompt's chunk
+                Chunk(1, other[company : company + 9], company, blocks=company_blocks),
+                Chunk(2, (other[n],), 40 + n % 50, sample=True, blocks=decoding),  # decoding
             ]
             results = runner.execute(chunks)
             start, company = start + n, company + 9
-        kv = [t[0, :, : len(prompt)].clone() for t in (*runner.cache.keys, *runner.cache.values)]
+        kv = [
+            t[:, list(mine)].flatten(1, 2)[:, : len(prompt)].clone()
+            for t in (*runner.cache.keys, *runner.cache.values)
+        ]
         return kv, results[0]
 
     reference_kv, reference_token = prefill([len(prompt)])

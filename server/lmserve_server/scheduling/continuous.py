@@ -23,7 +23,12 @@ from dataclasses import dataclass
 from lmserve_server.engine.model import Engine
 from lmserve_server.engine.rows import DeltaSink, Row
 from lmserve_server.engine.runner import Capture
-from lmserve_server.engine.types import GenerationOutput, GenerationRequest, PrefixCacheStats
+from lmserve_server.engine.types import (
+    GenerationOutput,
+    GenerationRequest,
+    KVCacheBlocks,
+    PrefixCacheStats,
+)
 from lmserve_server.errors import InvalidArgumentError, ShuttingDownError
 from lmserve_server.scheduling.base import STOPPED, Capacity, check_room
 from lmserve_server.scheduling.batcher import Served
@@ -56,6 +61,7 @@ class ContinuousScheduler:
         max_step_tokens: int,
         kv_cache_tokens: int = 0,
         kv_cache_memory: float = 0.0,
+        kv_cache_host_memory: float = 0.0,
         prefix_cache: bool = True,
         prefix_cache_tokens: int = 0,
         step_graphs: Capture | None = None,
@@ -66,17 +72,19 @@ class ContinuousScheduler:
     ) -> None:
         self._engine = engine
         self._max_queue = max_queue
-        self._slots = max_batch_size
-        self._slot_tokens = capacity(engine, max_batch_size, kv_cache_tokens, kv_cache_memory)
+        self._rows = max_batch_size
+        self._kv_tokens = capacity(
+            engine, max_batch_size, kv_cache_tokens, kv_cache_memory, kv_cache_host_memory
+        )
+        # The longest request: the model's context, at most the whole KV cache.
+        self._max_request_tokens = min(engine.max_context, self._kv_tokens)
         self._settings = StepSettings(
             rows=max_batch_size,
-            slot_tokens=self._slot_tokens,
+            kv_tokens=self._kv_tokens,
             max_step_tokens=max_step_tokens,
             step_graphs=step_graphs,
             warm_up=warm_up,
-            prefix_cache_tokens=prefix_capacity(
-                prefix_cache, prefix_cache_tokens, max_batch_size, self._slot_tokens
-            ),
+            prefix_cache_tokens=prefix_capacity(prefix_cache, prefix_cache_tokens, self._kv_tokens),
         )
         self._planner = planner(self._settings)  # checks the budget against the rows now
         self._max_step_tokens = max_step_tokens
@@ -105,16 +113,16 @@ class ContinuousScheduler:
     def capacity(self) -> Capacity:
         return Capacity(
             scheduler="continuous",
-            max_request_tokens=self._slot_tokens,
-            kv_cache_tokens=self._slots * self._slot_tokens,
+            max_request_tokens=self._max_request_tokens,
+            kv_cache_tokens=self._kv_tokens,
             max_step_tokens=self._max_step_tokens,
             max_batch_tokens=0,
         )
 
     @property
-    def kv_slot_occupancy(self) -> float:
-        """The share of the KV cache's slots that running rows hold now."""
-        return len(self._batch.running) / self._slots if self._batch else 0.0
+    def kv_cache_blocks(self) -> KVCacheBlocks:
+        """The KV cache's blocks: all, those rows hold, those free."""
+        return self._batch.runner.cache.pool.counts() if self._batch else KVCacheBlocks()
 
     @property
     def prefix_cache_stats(self) -> PrefixCacheStats:
@@ -135,11 +143,12 @@ class ContinuousScheduler:
         self.check_room()
         if self._closing or self._loop is None:
             raise ShuttingDownError("the server is shutting down and accepts no new requests")
-        if request.total_tokens > self._slot_tokens:
+        if request.total_tokens > self._max_request_tokens:
             raise InvalidArgumentError(
                 f"prompt ({len(request.prompt_ids)} tokens) + max_new_tokens "
-                f"({request.max_new_tokens}) exceeds the {self._slot_tokens} tokens a request "
-                "may hold in the KV cache (--kv-cache-tokens / --max-batch-size)"
+                f"({request.max_new_tokens}) exceeds the {self._max_request_tokens} tokens a "
+                "request may hold in the KV cache (the model's context, at most "
+                "--kv-cache-tokens)"
             )
         row = self._engine.new_row(request, on_delta)
         ticket = _Ticket(row, self._loop.create_future(), self._clock())
