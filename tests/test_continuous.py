@@ -436,3 +436,36 @@ def test_a_prompt_s_keys_values_and_logits_are_the_same_bits_however_chunked(
         kv, token = prefill(sizes)
         assert all(torch.equal(a, b) for a, b in zip(kv, reference_kv, strict=True)), sizes
         assert token == reference_token, sizes
+
+
+def test_a_pool_too_small_for_every_row_preempts_and_changes_no_token(engine: Engine) -> None:
+    """16 rows over a pool of 8 blocks (a row takes up to 3): the most recently admitted
+    rows give their blocks back as older ones grow, and resume later by computing their
+    prompt and tokens again; every request completes with the tokens and text it gets from
+    a pool that holds them all (greedy and seeded), and every block comes back."""
+    rng = random.Random(11)
+    requests = [
+        GenerationRequest(
+            tuple(rng.randrange(50000) for _ in range(rng.randint(10, 50))),
+            rng.randint(20, 40),
+            SamplingParams(temperature=1.0, seed=i) if i % 2 else SamplingParams(),
+        )
+        for i in range(16)
+    ]
+
+    def serve(kv_tokens: int) -> tuple[list[GenerationOutput], int]:
+        runner = engine.continuous_runner(slots=16, kv_tokens=kv_tokens, max_step_tokens=512)
+        batch = ContinuousBatch(runner, StepPlanner(max_rows=16, max_step_tokens=512))
+        rows = [engine.new_row(r) for r in requests]
+        waiting = deque(Entry(row) for row in rows)
+        while waiting or batch.running:
+            batch.run(batch.admit_and_plan(waiting))
+            batch.retire()
+        assert runner.cache.pool.held == 0 and runner.cache.free_slots == 16
+        return [row.output() for row in rows], runner.cache.pool.preempted
+
+    large, none = serve(16 * 3 * BLOCK)
+    small, preempted = serve(8 * BLOCK)
+    assert none == 0 and preempted > 0
+    assert [(o.token_ids, o.text) for o in small] == [(o.token_ids, o.text) for o in large]
+    assert sum(len(o.token_ids) for o in small) > 16 * 12
