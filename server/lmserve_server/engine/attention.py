@@ -6,10 +6,11 @@ projections and MLPs don't care which row a token belongs to; only attention doe
 model is switched to an attention function of ours (``paged_attention``), registered through
 transformers' public ``AttentionInterface``; a step hands it a ``StepAttention`` as the
 ``lmserve_step`` keyword, which the model passes down to every attention call. The function
-writes the step's keys and values into the cache at each token's (slot, position) and gives
-every part its own attention: decoding rows in runs of neighbouring slots (one SDPA call
-per run, each row read up to its run's longest row: ``plan_decode_runs``), prompt tokens in
-tiles of fixed positions (``PrefillTile``: one call per tile). Without ``lmserve_step`` (the
+writes the step's keys and values into the cache at each token's (block, offset), gathers
+the blocks the step reads, and gives every part its own attention: decoding rows in runs of
+similar lengths (one SDPA call per run, each row read up to its run's longest row:
+``plan_decode_runs``), prompt tokens in tiles of fixed positions (``PrefillTile``: one call
+per tile). Without ``lmserve_step`` (the
 static scheduler's ``generate``) it is transformers' own SDPA, unchanged.
 
 Why prompt tokens go in tiles. CPU SDPA's result for a query row depends, in its last bits,

@@ -2,8 +2,8 @@
 
 The asyncio face of ``ContinuousBatch`` (``continuous_batch.py``): callers queue requests
 here and await their results; one loop on the engine thread plans, runs and retires steps of
-the batch, admitting queued requests as KV-cache slots free up. Nobody waits for a batch to
-form or to end.
+the batch, admitting queued requests as rows and KV-cache blocks free up. Nobody waits for a
+batch to form or to end.
 
 How a request was served (``Served``): ``batch_size`` is the most rows of a step it was in,
 ``queue_s`` from ``submit`` to its first step, ``compute_s`` from there to its result.

@@ -1,11 +1,19 @@
 """``ContinuousBatch``: the running batch of the continuous scheduler, one step at a time.
 
 Synchronous and single-threaded (the engine thread): ``admit_and_plan`` asks the
-``StepPlanner`` what the next step runs, gives the waiting entries it admits free KV-cache
-slots (and writes their sampling settings into the runner's slot tables), ``run`` has the
-``ModelRunner`` execute it and hands every sampled token to its row, ``retire`` frees the
-slots of the rows that ended. The asyncio side (``continuous.py``) only queues entries and
-settles the retired ones.
+``StepPlanner`` what the next step runs, gives the waiting entries it admits a sampling slot
+(their settings written into the runner's tables) and the KV cache blocks of their prompts,
+``run`` has the ``ModelRunner`` execute it and hands every sampled token to its row,
+``retire`` gives back the slots and blocks of the rows that ended. The asyncio side
+(``continuous.py``) only queues entries and settles the retired ones.
+
+Memory follows the tokens (``engine/kv_cache.py``): a request is admitted while the pool has
+blocks for its whole prompt (and, beside running rows, one more); a decoding row takes a
+block each time its next token starts one (``_grow``). When none is left, the most recently
+admitted row gives its blocks back and goes first in line (``_preempt``): readmitted, it
+computes its prompt and the tokens it had again (a prompt that ends with them, as a row
+resumed after a failed static batch does), which gives the tokens it would have got
+(sampling is counter-based), and its stream goes on after the last token it sent.
 
 A row's token is handed over in two parts (``Row.take``, cheap: end tokens and limits; then
 ``Row.settle``: text, stop strings, the stream). ``run`` settles the previous step's tokens
@@ -14,17 +22,16 @@ while the device computes; a row that a stop string ended there has a token comp
 nothing in this step, which it does not take.
 
 Faults stay with their row: when a step fails, its rows are run again in halves
-(``halves.py``; each half one forward: nothing has advanced yet, and writing a key again at
-the same place is harmless), so only a row that fails alone gets the error; out of memory
-becomes ``OutOfMemoryError`` (``engine/faults.py``).
+(``halves.py``; each half one forward: nothing has advanced yet, blocks were taken before
+the step, and writing a key again at the same place is harmless), so only a row that fails
+alone gets the error; out of memory becomes ``OutOfMemoryError`` (``engine/faults.py``).
 
 With a prefix cache (``engine/prefix_cache.py``, the KV cache's ``prefixes``): a waiting
 request's longest cached prefix is looked up before the planner sizes its first chunk
-(``_cached_prefix``); admitted, its prefill starts after it, and its first step copies the
-cached blocks into its slot before the forward (``_restore_and_step``: again in each half of
-a failed step, which is harmless too); the blocks stay pinned until that step is over. After
-each step, the full blocks a row's prompt has computed so far are kept (``_after_step``),
-so the next request with that prefix finds them even while this one still prefills.
+(``_cached_prefix``); admitted, its block table starts with those blocks, shared in place
+(the pool counts the tables that hold them), and its prefill starts after them. After each
+step, the full blocks a row's prompt has computed so far are kept (``_after_step``), so the
+next request with that prefix finds them even while this one still prefills.
 """
 
 from __future__ import annotations
