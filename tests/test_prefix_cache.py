@@ -365,3 +365,29 @@ def test_a_full_index_keeps_no_more_until_its_blocks_are_idle() -> None:
     assert [blk.key[1] for blk in b_chain] == blocks_of(b[:64])
     assert prefixes.index.evicted == 2 and prefixes.usable("", a)[0] == []
     assert pool.available == 5
+
+
+def test_rows_sharing_a_system_prompt_hold_its_blocks_once(engine: Engine) -> None:
+    """32 requests of one 510-token system prompt and a 6-token question each, the first
+    alone and then the others at once: while they run the pool holds the prompt's shared
+    blocks once and each row's own blocks, not a copy of the prompt per row."""
+    rng = random.Random(12)
+    system = [rng.randrange(50000) for _ in range(510)]
+    requests = [
+        GenerationRequest((*system, *(rng.randrange(50000) for _ in range(6))), 4)
+        for _ in range(32)
+    ]
+    batch = batch_of(engine, prefix_tokens=4096, rows=32)
+    pool = batch.runner.cache.pool
+    run(engine, batch, requests[:1], "one-by-one")
+    rows = [engine.new_row(r) for r in requests[1:]]
+    waiting = deque(Entry(row) for row in rows)
+    held = 0
+    while waiting or batch.running:
+        batch.run(batch.admit_and_plan(waiting))
+        held = max(held, pool.held)
+        batch.retire()
+    shared = len(system) // BLOCK  # 15 full blocks of the system prompt alone
+    own = -(-(len(requests[0].prompt_ids) + 4) // BLOCK) - shared  # 2 a row
+    assert all(row.cached_prompt_tokens == shared * BLOCK for row in rows)
+    assert shared + 31 * own <= held <= 1.2 * (shared + 31 * own)
