@@ -442,7 +442,9 @@ def test_a_pool_too_small_for_every_row_preempts_and_changes_no_token(engine: En
     """16 rows over a pool of 8 blocks (a row takes up to 3): the most recently admitted
     rows give their blocks back as older ones grow, and resume later by computing their
     prompt and tokens again; every request completes with the tokens and text it gets from
-    a pool that holds them all (greedy and seeded), and every block comes back."""
+    a pool that holds them all (greedy and seeded), the same cached prompt tokens (a resumed
+    row finds its own blocks, but was counted when first admitted), and every block comes
+    back."""
     rng = random.Random(11)
     requests = [
         GenerationRequest(
@@ -454,7 +456,9 @@ def test_a_pool_too_small_for_every_row_preempts_and_changes_no_token(engine: En
     ]
 
     def serve(kv_tokens: int) -> tuple[list[GenerationOutput], int]:
-        runner = engine.continuous_runner(slots=16, kv_tokens=kv_tokens, max_step_tokens=512)
+        runner = engine.continuous_runner(
+            slots=16, kv_tokens=kv_tokens, max_step_tokens=512, prefix_cache_tokens=kv_tokens
+        )
         batch = ContinuousBatch(runner, StepPlanner(max_rows=16, max_step_tokens=512))
         rows = [engine.new_row(r) for r in requests]
         waiting = deque(Entry(row) for row in rows)
@@ -462,10 +466,16 @@ def test_a_pool_too_small_for_every_row_preempts_and_changes_no_token(engine: En
             batch.run(batch.admit_and_plan(waiting))
             batch.retire()
         assert runner.cache.pool.held == 0 and runner.cache.free_slots == 16
+        # A resumed row is looked up in the prefix cache once, when first admitted.
+        prefixes = runner.cache.prefixes
+        assert prefixes is not None
+        assert prefixes.queries == sum(len(r.prompt_ids) for r in requests)
         return [row.output() for row in rows], runner.cache.pool.preempted
 
     large, none = serve(16 * 3 * BLOCK)
     small, preempted = serve(8 * BLOCK)
     assert none == 0 and preempted > 0
-    assert [(o.token_ids, o.text) for o in small] == [(o.token_ids, o.text) for o in large]
+    assert [(o.token_ids, o.text, o.cached_prompt_tokens) for o in small] == [
+        (o.token_ids, o.text, o.cached_prompt_tokens) for o in large
+    ]
     assert sum(len(o.token_ids) for o in small) > 16 * 12

@@ -328,18 +328,23 @@ class ContinuousBatch(Generic[E]):
     def _start_after(self, running: Running[E], blocks: list[CachedBlock], cached: int) -> None:
         """An admitted row starts its prefill at ``cached``, its table starting with the
         cached ``blocks``; its sampler sees the tokens it skips (a repetition penalty reads
-        the whole prompt) as if a step had."""
+        the whole prompt) as if a step had. A row that resumes with tokens (preempted, or
+        after a failed static batch) was counted, and told its cached prompt tokens, when it
+        was first admitted."""
         prefixes = self.runner.cache.prefixes
         if prefixes is None:
             return
-        prefixes.count(len(running.prompt), cached)
+        first = not running.resumed
+        if first:
+            prefixes.count(len(running.prompt), cached)
         if not blocks:
             return
         prefixes.index.touch(blocks)
         running.cached_blocks = list(blocks)
         running.prefilled = cached
         row = running.row
-        row.cached_prompt_tokens = min(cached, len(row.request.prompt_ids))
+        if first:
+            row.cached_prompt_tokens = min(cached, len(row.request.prompt_ids))
         if row.request.sampling.penalised:
             device = self.runner.device
             self.runner.sampling.mark_seen(
