@@ -128,7 +128,7 @@ def run(
         for i, s in enumerate(specs)
     )
     runner = engine.continuous_runner(
-        slots=clients, slot_tokens=engine.max_context, max_step_tokens=budget
+        slots=clients, kv_tokens=clients * engine.max_context, max_step_tokens=budget
     )
     batch = ContinuousBatch(runner, StepPlanner(max_rows=clients, max_step_tokens=budget))
     waiting: collections.deque[_Entry] = collections.deque()

@@ -1,19 +1,25 @@
-"""Why the KV cache is a slot per row and not paged blocks: decode attention over each.
+"""How attention reads a paged KV cache on this machine: decode attention over each layout.
 
-    python benchmarks/kv_layout.py [--rows 16] [--context 200] [--device cpu]
+    python benchmarks/kv_layout.py [--rows 16 64] [--context 400] [--rounds 3] [--device cpu]
 
-One decode step's attention for every layer of a GPT-2-shaped model (12 layers, 12 heads of
-64), ``--rows`` rows of ``--context`` tokens each, over three layouts of the same cache:
+One decode step's attention for every layer of a SmolLM2-135M-shaped model (30 layers, 9
+query heads over 3 key/value heads of 64), rows of ``--context / 2`` to ``--context``
+tokens, over four layouts of the same keys and values:
 
-- slots: each row's keys contiguous in its own slot; SDPA reads a view of the buffer in
-  place (what ``engine/kv_cache.py`` does);
-- slots with gaps: the rows sit in slots with free ones between them; the queries are
-  scattered over the span and the outputs gathered back (what a step does when rows have
-  left the low slots);
-- paged: 16-token blocks anywhere in a pool, gathered per row into one tensor per layer and
-  step before SDPA (what paged blocks cost without a paged-attention kernel).
+- slots: each row's keys contiguous in its own slot of the longest row; SDPA reads a view of
+  the buffer in place (the layout before the paged pool);
+- paged, gathered: 32-token blocks anywhere in one pool per layer, heads first
+  ``(kv_heads, blocks, 32, head_dim)``; the step's blocks gathered by one ``index_select``
+  per layer, which then reads as every row's keys with no further copy (what
+  ``engine/attention.py`` does);
+- paged, a call per row: each row's blocks contiguous in the pool (the best case of an
+  allocator that keeps rows together), one SDPA call per row over a view, no copy;
+- paged, blocked: no gather at all: one SDPA call over every block in place, each block
+  attended by its row's query, then the blocks' partial results merged per row by their
+  log-sum-exp (the online-softmax merge of a paged kernel, in PyTorch ops).
 
-Prints the milliseconds per step of each, and the ratios to the slot layout.
+Prints the milliseconds per step of each (medians of ``--rounds`` alternating rounds of
+``--repeats``), and the ratios to the slot layout.
 """
 
 from __future__ import annotations
@@ -27,11 +33,11 @@ from collections.abc import Callable
 import torch
 
 F = torch.nn.functional
-LAYERS, HEADS, HEAD_DIM, BLOCK = 12, 12, 64, 16
+LAYERS, HEADS, KV_HEADS, HEAD_DIM, BLOCK = 30, 9, 3, 64, 32
+GROUPS = HEADS // KV_HEADS
 
 
 def timed(step: Callable[[], None], repeats: int) -> float:
-    step()
     samples = []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -40,77 +46,101 @@ def timed(step: Callable[[], None], repeats: int) -> float:
     return 1000 * statistics.median(samples)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=16)
-    parser.add_argument("--context", type=int, default=200)
-    parser.add_argument("--slot-tokens", type=int, default=1024)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=20)
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
+def layouts(rows: int, context: int, device: torch.device) -> dict[str, Callable[[], None]]:
+    generator = torch.Generator().manual_seed(rows)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    rows, context = args.rows, args.context
-    slots = 2 * rows
-    generator = torch.Generator().manual_seed(0)
 
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(shape, generator=generator).to(device, dtype)
 
-    keys = [randn(slots, HEADS, args.slot_tokens, HEAD_DIM) for _ in range(LAYERS)]
-    values = [randn(slots, HEADS, args.slot_tokens, HEAD_DIM) for _ in range(LAYERS)]
-    query = randn(rows, HEADS, 1, HEAD_DIM)
-    lengths = torch.randint(context // 2, context + 1, (rows,), generator=generator).to(device)
+    lengths = torch.randint(context // 2, context + 1, (rows,), generator=generator)
     window = int(lengths.max())
-    columns = torch.arange(window, device=device)
-    mask = (columns[None, :] < lengths[:, None])[:, None, None, :]
-
-    def slots_view() -> None:
-        for k, v in zip(keys, values, strict=True):
-            F.scaled_dot_product_attention(
-                query, k[:rows, :, :window], v[:rows, :, :window], attn_mask=mask
-            )
-
-    # Every other slot taken: the span is twice the rows.
-    taken = torch.arange(0, slots, 2, device=device)
-    span_lengths = torch.ones(slots, dtype=torch.long, device=device)
-    span_lengths[taken] = lengths
-    span_mask = (columns[None, :] < span_lengths[:, None])[:, None, None, :]
-
-    def slots_with_gaps() -> None:
-        for k, v in zip(keys, values, strict=True):
-            q = query.new_zeros((slots, HEADS, 1, HEAD_DIM))
-            q[taken] = query
-            o = F.scaled_dot_product_attention(
-                q, k[:, :, :window], v[:, :, :window], attn_mask=span_mask
-            )
-            o[taken]
-
-    pool_blocks = slots * args.slot_tokens // BLOCK
-    pool_k = [k.reshape(pool_blocks, HEADS, BLOCK, HEAD_DIM) for k in keys]
-    pool_v = [v.reshape(pool_blocks, HEADS, BLOCK, HEAD_DIM) for v in values]
     blocks = -(-window // BLOCK)
-    table = torch.randperm(pool_blocks, generator=generator)[: rows * blocks].to(device)
-    table = table.reshape(rows, blocks)
-    paged_columns = torch.arange(blocks * BLOCK, device=device)
-    paged_mask = (paged_columns[None, :] < lengths[:, None])[:, None, None, :]
+    query = randn(rows, KV_HEADS, GROUPS, HEAD_DIM)  # grouped heads folded, as the engine does
+    columns = torch.arange(window)
+    mask = (columns[None] < lengths[:, None])[:, None, None, :].expand(rows, 1, GROUPS, window)
+    mask = mask.to(device)
 
-    def paged() -> None:
+    slot_k = [randn(rows, KV_HEADS, window, HEAD_DIM) for _ in range(LAYERS)]
+    slot_v = [randn(rows, KV_HEADS, window, HEAD_DIM) for _ in range(LAYERS)]
+
+    def slots() -> None:
+        for k, v in zip(slot_k, slot_v, strict=True):
+            F.scaled_dot_product_attention(query, k, v, attn_mask=mask)
+
+    pool_blocks = 4 * rows * blocks
+    table = torch.randperm(pool_blocks, generator=generator)[: rows * blocks].to(device)
+    pool_k = [randn(KV_HEADS, pool_blocks, BLOCK, HEAD_DIM) for _ in range(LAYERS)]
+    pool_v = [randn(KV_HEADS, pool_blocks, BLOCK, HEAD_DIM) for _ in range(LAYERS)]
+    paged_columns = torch.arange(blocks * BLOCK)
+    paged_mask = (paged_columns[None] < lengths[:, None])[:, None, None, :]
+    paged_mask = paged_mask.expand(rows, 1, GROUPS, blocks * BLOCK).to(device)
+
+    def gathered() -> None:
         for k_pool, v_pool in zip(pool_k, pool_v, strict=True):
-            k = k_pool[table].permute(0, 2, 1, 3, 4).reshape(rows, HEADS, -1, HEAD_DIM)
-            v = v_pool[table].permute(0, 2, 1, 3, 4).reshape(rows, HEADS, -1, HEAD_DIM)
+            k = k_pool.index_select(1, table).view(KV_HEADS, rows, -1, HEAD_DIM).transpose(0, 1)
+            v = v_pool.index_select(1, table).view(KV_HEADS, rows, -1, HEAD_DIM).transpose(0, 1)
             F.scaled_dot_product_attention(query, k, v, attn_mask=paged_mask)
 
+    flat_k = [k.view(KV_HEADS, -1, HEAD_DIM) for k in pool_k]
+    flat_v = [v.view(KV_HEADS, -1, HEAD_DIM) for v in pool_v]
+    spans = [(r * blocks * BLOCK, int(n)) for r, n in enumerate(lengths)]
+
+    def per_row() -> None:
+        for k, v in zip(flat_k, flat_v, strict=True):
+            for r, (start, n) in enumerate(spans):
+                F.scaled_dot_product_attention(
+                    query[r : r + 1], k[None, :, start : start + n], v[None, :, start : start + n]
+                )
+
+    used = rows * blocks
+    block_k = [randn(used, KV_HEADS, BLOCK, HEAD_DIM) for _ in range(LAYERS)]
+    block_v = [randn(used, KV_HEADS, BLOCK, HEAD_DIM) for _ in range(LAYERS)]
+    owner = torch.arange(rows).repeat_interleave(blocks).to(device)
+    valid = (torch.arange(blocks)[None] < ((lengths + BLOCK - 1) // BLOCK)[:, None]).to(device)
+
+    def blocked() -> None:
+        for k, v in zip(block_k, block_v, strict=True):
+            q = query.index_select(0, owner)
+            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[:2]
+            o = o.view(rows, blocks, KV_HEADS, GROUPS, HEAD_DIM)
+            lse = lse.view(rows, blocks, KV_HEADS, GROUPS)
+            weights = torch.softmax(lse.masked_fill(~valid[:, :, None, None], -torch.inf), 1)
+            (o * weights[..., None]).sum(1)
+
+    found = {"slots": slots, "paged, gathered": gathered, "paged, a call per row": per_row}
+    if device.type == "cpu":
+        found["paged, blocked"] = blocked
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--context", type=int, default=400)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    results = {}
-    for name, step in (("slots", slots_view), ("slots, gaps", slots_with_gaps), ("paged", paged)):
-        results[name] = timed(lambda s=step: (s(), sync()), args.repeats)  # type: ignore[misc]
-    print(
-        f"decode attention, {LAYERS} layers, {rows} rows of {context // 2}-{context} tokens, "
-        f"{device.type} {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads"
-    )
-    for name, ms in results.items():
-        print(f"  {name:<12} {ms:8.2f} ms per step  ({ms / results['slots']:.2f}x slots)")
+    for rows in args.rows:
+        steps = layouts(rows, args.context, device)
+        samples: dict[str, list[float]] = {name: [] for name in steps}
+        for round_ in range(args.rounds + 1):  # the first round warms up, untimed
+            names = list(steps) if round_ % 2 else list(reversed(steps))
+            for name in names:
+                ms = timed(lambda s=steps[name]: (s(), sync()), args.repeats)  # type: ignore[misc]
+                if round_:
+                    samples[name].append(ms)
+        print(
+            f"decode attention, {LAYERS} layers, {rows} rows of {args.context // 2}-"
+            f"{args.context} tokens, {device.type}, {torch.get_num_threads()} threads"
+        )
+        base = statistics.median(samples["slots"])
+        for name, values in samples.items():
+            ms = statistics.median(values)
+            print(f"  {name:<22} {ms:8.2f} ms per step  ({ms / base:.2f}x slots)")
     return 0
 
 

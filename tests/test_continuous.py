@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from lmserve_server.engine import runner as runner_module
-from lmserve_server.engine.attention import DecodeRun, plan_decode_runs
+from lmserve_server.engine.attention import plan_decode_runs
 from lmserve_server.engine.model import Engine
+from lmserve_server.engine.prefix_cache import BLOCK
 from lmserve_server.engine.rows import Row
 from lmserve_server.engine.runner import Chunk, rerun_capture
 from lmserve_server.engine.types import (
@@ -36,6 +37,15 @@ class Entry:
     row: Row
 
 
+@dataclass(frozen=True)
+class Run:
+    """A decode run as planned: its rows, its window (longest row), whether they differ."""
+
+    count: int
+    window: int
+    ragged: bool
+
+
 def batch_of(
     engine: Engine,
     *,
@@ -47,7 +57,7 @@ def batch_of(
 ) -> ContinuousBatch[Entry]:
     runner = engine.continuous_runner(
         slots=rows,
-        slot_tokens=slot_tokens,
+        kv_tokens=rows * slot_tokens,
         max_step_tokens=budget,
         fixed_shapes=fixed,
         staged=staged,
@@ -118,11 +128,14 @@ def test_rows_of_unlike_lengths_attend_in_runs_and_get_their_solo_tokens(
     own longest row: ragged runs with a mask, exact ones and single rows without), and every
     row still gets its solo tokens."""
     engine = family_engine
-    planned: list[tuple[DecodeRun, ...]] = []
+    planned: list[list[Run]] = []
 
-    def spy(slots, lengths):  # type: ignore[no-untyped-def]
-        planned.append(plan_decode_runs(slots, lengths))
-        return planned[-1]
+    def spy(lengths):  # type: ignore[no-untyped-def]
+        spans = plan_decode_runs(lengths)
+        planned.append(
+            [Run(n, lengths[i + n - 1], lengths[i] != lengths[i + n - 1]) for i, n in spans]
+        )
+        return spans
 
     monkeypatch.setattr(runner_module, "plan_decode_runs", spy)
     rng = random.Random(5)
@@ -170,7 +183,8 @@ def test_captured_step_graphs_replay_over_the_persistent_buffers(family_engine: 
     batch = batch_of(engine, rows=5, fixed=True)
     pairs = batch.runner.capture_graphs(rerun_capture, max_rows=5)
     assert {rows for rows, _ in pairs} == {1, 2, 4, 8}
-    assert {window for _, window in pairs} == {64, 128, 256}
+    # Windows up to the longest row: the model's whole context (the pool holds more).
+    assert {window for _, window in pairs} == {64, 128, 256, 512, 1024}
     decode_only = 0
     launch = batch.runner.launch
 
@@ -367,7 +381,7 @@ def test_the_largest_bucket_with_the_most_logprobs_fits_the_download(engine: Eng
     logprobs the validator allows (2 + 2 x MAX_LOGPROBS values a row) downloads whole."""
     batch = batch_of(engine, rows=128, budget=512, slot_tokens=32, fixed=True, staged=True)
     pairs = batch.runner.capture_graphs(rerun_capture, max_rows=128)
-    assert (128, 32) in pairs
+    assert (128, 64) in pairs
     rows = [engine.new_row(request(engine, "Hi", 4)) for _ in range(127)]
     asking = engine.new_row(request(engine, "Hello", 4, logprobs=MAX_LOGPROBS))
     waiting = deque(Entry(r) for r in [*rows, asking])  # all at once
@@ -438,20 +452,25 @@ def test_a_prompt_s_keys_values_and_logits_are_the_same_bits_however_chunked(
     request = GenerationRequest(tuple(prompt), 1, logprobs=5)
 
     def prefill(sizes: list[int]) -> tuple[list[torch.Tensor], object]:
-        # 110 tokens: the last tile, [96, 128), runs past the slot's end.
-        runner = engine.continuous_runner(slots=3, slot_tokens=110, max_step_tokens=512)
+        runner = engine.continuous_runner(slots=3, kv_tokens=12 * BLOCK, max_step_tokens=512)
+        # Each row's blocks, the prompt's out of order in the pool.
+        mine, company_blocks, decoding = (2, 0, 3, 1), (4, 5, 6, 7), (8, 9, 10, 11)
         runner.sampling.admit(0, request, seed=0)
         start, company = 0, 3 * len(sizes)
         for n in sizes:
             last = start + n == len(prompt)
             chunks = [
-                Chunk(0, prompt[start : start + n], start, sample=last),
-                Chunk(1, other[company : company + 9], company),  # another prompt's chunk
-                Chunk(2, (other[n],), 40 + n % 50, sample=True),  # a decoding row
+                Chunk(0, prompt[start : start + n], start, sample=last, blocks=mine),
+                # another prompt's chunk
+                Chunk(1, other[company : company + 9], company, blocks=company_blocks),
+                Chunk(2, (other[n],), 40 + n % 50, sample=True, blocks=decoding),  # decoding
             ]
             results = runner.execute(chunks)
             start, company = start + n, company + 9
-        kv = [t[0, :, : len(prompt)].clone() for t in (*runner.cache.keys, *runner.cache.values)]
+        kv = [
+            t[:, list(mine)].flatten(1, 2)[:, : len(prompt)].clone()
+            for t in (*runner.cache.keys, *runner.cache.values)
+        ]
         return kv, results[0]
 
     reference_kv, reference_token = prefill([len(prompt)])
@@ -459,3 +478,46 @@ def test_a_prompt_s_keys_values_and_logits_are_the_same_bits_however_chunked(
         kv, token = prefill(sizes)
         assert all(torch.equal(a, b) for a, b in zip(kv, reference_kv, strict=True)), sizes
         assert token == reference_token, sizes
+
+
+def test_a_pool_too_small_for_every_row_preempts_and_changes_no_token(engine: Engine) -> None:
+    """16 rows over a pool of 8 blocks (a row takes up to 3): the most recently admitted
+    rows give their blocks back as older ones grow, and resume later by computing their
+    prompt and tokens again; every request completes with the tokens and text it gets from
+    a pool that holds them all (greedy and seeded), the same cached prompt tokens (a resumed
+    row finds its own blocks, but was counted when first admitted), and every block comes
+    back."""
+    rng = random.Random(11)
+    requests = [
+        GenerationRequest(
+            tuple(rng.randrange(50000) for _ in range(rng.randint(10, 50))),
+            rng.randint(20, 40),
+            SamplingParams(temperature=1.0, seed=i) if i % 2 else SamplingParams(),
+        )
+        for i in range(16)
+    ]
+
+    def serve(kv_tokens: int) -> tuple[list[GenerationOutput], int]:
+        runner = engine.continuous_runner(
+            slots=16, kv_tokens=kv_tokens, max_step_tokens=512, prefix_cache_tokens=kv_tokens
+        )
+        batch = ContinuousBatch(runner, StepPlanner(max_rows=16, max_step_tokens=512))
+        rows = [engine.new_row(r) for r in requests]
+        waiting = deque(Entry(row) for row in rows)
+        while waiting or batch.running:
+            batch.run(batch.admit_and_plan(waiting))
+            batch.retire()
+        assert runner.cache.pool.held == 0 and runner.cache.free_slots == 16
+        # A resumed row is looked up in the prefix cache once, when first admitted.
+        prefixes = runner.cache.prefixes
+        assert prefixes is not None
+        assert prefixes.queries == sum(len(r.prompt_ids) for r in requests)
+        return [row.output() for row in rows], runner.cache.pool.preempted
+
+    large, none = serve(16 * 3 * BLOCK)
+    small, preempted = serve(8 * BLOCK)
+    assert none == 0 and preempted > 0
+    assert [(o.token_ids, o.text, o.cached_prompt_tokens) for o in small] == [
+        (o.token_ids, o.text, o.cached_prompt_tokens) for o in large
+    ]
+    assert sum(len(o.token_ids) for o in small) > 16 * 12

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lmserve_server.engine.kv_cache import KVCache, KVCacheShape, plan_capacity
+from lmserve_server.engine.prefix_cache import BLOCK
 from lmserve_server.scheduling.planner import Plan, StepPlanner, chunk
 
 
@@ -96,29 +97,30 @@ def test_a_plan_keeps_every_rule(
 SHAPE = KVCacheShape(layers=2, kv_heads=2, head_dim=4, dtype=torch.float32)
 
 
-def test_slots_come_lowest_first_and_go_back_without_copies() -> None:
-    cache = KVCache(SHAPE, slots=3, slot_tokens=8, device=torch.device("cpu"))
+def test_rows_take_blocks_lowest_first_and_give_them_back_without_copies() -> None:
+    cache = KVCache(SHAPE, slots=3, tokens=4 * BLOCK, device=torch.device("cpu"))
     assert [cache.allocate() for _ in range(3)] == [0, 1, 2]
     assert cache.allocate() is None
-    cache.keys[0][1, 0, 0, 0] = 5.0
-    cache.free(1)
-    assert cache.free_slots == 1 and cache.allocate() == 1
-    assert cache.keys[0][1, 0, 0, 0] == 5.0  # nothing was moved or cleared
+    pool = cache.pool
+    first = pool.take(3)
+    assert first == [0, 1, 2] and pool.take(2) is None and pool.available == 1
+    cache.keys[0][0, 1, 0, 0] = 5.0
+    pool.release(first[1:2])
+    assert pool.take(1) == [1]
+    assert cache.keys[0][0, 1, 0, 0] == 5.0  # nothing was moved or cleared
     with pytest.raises(ValueError):
-        cache.free(7)
-    cache.free(2)
-    with pytest.raises(ValueError):
-        cache.free(2)
-    assert cache.keys[0].shape == (4, 2, 8, 4), "one scratch slot past the last"
+        pool.release([3])
+    assert cache.keys[0].shape == (2, 5, BLOCK, 4), "one scratch block past the last"
 
 
-def test_capacity_is_a_slot_per_row_of_the_context_or_of_the_budget() -> None:
-    assert plan_capacity(SHAPE, rows=4, context=1024) == (4, 1024)
-    assert plan_capacity(SHAPE, rows=4, context=1024, tokens=2000) == (4, 500)
+def test_capacity_is_the_budget_or_a_context_per_row_within_the_memory_share() -> None:
+    assert plan_capacity(SHAPE, rows=4, context=1024) == 4096
+    assert plan_capacity(SHAPE, rows=4, context=1024, tokens=2000) == 1984  # whole blocks
     per_token = SHAPE.bytes_per_token  # 2 x 2 layers x 2 heads x 4 x 4 bytes = 128
     assert per_token == 128
-    assert plan_capacity(
-        SHAPE, rows=4, context=1024, free_bytes=128 * 1000, memory_fraction=0.5
-    ) == (4, 125)
+    assert (
+        plan_capacity(SHAPE, rows=4, context=1024, free_bytes=128 * 1000, memory_fraction=0.5)
+        == 480
+    )
     with pytest.raises(ValueError, match="--kv-cache-tokens"):
         plan_capacity(SHAPE, rows=4, context=1024, tokens=3)

@@ -6,14 +6,15 @@ their row."""
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pytest
-import torch
 
+from lmserve_server.engine.block_pool import BlockPool
 from lmserve_server.engine.model import Engine
 from lmserve_server.engine.prefix_cache import BLOCK, CachedBlock, PrefixCache, PrefixIndex
 from lmserve_server.engine.rows import Row
@@ -28,11 +29,14 @@ def blocks_of(tokens: Sequence[int]) -> list[tuple[int, ...]]:
     return [tuple(tokens[i : i + BLOCK]) for i in range(0, len(tokens) - BLOCK + 1, BLOCK)]
 
 
+_slots = itertools.count()
+
+
 def keep(index: PrefixIndex, salt: str, tokens: Sequence[int]) -> list[CachedBlock]:
     """Inserts ``tokens``' full blocks as a row's store does; returns its chain."""
     chain: list[CachedBlock] = []
     for block in blocks_of(tokens):
-        placed = index.insert(salt, chain[-1] if chain else None, block)
+        placed = index.insert(salt, chain[-1] if chain else None, block, next(_slots))
         if placed is None:
             break
         chain.append(placed[0])
@@ -71,7 +75,7 @@ def test_salts_keep_prefixes_apart_and_the_empty_salt_is_a_group_of_its_own() ->
 def test_a_block_kept_twice_is_shared_not_copied_again() -> None:
     index = PrefixIndex(blocks=4)
     first = keep(index, "", list(range(64)))
-    placed = index.insert("", None, tuple(range(32)))
+    placed = index.insert("", None, tuple(range(32)), 99)
     assert placed == (first[0], False)
     assert len(index) == 2
 
@@ -86,14 +90,14 @@ def test_eviction_takes_the_least_recently_used_leaf_and_never_a_pinned_block() 
     # b's leaf went (least recently used), its first block stays findable.
     assert index.match("", [2] * 64, most=2) == b[:1]
     assert index.match("", [1] * 64, most=2) == a
-    # Pinned blocks (a running row about to copy them) are never evicted: with every
+    # Pinned blocks (a row keeping a chain after them) are never evicted: with every
     # evictable block pinned, nothing new is kept.
     index.pin(a)
     index.pin(c)
     index.pin(b[:1])
-    assert index.insert("", None, tuple([4] * 32)) is None
+    assert index.insert("", None, tuple([4] * 32), 99) is None
     index.unpin(b[:1])
-    assert index.insert("", None, tuple([4] * 32)) is not None
+    assert index.insert("", None, tuple([4] * 32), 99) is not None
     assert index.match("", [2] * 64, most=2) == []
     assert index.match("", [1] * 64, most=2) == a, "pinned blocks stay"
 
@@ -133,7 +137,10 @@ class Entry:
 def batch_of(engine: Engine, *, prefix_tokens: int, rows: int = 12) -> ContinuousBatch[Entry]:
     budget = 2048  # every prompt of a group fits one step
     runner = engine.continuous_runner(
-        slots=rows, slot_tokens=256, max_step_tokens=budget, prefix_cache_tokens=prefix_tokens
+        slots=rows,
+        kv_tokens=rows * 256,
+        max_step_tokens=budget,
+        prefix_cache_tokens=prefix_tokens,
     )
     return ContinuousBatch(runner, StepPlanner(max_rows=rows, max_step_tokens=budget))
 
@@ -221,10 +228,10 @@ def test_tokens_and_logprobs_are_the_same_bits_with_the_cache_and_without(
 
 
 def test_eviction_under_a_small_pool_with_rows_running(engine: Engine) -> None:
-    """A pool of 6 blocks for prompts of 5 different 100-token heads (3 blocks each): four
-    requests one by one fill it and evict, then 10 more run at once, restoring the heads
-    still kept and evicting others as they keep their own while every row runs (never a
-    block a row is about to copy); every row gets its tokens without the cache's."""
+    """An index of 6 blocks for prompts of 5 different 100-token heads (3 blocks each):
+    four requests one by one fill it and evict, then 10 more run at once, sharing the heads
+    still kept in place and evicting others as they keep their own while every row runs
+    (never a block a row holds); every row gets its tokens without the cache's."""
     rng = random.Random(4)
     heads = [[rng.randrange(50000) for _ in range(100)] for _ in range(5)]
     requests = [
@@ -246,35 +253,27 @@ def test_eviction_under_a_small_pool_with_rows_running(engine: Engine) -> None:
     batch = batch_of(engine, prefix_tokens=6 * BLOCK)
     prefixes = batch.runner.cache.prefixes
     assert prefixes is not None
-    restores: list[int] = []
-    real_restore = prefixes.restore
-
-    def restore(cache, slot, chain):  # type: ignore[no-untyped-def]
-        assert all(b.pins > 0 and b.key in prefixes.index._blocks for b in chain)
-        restores.append(len(chain))
-        real_restore(cache, slot, chain)
-
-    prefixes.restore = restore  # type: ignore[method-assign]
     first = run(engine, batch, requests[:4], "one-by-one")
     evicted_before = prefixes.index.evicted
     with_cache = first + run(engine, batch, requests[3:], "together")[1:]
     for a, b in zip(without, with_cache, strict=True):
-        assert b.error is None, b.error  # the restore's own checks raise into the row
+        assert b.error is None, b.error
         assert same_bits(a.output(), b.output())
     assert evicted_before > 0 and prefixes.index.evicted > evicted_before
     stats = prefixes.stats()
-    assert len(restores) >= 3 and stats.hits > 0
+    assert sum(row.cached_prompt_tokens > 0 for row in with_cache) >= 3 and stats.hits > 0
     assert stats.tokens <= 6 * BLOCK == stats.capacity_tokens
     assert all(b.pins == 0 for b in prefixes.index._order), "every pin was released"
+    pool = batch.runner.cache.pool
+    assert pool.held == 0 and pool.available == pool.blocks, "every block given back"
 
 
 def test_faults_stay_with_their_row_and_keep_nothing(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Beside rows that share its cached prefix, a row whose forward fails, and one whose
-    cached prefix can't be copied into its slot, fail alone (their step runs again in
-    halves); the failed rows keep no block; the others get the tokens they get without the
-    cache (where the same two rows fail in the forward)."""
+    """Beside rows that share its cached prefix, two rows whose forward fails (one of them
+    after a cached prefix) fail alone (their step runs again in halves); the failed rows
+    keep no block of their own; the others get the tokens they get without the cache."""
     rng = random.Random(6)
     system = [rng.randrange(50000) for _ in range(80)]
     poison = 4242
@@ -283,30 +282,20 @@ def test_faults_stay_with_their_row_and_keep_nothing(
         for i in range(6)
     ]
     requests[2] = GenerationRequest((*system, poison, *range(40)), 6)
-    copy_fails = requests[4]
+    fails_after_cache = requests[4]
 
     def serve(prefix_tokens: int) -> tuple[list[Row], ContinuousBatch[Entry]]:
         batch = batch_of(engine, prefix_tokens=prefix_tokens)
         runner = batch.runner
         real_launch = runner.launch
-        prefixes = runner.cache.prefixes
 
         def launch(chunks):  # type: ignore[no-untyped-def]
-            bad = [poison] if prefixes is not None else [poison, copy_fails.prompt_ids[-1]]
+            bad = [poison, fails_after_cache.prompt_ids[-1]]
             if any(t in c.tokens for c in chunks if len(c.tokens) > 1 for t in bad):
                 raise RuntimeError("the model choked on this prompt")
             return real_launch(chunks)
 
         monkeypatch.setattr(runner, "launch", launch)
-        if prefixes is not None:
-            real_restore = prefixes.restore
-
-            def restore(cache, slot, chain):  # type: ignore[no-untyped-def]
-                if any(r.slot == slot and r.row.request is copy_fails for r in batch.running):
-                    raise RuntimeError("the copy failed")
-                real_restore(cache, slot, chain)
-
-            prefixes.restore = restore  # type: ignore[method-assign]
         return run(engine, batch, requests, "together"), batch
 
     without, _ = serve(0)
@@ -322,38 +311,42 @@ def test_faults_stay_with_their_row_and_keep_nothing(
     kept = [b.key[1] for b in prefixes.index._order]
     assert kept and all(poison not in tokens for tokens in kept)
     # Its third block (the system prompt's end and its own first tokens) is its alone.
-    assert len(copy_fails.prompt_ids) >= 3 * BLOCK
-    own = tuple(copy_fails.prompt_ids[2 * BLOCK : 3 * BLOCK])
-    assert own not in kept, "nothing of the failed copy"
+    assert len(fails_after_cache.prompt_ids) >= 3 * BLOCK
+    assert with_cache[4].cached_prompt_tokens > 0
+    own = tuple(fails_after_cache.prompt_ids[2 * BLOCK : 3 * BLOCK])
+    assert own not in kept, "nothing of the failed row's own"
     assert all(b.pins == 0 for b in prefixes.index._order)
 
 
-def test_restore_and_store_copy_the_slot_s_bits(engine: Engine) -> None:
-    """The pool's copies: a slot's full blocks kept, then restored into another slot, are
-    the same bits in every layer; the pool takes what a token takes, per token kept."""
-    runner = engine.continuous_runner(slots=2, slot_tokens=256, max_step_tokens=64)
-    cache = runner.cache
-    for t in (*cache.keys, *cache.values):
-        t.normal_()
-    prefixes = PrefixCache(engine.kv_shape, tokens=8 * BLOCK, device=cache.device)
-    assert prefixes.nbytes == 8 * BLOCK * engine.kv_shape.bytes_per_token
+def test_store_caches_the_row_s_own_blocks_in_place() -> None:
+    """A row's full prompt blocks become findable as they are (its table's blocks, no
+    copy); a later row that starts the same way shares them; they stay cached, idle, once
+    no row holds them, and go when the pool needs their room."""
+    pool = BlockPool(8)
+    prefixes = PrefixCache(pool, tokens=8 * BLOCK)
     prompt = tuple(range(130))
+    table = pool.take(5)
+    assert table == [0, 1, 2, 3, 4]
     chain: list[CachedBlock] = []
-    prefixes.store(cache, 0, "tenant-a", prompt, chain, computed=70)
-    assert len(chain) == 2
-    prefixes.store(cache, 0, "tenant-a", prompt, chain, computed=130)
-    assert len(chain) == 4
+    prefixes.store(table, "tenant-a", prompt, chain, computed=70)
+    assert [b.slot for b in chain] == [0, 1]
+    prefixes.store(table, "tenant-a", prompt, chain, computed=130)
+    assert [b.slot for b in chain] == [0, 1, 2, 3]
     blocks, cached = prefixes.usable("tenant-a", prompt)
     assert blocks == chain and cached == 4 * BLOCK
-    prefixes.restore(cache, 1, blocks)
-    n = 4 * BLOCK
-    for t in (*cache.keys, *cache.values):
-        assert torch.equal(t[1, :, :n], t[0, :, :n])
-        assert not torch.equal(t[1, :, n : n + 8], t[0, :, n : n + 8]), "only the blocks"
     # Kept under the row's salt: neither another tenant nor the empty salt finds them.
     assert prefixes.usable("tenant-b", prompt) == ([], 0)
     assert prefixes.usable("", prompt) == ([], 0)
     assert prefixes.usable("tenant-a", prompt[:65]) == (chain[:2], 63)
+    pool.share(b.slot for b in blocks)  # a second row holds them too
+    pool.release(table)  # the first row ends
+    assert pool.refs[:5] == [1, 1, 1, 1, 0] and pool.available == 4
+    pool.release(b.slot for b in blocks)  # and the second
+    assert pool.available == 8 and pool.free == 4 and prefixes.index.idle == 4
+    # The pool takes the free blocks first, then evicts cached ones, leaves first.
+    assert sorted(pool.take(5) or []) == [3, 4, 5, 6, 7]
+    assert prefixes.usable("tenant-a", prompt)[0] == chain[:3]
+    assert prefixes.stats().evicted_tokens == BLOCK
 
 
 def test_rows_find_only_the_prefixes_kept_under_their_own_salt(engine: Engine) -> None:
@@ -369,22 +362,48 @@ def test_rows_find_only_the_prefixes_kept_under_their_own_salt(engine: Engine) -
     assert cached == [0, 0, 0, 96, 96, 96], cached
 
 
-def test_a_row_whose_kept_blocks_were_evicted_keeps_its_next_ones_after_what_is_left(
-    engine: Engine,
-) -> None:
-    """A pool of 2 blocks: row A keeps its first 2 blocks, row B keeps 2 of its own (A's
-    go), then A, whose prompt has gone on, keeps again: its chain is cut back to what is
-    still cached (nothing) and its blocks are kept from there, as if it had found none."""
-    runner = engine.continuous_runner(slots=2, slot_tokens=256, max_step_tokens=128)
-    prefixes = PrefixCache(engine.kv_shape, tokens=2 * BLOCK, device=runner.cache.device)
+def test_a_full_index_keeps_no_more_until_its_blocks_are_idle() -> None:
+    """An index of 2 blocks: row A keeps its first 2 blocks; row B, while A holds them,
+    keeps none; once A has ended, B keeps its own (A's go, least recently used first)."""
+    pool = BlockPool(8)
+    prefixes = PrefixCache(pool, tokens=2 * BLOCK)
     rng = random.Random(9)
     a, b = ([rng.randrange(50000) for _ in range(96)] for _ in range(2))
+    a_table, b_table = pool.take(3), pool.take(3)
+    assert a_table is not None and b_table is not None
     a_chain: list[CachedBlock] = []
-    prefixes.store(runner.cache, 0, "", a, a_chain, computed=64)
+    prefixes.store(a_table, "", a, a_chain, computed=64)
     b_chain: list[CachedBlock] = []
-    prefixes.store(runner.cache, 1, "", b, b_chain, computed=64)
-    assert len(b_chain) == 2 and prefixes.index.evicted == 2
-    prefixes.store(runner.cache, 0, "", a, a_chain, computed=96)
-    assert [blk.key[1] for blk in a_chain] == blocks_of(a[:64])
-    assert prefixes.usable("", a)[0] == a_chain
-    assert all(blk.pins == 0 for blk in prefixes.index._order)
+    prefixes.store(b_table, "", b, b_chain, computed=64)
+    assert len(a_chain) == 2 and b_chain == []
+    pool.release(a_table)
+    prefixes.store(b_table, "", b, b_chain, computed=96)
+    assert [blk.key[1] for blk in b_chain] == blocks_of(b[:64])
+    assert prefixes.index.evicted == 2 and prefixes.usable("", a)[0] == []
+    assert pool.available == 5
+
+
+def test_rows_sharing_a_system_prompt_hold_its_blocks_once(engine: Engine) -> None:
+    """32 requests of one 510-token system prompt and a 6-token question each, the first
+    alone and then the others at once: while they run the pool holds the prompt's shared
+    blocks once and each row's own blocks, not a copy of the prompt per row."""
+    rng = random.Random(12)
+    system = [rng.randrange(50000) for _ in range(510)]
+    requests = [
+        GenerationRequest((*system, *(rng.randrange(50000) for _ in range(6))), 4)
+        for _ in range(32)
+    ]
+    batch = batch_of(engine, prefix_tokens=4096, rows=32)
+    pool = batch.runner.cache.pool
+    run(engine, batch, requests[:1], "one-by-one")
+    rows = [engine.new_row(r) for r in requests[1:]]
+    waiting = deque(Entry(row) for row in rows)
+    held = 0
+    while waiting or batch.running:
+        batch.run(batch.admit_and_plan(waiting))
+        held = max(held, pool.held)
+        batch.retire()
+    shared = len(system) // BLOCK  # 15 full blocks of the system prompt alone
+    own = -(-(len(requests[0].prompt_ids) + 4) // BLOCK) - shared  # 2 a row
+    assert all(row.cached_prompt_tokens == shared * BLOCK for row in rows)
+    assert shared + 31 * own <= held <= 1.2 * (shared + 31 * own)

@@ -93,6 +93,7 @@ class Daemon:
                 max_step_tokens=config.max_step_tokens,
                 kv_cache_tokens=config.kv_cache_tokens,
                 kv_cache_memory=config.kv_cache_memory,
+                kv_cache_host_memory=config.kv_cache_host_memory,
                 prefix_cache=config.prefix_cache,
                 prefix_cache_tokens=config.prefix_cache_tokens,
                 step_graphs=step_graphs,
@@ -104,21 +105,22 @@ class Daemon:
         else:
             steps = None
             if config.static_engine == "steps" or (config.static_engine == "auto" and cuda):
-                slot_tokens = capacity(
-                    engine, config.max_batch_size, config.kv_cache_tokens, config.kv_cache_memory
+                kv_tokens = capacity(
+                    engine,
+                    config.max_batch_size,
+                    config.kv_cache_tokens,
+                    config.kv_cache_memory,
+                    config.kv_cache_host_memory,
                 )
                 steps = StepSettings(
                     rows=config.max_batch_size,
-                    slot_tokens=slot_tokens,
+                    kv_tokens=kv_tokens,
                     max_step_tokens=max(config.max_step_tokens, config.max_batch_size + 1),
                     step_graphs=step_graphs,
                     allow_eager_fallback=config.allow_eager_fallback,
                     warm_up=config.warm_up,
                     prefix_cache_tokens=prefix_capacity(
-                        config.prefix_cache,
-                        config.prefix_cache_tokens,
-                        config.max_batch_size,
-                        slot_tokens,
+                        config.prefix_cache, config.prefix_cache_tokens, kv_tokens
                     ),
                 )
             self.scheduler = StaticScheduler(
@@ -141,7 +143,7 @@ class Daemon:
         # Always recorded (cheap, and a registry per daemon); served only with a metrics port.
         self.metrics = Metrics(
             queue_depth=lambda: self.scheduler.queue_depth,
-            kv_cache_usage=lambda: self.scheduler.kv_slot_occupancy,
+            kv_cache_blocks=lambda: self.scheduler.kv_cache_blocks,
             prefix_cache=lambda: self.scheduler.prefix_cache_stats,
             grammar_cache_bytes=lambda: self.grammars.cached_bytes,
         )

@@ -211,6 +211,7 @@ _SCHEDULER_ONLY = {
         "max_step_tokens",
         "kv_cache_tokens",
         "kv_cache_memory",
+        "kv_cache_host_memory",
         "cuda_graphs",
         "allow_eager_fallback",
         "prefix_cache",
@@ -323,10 +324,11 @@ def _serve_parser(sub: Any) -> None:
         int,
         0,
         "continuous scheduler (and static with --static-engine steps): the KV cache, "
-        "allocated once, in tokens; each of the "
-        "--max-batch-size rows holds an equal slot, the longest request it accepts "
-        "(prompt + max_new_tokens); 0 = a full context per row (on CUDA at most "
-        "--kv-cache-memory of the free memory)",
+        "allocated once, in tokens: one pool of 32-token blocks that the running rows take "
+        "as they grow; a request may hold up to the model's context (prompt + "
+        "max_new_tokens) when the pool has room; 0 = a full context per row of "
+        "--max-batch-size, at most --kv-cache-memory of a GPU's free memory or "
+        "--kv-cache-host-memory of a CPU host's memory",
     )
     _add(
         p,
@@ -336,6 +338,14 @@ def _serve_parser(sub: Any) -> None:
         "continuous scheduler (and static steps) on CUDA with --kv-cache-tokens 0: the share "
         "of the device's free "
         "memory (after loading) the KV cache may take",
+    )
+    _add(
+        p,
+        "--kv-cache-host-memory",
+        float,
+        0.03,
+        "continuous scheduler (and static steps) on a CPU with --kv-cache-tokens 0: the share "
+        "of the host's physical memory the KV cache may take",
     )
     _add(
         p,
@@ -370,8 +380,9 @@ def _serve_parser(sub: Any) -> None:
         "--prefix-cache-tokens",
         int,
         0,
-        "the prefix cache's size in tokens, allocated at start beside the KV cache (the least "
-        "recently used blocks make room); 0 = a quarter of the KV cache's tokens",
+        "the most tokens of KV cache blocks the prefix cache keeps findable (its blocks are "
+        "the KV cache's own, shared in place; the least recently used that no request holds "
+        "make room); 0 = the whole KV cache",
     )
     _add(
         p,
@@ -612,6 +623,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_step_tokens=args.max_step_tokens,
         kv_cache_tokens=args.kv_cache_tokens,
         kv_cache_memory=args.kv_cache_memory,
+        kv_cache_host_memory=args.kv_cache_host_memory,
         cuda_graphs=args.cuda_graphs,
         allow_eager_fallback=args.allow_eager_fallback,
         prefix_cache=args.prefix_cache,

@@ -62,14 +62,15 @@ class ServerConfig:
         0  # static: padded (prompt + max_new_tokens) x rows per batch; 0 = no cap
     )
     max_step_tokens: int = 256  # continuous: tokens through the model per step (prefill chunks)
-    kv_cache_tokens: int = 0  # continuous: KV cache size in tokens; 0 = every row a full context
+    kv_cache_tokens: int = 0  # continuous: KV cache size in tokens; 0 = by memory (below)
     kv_cache_memory: float = 0.5  # continuous on CUDA, with kv_cache_tokens 0: share of free memory
+    kv_cache_host_memory: float = 0.03  # the same on a CPU: share of the host's memory
     cuda_graphs: bool = True  # continuous on CUDA: decode steps replayed as CUDA graphs
     # a capture that fails: False stops the start, True serves with eager decode steps
     allow_eager_fallback: bool = False
     # continuous (and static steps): keep prompt prefixes' keys and values for later requests
     prefix_cache: bool = True
-    prefix_cache_tokens: int = 0  # the prefix cache's size; 0 = a quarter of the KV cache's
+    prefix_cache_tokens: int = 0  # the most of the KV cache the prefix cache keeps; 0 = all
     max_message_bytes: int = 4 * 1024 * 1024  # gRPC's receive limit for one request
     drain_timeout_s: float = 30.0
     reflection: bool = True
@@ -125,6 +126,11 @@ class ServerConfig:
             ),
             ("kv_cache_tokens", self.kv_cache_tokens >= 0, "must be 0 (a full context) or more"),
             ("kv_cache_memory", 0.0 < self.kv_cache_memory <= 1.0, "must be in (0, 1]"),
+            (
+                "kv_cache_host_memory",
+                0.0 < self.kv_cache_host_memory <= 1.0,
+                "must be in (0, 1]",
+            ),
             (
                 "prefix_cache_tokens",
                 self.prefix_cache_tokens >= 0,

@@ -23,7 +23,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
 
-from lmserve_server.engine.types import PrefixCacheStats
+from lmserve_server.engine.prefix_cache import BLOCK
+from lmserve_server.engine.types import KVCacheBlocks, PrefixCacheStats
 from lmserve_server.network import grpc_address
 
 log = logging.getLogger(__name__)
@@ -43,25 +44,18 @@ class Metrics:
     def __init__(
         self,
         queue_depth: Callable[[], float],
-        kv_cache_usage: Callable[[], float] | None = None,
+        kv_cache_blocks: Callable[[], KVCacheBlocks] | None = None,
         prefix_cache: Callable[[], PrefixCacheStats] | None = None,
         grammar_cache_bytes: Callable[[], float] | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        r.register(_KVCacheCollector(kv_cache_blocks or KVCacheBlocks))
         r.register(_PrefixCacheCollector(prefix_cache or PrefixCacheStats))
         self.queue_depth = Gauge(
             "lmserve_queue_depth", "Requests waiting for a batch (sampled at scrape)", registry=r
         )
         self.queue_depth.set_function(queue_depth)
-        self.kv_cache_usage = Gauge(
-            "lmserve_kv_cache_usage",
-            "Share of the KV cache's slots held by running requests (sampled at scrape; the "
-            "continuous scheduler's, or a static one's running its batches through steps; 0 "
-            "under static generate, whose cache is per batch)",
-            registry=r,
-        )
-        self.kv_cache_usage.set_function(kv_cache_usage or (lambda: 0.0))
         self.batch_size = Histogram(
             "lmserve_batch_size",
             "Requests per batch: per generate() call (static), per step (continuous)",
@@ -208,6 +202,51 @@ class Metrics:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+
+
+class _KVCacheCollector(Collector):
+    """The KV cache's series, read from the scheduler when Prometheus scrapes (the continuous
+    scheduler's, or a static one's running its batches through steps; all 0 under static
+    generate, whose cache is per batch)."""
+
+    def __init__(self, read: Callable[[], KVCacheBlocks]) -> None:
+        self._read = read
+
+    def describe(self) -> list[Metric]:
+        return self._families(None)
+
+    def collect(self) -> list[Metric]:
+        return self._families(self._read())
+
+    @staticmethod
+    def _families(blocks: KVCacheBlocks | None) -> list[Metric]:
+        def value(field: str) -> float | None:
+            return None if blocks is None else float(getattr(blocks, field))
+
+        return [
+            GaugeMetricFamily(
+                "lmserve_kv_cache_usage",
+                "Share of the KV cache's blocks held by running requests",
+                value=None if blocks is None else blocks.usage,
+            ),
+            GaugeMetricFamily(
+                "lmserve_kv_cache_blocks",
+                f"The KV cache's size in blocks of {BLOCK} tokens",
+                value=value("total"),
+            ),
+            GaugeMetricFamily(
+                "lmserve_kv_cache_free_blocks",
+                "KV cache blocks a request may take now: free, or cached prompt blocks no "
+                "request holds",
+                value=value("available"),
+            ),
+            CounterMetricFamily(
+                "lmserve_preemptions",
+                "Running requests that gave their KV cache blocks back for older ones to go "
+                "on, and resumed later by computing their tokens again",
+                value=value("preemptions"),
+            ),
+        ]
 
 
 class _PrefixCacheCollector(Collector):

@@ -3,13 +3,14 @@
 A continuous step is ONE forward of the model over a packed sequence of tokens: the next
 token of every decoding row and a chunk of every prefilling row's prompt, unpadded. The
 projections and MLPs don't care which row a token belongs to; only attention does. So the
-model is switched to an attention function of ours (``slot_attention``), registered through
+model is switched to an attention function of ours (``paged_attention``), registered through
 transformers' public ``AttentionInterface``; a step hands it a ``StepAttention`` as the
 ``lmserve_step`` keyword, which the model passes down to every attention call. The function
-writes the step's keys and values into the cache at each token's (slot, position) and gives
-every part its own attention: decoding rows in runs of neighbouring slots (one SDPA call
-per run, each row read up to its run's longest row: ``plan_decode_runs``), prompt tokens in
-tiles of fixed positions (``PrefillTile``: one call per tile). Without ``lmserve_step`` (the
+writes the step's keys and values into the cache at each token's (block, offset), gathers
+the blocks the step reads, and gives every part its own attention: decoding rows in runs of
+similar lengths (one SDPA call per run, each row read up to its run's longest row:
+``plan_decode_runs``), prompt tokens in tiles of fixed positions (``PrefillTile``: one call
+per tile). Without ``lmserve_step`` (the
 static scheduler's ``generate``) it is transformers' own SDPA, unchanged.
 
 Why prompt tokens go in tiles. CPU SDPA's result for a query row depends, in its last bits,
@@ -54,38 +55,38 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from lmserve_server.engine.kv_cache import KVCache
+from lmserve_server.engine.prefix_cache import BLOCK
 
-ATTENTION = "lmserve_slots"
+ATTENTION = "lmserve_paged"
 STEP_KEYWORD = "lmserve_step"
-# Prompt tokens attend in tiles of this many positions (the module's doc says why).
-TILE = 32
+# Prompt tokens attend in tiles of this many positions (the module's doc says why): one
+# block of the KV cache.
+TILE = BLOCK
 
 
 @dataclass(frozen=True)
 class PrefillTile:
-    """The prompt tokens of one chunk that fall in the tile ``[end - TILE, end)`` of
-    ``slot``: one SDPA call of TILE queries over the slot's columns ``[0, columns)``:
-    ``end``, or the slot's length where the tile runs past it."""
+    """The prompt tokens of one chunk that fall in the tile ``[end - TILE, end)`` of their
+    row: one SDPA call of TILE queries over the row's columns ``[0, end)``, which are the
+    gathered blocks ``[first_block, first_block + end // BLOCK)`` of the step."""
 
-    slot: int
+    first_block: int
     end: int
-    columns: int
 
 
 def prefill_tiles(
-    chunks: Sequence[tuple[int, int, int]], slot_tokens: int
+    chunks: Sequence[tuple[int, int, int]],
 ) -> tuple[tuple[PrefillTile, ...], list[int], list[int]]:
-    """The tiles of prefill chunks given as (slot, start, length), in order, in slots of
-    ``slot_tokens``: the tiles, and for every token of the chunks (in order) its tile's
+    """The tiles of prefill chunks given as (their row's first gathered block, start,
+    length), in order: the tiles, and for every token of the chunks (in order) its tile's
     index and its row in the tile."""
     tiles: list[PrefillTile] = []
     tile_of: list[int] = []
     rows: list[int] = []
-    for slot, start, length in chunks:
+    for first_block, start, length in chunks:
         first = start // TILE
         for tile in range(first, (start + length - 1) // TILE + 1):
-            end = (tile + 1) * TILE
-            tiles.append(PrefillTile(slot, end, min(end, slot_tokens)))
+            tiles.append(PrefillTile(first_block, (tile + 1) * TILE))
         base = len(tiles) - 1 - ((start + length - 1) // TILE - first)
         for position in range(start, start + length):
             tile_of.append(base + position // TILE - first)
@@ -95,13 +96,15 @@ def prefill_tiles(
 
 @dataclass(frozen=True)
 class DecodeRun:
-    """Decoding rows in neighbouring slots, attended by one SDPA call: tokens
-    ``[first_token, first_token + count)`` of the step, slots ``[first_slot, first_slot +
-    count)``, ``window`` columns (its longest row); ``ragged`` when its rows' lengths differ."""
+    """Decoding rows attended by one SDPA call: tokens ``[first_token, first_token +
+    count)`` of the step, each row ``blocks`` gathered blocks from ``first_block`` on (row
+    by row), ``window`` columns (its longest row); ``ragged`` when its rows' lengths
+    differ."""
 
     first_token: int
-    first_slot: int
     count: int
+    first_block: int
+    blocks: int
     window: int
     ragged: bool
 
@@ -113,54 +116,30 @@ class DecodeRun:
 RUN_CALL_COST = 32
 
 
-def plan_decode_runs(slots: Sequence[int], lengths: Sequence[int]) -> tuple[DecodeRun, ...]:
-    """Splits decoding rows (sorted by ``slots``, tokens in each row ``lengths``) into runs of
-    neighbouring slots so that the columns read (each row up to its run's longest), plus
+def plan_decode_runs(lengths: Sequence[int]) -> list[tuple[int, int]]:
+    """Splits decoding rows, sorted by their ``lengths`` (tokens in each row), into runs
+    (first row, rows) so that the columns read (each row up to its run's longest), plus
     ``RUN_CALL_COST`` per run, are fewest: rows of a mixed load differ a lot in length, and
-    one call over all of them reads every row up to the longest. Slots with no decoding row
-    between two rows always split them.
+    one call over all of them reads every row up to the longest.
 
-    A dynamic programme over at most a batch of rows, cut short where no longer run can do
-    better: the first i > 0 rows cost at least their own lengths and one run, so a last run
-    from row i costs at least ``prefix[i] + RUN_CALL_COST + (j - i) * longest +
-    RUN_CALL_COST``, a bound that only grows as the run reaches further back; once it can't
-    win, only the run from row 0 (no cost before it) is left to try."""
-    n = len(slots)
+    A dynamic programme over at most a batch of rows: with rows sorted, a run's longest
+    row is its last, and a run from row i to j costs ``(j - i) * lengths[j - 1]``."""
+    n = len(lengths)
     best = [0] * (n + 1)  # best[j]: the cost of the first j rows
     cut = [0] * (n + 1)  # cut[j]: where the last run of the first j rows starts
-    prefix = [0] * (n + 1)  # prefix[i]: the first i rows' own lengths
-    longest_from_0 = [0] * (n + 1)  # the longest of the first i rows
-    contiguous_from_0 = [True] * (n + 1)  # rows 0..i-1 in neighbouring slots
-    for i, length in enumerate(lengths):
-        prefix[i + 1] = prefix[i] + length
-        longest_from_0[i + 1] = max(longest_from_0[i], length)
-        contiguous_from_0[i + 1] = contiguous_from_0[i] and (i == 0 or slots[i] == slots[i - 1] + 1)
     for j in range(1, n + 1):
-        longest = lengths[j - 1]  # the last row alone: always a candidate
+        longest = lengths[j - 1]
         best[j], cut[j] = best[j - 1] + longest + RUN_CALL_COST, j - 1
         for i in range(j - 2, -1, -1):
-            if slots[i + 1] != slots[i] + 1:
-                break  # a gap in the slots: no run spans it
-            if lengths[i] > longest:
-                longest = lengths[i]
-            reach = (j - i) * longest + RUN_CALL_COST
-            if i and prefix[i] + RUN_CALL_COST + reach >= best[j]:
-                # No run from rows i..1 can win; the one from row 0 still may.
-                if contiguous_from_0[j] and j * longest_from_0[j] + RUN_CALL_COST < best[j]:
-                    best[j], cut[j] = j * longest_from_0[j] + RUN_CALL_COST, 0
-                break
-            cost = best[i] + reach
+            cost = best[i] + (j - i) * longest + RUN_CALL_COST
             if cost < best[j]:
                 best[j], cut[j] = cost, i
     runs = []
     j = n
     while j > 0:
-        i = cut[j]
-        window = max(lengths[i:j])
-        ragged = min(lengths[i:j]) != window
-        runs.append(DecodeRun(i, slots[i], j - i, window, ragged))
-        j = i
-    return tuple(reversed(runs))
+        runs.append((cut[j], j - cut[j]))
+        j = cut[j]
+    return list(reversed(runs))
 
 
 @dataclass
@@ -168,27 +147,24 @@ class StepAttention:
     """Where one packed forward's S tokens go and what each attends to; built once per step
     on the device from the step's uploaded inputs and used by every layer.
 
-    Tokens ``[0, decode_count)`` are single-token rows (decoding, or a one-token prompt).
-    With ``decode_runs`` (eager steps), they are in slot order and attend in runs of
-    neighbouring slots, each run one SDPA call over a view of its slots up to its own longest
-    row (``plan_decode_runs``). Without (fixed shapes, for captured graphs), they run as one
-    batch over the slots ``[0, decode_span)`` and ``decode_window`` columns (rows that are not
-    decoding in that span attend to one column and are dropped). The other tokens are
-    prefill chunks, ``prefill_count`` of them, attended in ``prefill_tiles`` (one call per
-    tile: the module's doc says why).
+    Each layer first gathers the pool blocks the step reads (``gather``, one index per
+    block, row by row: one copy per layer of what the step reads, never a row's context
+    kept twice); a row's blocks then read as its keys ``[0, 32 n)`` in place. Tokens ``[0,
+    decode_count)`` are single-token rows (decoding, or a one-token prompt) in runs of
+    ``decode_runs``, each one SDPA call up to its own longest row (with fixed shapes, for
+    captured graphs: one run over the whole bucket). The other tokens are prefill chunks,
+    ``prefill_count`` of them, attended in ``prefill_tiles`` (one call per tile: the
+    module's doc says why).
     """
 
     cache: KVCache
-    token_slots: torch.Tensor  # (S,)
-    token_positions: torch.Tensor  # (S,)
+    token_blocks: torch.Tensor  # (S,) the block each token's key and value go to
+    token_offsets: torch.Tensor  # (S,) and its place in the block
+    gather: torch.Tensor  # (G,) the blocks the step reads
     decode_count: int
-    decode_slots: torch.Tensor  # (D,)
-    decode_span: int
-    decode_runs: tuple[DecodeRun, ...] | None
+    decode_runs: tuple[DecodeRun, ...]
     decode_window: int  # the most columns a decoding row reads
-    # Tokens in each attended row after this step: (decode_count,) with runs, else
-    # (decode_span,) by slot.
-    decode_lengths: torch.Tensor
+    decode_lengths: torch.Tensor  # (decode_count,) tokens in each row after this step
     prefill_count: int  # prefill chunks
     prefill_tiles: tuple[PrefillTile, ...]  # their tiles, chunk by chunk
     prefill_tile_of: torch.Tensor  # (Tp,) the tile of each prefill token
@@ -207,10 +183,12 @@ class StepAttention:
         sliding_window: int | None,
     ) -> torch.Tensor:
         """(1, H, S, D) queries -> (1, S, H, D) outputs; writes the step's keys and values."""
-        keys, values = self.cache.keys[layer], self.cache.values[layer]
-        # Every token's key and value to its own (slot, position): (S, KV, D) each.
-        keys[self.token_slots, :, self.token_positions] = key[0].transpose(0, 1)
-        values[self.token_slots, :, self.token_positions] = value[0].transpose(0, 1)
+        pool_keys, pool_values = self.cache.keys[layer], self.cache.values[layer]
+        # Every token's key and value to its own (block, offset): (KV, S, D) each.
+        pool_keys[:, self.token_blocks, self.token_offsets] = key[0]
+        pool_values[:, self.token_blocks, self.token_offsets] = value[0]
+        keys = pool_keys.index_select(1, self.gather)  # (KV, G, BLOCK, D)
+        values = pool_values.index_select(1, self.gather)
         decode_mask, prefill_mask = self._masks_for(sliding_window)
         heads, head_dim = query.shape[1], query.shape[3]
         out = query.new_empty((query.shape[2], heads, head_dim))  # (S, H, D)
@@ -226,14 +204,13 @@ class StepAttention:
             widest = prefill_mask.shape[-1]
             outputs = []
             for i, tile in enumerate(self.prefill_tiles):
-                columns = slice(0, tile.columns)
-                slot = slice(tile.slot, tile.slot + 1)  # a view of its slot, no copy
-                mask = prefill_mask[..., widest - tile.end : widest - tile.end + tile.columns]
+                blocks = slice(tile.first_block, tile.first_block + tile.end // BLOCK)
+                mask = prefill_mask[..., widest - tile.end :]
                 outputs.append(
                     _sdpa(
                         tiles[i : i + 1],
-                        keys[slot, :, columns],
-                        values[slot, :, columns],
+                        _rows(keys[:, blocks], 1),
+                        _rows(values[:, blocks], 1),
                         mask,
                         scaling,
                     )
@@ -252,23 +229,17 @@ class StepAttention:
         sliding_window: int | None,
     ) -> torch.Tensor:
         """(D, H, head_dim) decoding queries -> their (D, H, head_dim) outputs."""
-        if self.decode_runs is None:  # one batch over the span, as a captured graph runs
-            rows = q.new_zeros((self.decode_span, q.shape[1], 1, q.shape[2]))
-            rows[self.decode_slots] = q.unsqueeze(2)
-            span, window = slice(0, self.decode_span), slice(0, self.decode_window)
-            o = _sdpa(rows, keys[span, :, window], values[span, :, window], mask, scaling)
-            return o[self.decode_slots, :, 0]
         out = torch.empty_like(q)
         for run in self.decode_runs:
             tokens = slice(run.first_token, run.first_token + run.count)
-            slots = slice(run.first_slot, run.first_slot + run.count)
+            blocks = slice(run.first_block, run.first_block + run.count * run.blocks)
             window = slice(0, run.window)
             # One row, or rows of one length, read exactly their keys: no mask.
             masked = run.ragged or sliding_window is not None
             o = _sdpa(
                 q[tokens].unsqueeze(2),
-                keys[slots, :, window],
-                values[slots, :, window],
+                _rows(keys[:, blocks], run.count)[:, :, window],
+                _rows(values[:, blocks], run.count)[:, :, window],
                 mask[tokens, :, :, window] if masked else None,
                 scaling,
             )
@@ -282,7 +253,7 @@ class StepAttention:
     def _masks_for(
         self, sliding_window: int | None
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(decode mask (span, 1, 1, W), prefill tiles' mask (1, 1, TILE, E)): True where a
+        """(decode mask (D, 1, 1, W), prefill tiles' mask (1, 1, TILE, E)): True where a
         query may attend; built once per step and per sliding window."""
         if sliding_window not in self._masks:
             self._masks[sliding_window] = (
@@ -294,7 +265,7 @@ class StepAttention:
     def _decode_mask(self, sliding_window: int | None) -> torch.Tensor:
         columns = torch.arange(self.decode_window, device=self.decode_lengths.device)
         lengths = self.decode_lengths[:, None]
-        mask = columns[None, :] < lengths  # (span, W)
+        mask = columns[None, :] < lengths  # (D, W)
         if sliding_window is not None:
             mask &= columns[None, :] >= lengths - sliding_window
         return mask[:, None, None, :]
@@ -312,6 +283,13 @@ class StepAttention:
         if sliding_window is not None:
             mask &= columns > positions - sliding_window
         return mask[None, None]
+
+
+def _rows(blocks: torch.Tensor, rows: int) -> torch.Tensor:
+    """(KV, rows x n, BLOCK, D) gathered blocks, row by row -> (rows, KV, n x BLOCK, D):
+    a view."""
+    heads, _, _, head_dim = blocks.shape
+    return blocks.reshape(heads, rows, -1, head_dim).transpose(0, 1)
 
 
 def _sdpa(
@@ -339,7 +317,7 @@ def _sdpa(
     return o.reshape(batch, heads, length, head_dim)
 
 
-def slot_attention(
+def paged_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -361,7 +339,7 @@ def slot_attention(
 
 
 def install(model: Any) -> None:
-    """Switches ``model`` to ``slot_attention`` (SDPA outside packed steps); idempotent."""
+    """Switches ``model`` to ``paged_attention`` (SDPA outside packed steps); idempotent."""
     current = model.config._attn_implementation
     if current == ATTENTION:
         return
@@ -369,7 +347,7 @@ def install(model: Any) -> None:
         raise ValueError(
             f"--scheduler continuous needs a model with SDPA attention; this one uses {current!r}"
         )
-    AttentionInterface.register(ATTENTION, slot_attention)
+    AttentionInterface.register(ATTENTION, paged_attention)
     # generate() builds its padding masks as for SDPA.
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
     model.set_attn_implementation(ATTENTION)

@@ -1,24 +1,26 @@
-"""``KVCache``: the continuous engine's keys and values, allocated once, addressed per row.
+"""``KVCache``: the continuous engine's keys and values, one pool of blocks for every row.
 
 Every layer owns two buffers::
 
-    keys, values: (slots + 1, kv_heads, slot_tokens, head_dim)
+    keys, values: (kv_heads, blocks + 1, BLOCK, head_dim)
 
-A running row holds one slot from admission to its end and writes each token's key and value
-at (its slot, the token's position): no shared write column, nothing moves, nothing grows,
-and a row that ends frees its slot with no copy (``free``; slots come from a free list,
-lowest first, so running rows stay packed at the low end). The extra last slot is scratch:
-the rows that pad a step to a fixed shape write there and nobody reads it.
+A running row holds a block table (``block_pool.py``): the block of its positions
+``[32 i, 32 i + 32)`` is its table's entry i, taken when its prompt is admitted or when its
+decoding reaches a new block, given back when it ends. So a row takes memory as its tokens
+need it, not a reserved slot of the longest request: ``--max-batch-size`` bounds the rows
+running together and ``--kv-cache-tokens`` (the pool) what they hold all together; one
+request may use the model's whole context when the pool has room. A cached prompt prefix is
+blocks of the same pool, in several rows' tables at once (``prefix_cache.py``). The extra
+last block is scratch: the rows that pad a step to a fixed shape write there and nobody
+reads it. Blocks are zeroed once (attention reads whole blocks past a row's last token,
+masked: a masked column must still hold a finite number, weight 0 x NaN = NaN).
 
-Why slots and not vLLM's paged blocks: attention over a row's contiguous slot is a strided
-view of the buffer that SDPA reads in place; attention over pages needs the pages gathered
-into one tensor per layer and step first, and without a paged-attention kernel that copy
-costs more than the attention itself (``benchmarks/kv_layout.py``: figures in
-BENCHMARKS.md). The price is that a row reserves ``slot_tokens`` whatever its length, so the
-capacity is counted in rows of ``slot_tokens``; ``--kv-cache-tokens`` sets it.
+Attention gathers the blocks a step reads (``engine/attention.py``); heads first, so the
+gather of a row's blocks is one contiguous run per head that reads as that row's keys with
+no further copy.
 
-Beside the slots, an optional pool of cached prompt blocks (``prefixes``,
-``prefix_cache.py``): a new row's slot gets its cached prefix by copy from there.
+Beside the blocks, ``slots`` rows of per-row sampling state (``sampling_slots.py``): a
+running row also holds one of those, taken at admission.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmserve_server.engine.block_pool import BlockPool
 from lmserve_server.engine.prefix_cache import BLOCK, PrefixCache
 
 
@@ -56,51 +59,56 @@ class KVCacheShape:
 
 
 class KVCache:
-    """The buffers and the free list of their slots. Not thread-safe: the engine thread
-    alone drives it."""
+    """The pool's buffers and bookkeeping, and the rows' sampling slots. Not thread-safe:
+    the engine thread alone drives it."""
 
     def __init__(
         self,
         shape: KVCacheShape,
         *,
         slots: int,
-        slot_tokens: int,
+        tokens: int,
         device: torch.device,
+        row_tokens: int | None = None,
         prefix_tokens: int = 0,
     ) -> None:
-        if slots < 1 or slot_tokens < 1:
-            raise ValueError(f"a KV cache needs slots >= 1 and slot_tokens >= 1, got {slots}")
+        blocks = tokens // BLOCK
+        if slots < 1 or blocks < 1:
+            raise ValueError(
+                f"a KV cache needs rows >= 1 and at least {BLOCK} tokens, got {slots} rows "
+                f"and {tokens} tokens"
+            )
         self.shape = shape
         self.slots = slots
-        self.slot_tokens = slot_tokens
         self.scratch_slot = slots
+        self.blocks = blocks
+        self.scratch_block = blocks
+        # The longest row (prompt + new tokens): the model's context, at most the pool.
+        self.row_tokens = min(row_tokens or blocks * BLOCK, blocks * BLOCK)
         self.device = device
-        size = (slots + 1, shape.kv_heads, slot_tokens, shape.head_dim)
-        # Zeros, not uninitialised memory: attention reads a window wider than a short row,
-        # and a masked column must still hold a finite number (weight 0 x NaN = NaN).
+        size = (shape.kv_heads, blocks + 1, BLOCK, shape.head_dim)
         self.keys = [
             torch.zeros(size, dtype=shape.dtype, device=device) for _ in range(shape.layers)
         ]
         self.values = [
             torch.zeros(size, dtype=shape.dtype, device=device) for _ in range(shape.layers)
         ]
+        self.pool = BlockPool(blocks)
         self._free = list(range(slots))  # a heap: the lowest free slot first
         # Cached prompt blocks, when at least one block's worth of tokens is given.
         self.prefixes = (
-            PrefixCache(shape, tokens=prefix_tokens, device=device)
+            PrefixCache(self.pool, tokens=min(prefix_tokens, blocks * BLOCK))
             if prefix_tokens >= BLOCK
             else None
         )
 
     @property
-    def free_slots(self) -> int:
-        return len(self._free)
+    def tokens(self) -> int:
+        return self.blocks * BLOCK
 
     @property
-    def occupancy(self) -> float:
-        """The share of the slots that rows hold now (``lmserve_kv_cache_usage``); a plain
-        read of the free list's length, so any thread may ask."""
-        return 1.0 - len(self._free) / self.slots
+    def free_slots(self) -> int:
+        return len(self._free)
 
     @property
     def nbytes(self) -> int:
@@ -111,10 +119,15 @@ class KVCache:
         return heapq.heappop(self._free) if self._free else None
 
     def free(self, slot: int) -> None:
-        """Gives ``slot`` back; its stale contents are overwritten by its next row."""
+        """Gives ``slot`` back."""
         if not 0 <= slot < self.slots or slot in self._free:
             raise ValueError(f"slot {slot} is not taken")
         heapq.heappush(self._free, slot)
+
+
+def blocks_for(tokens: int) -> int:
+    """The blocks that hold ``tokens`` positions."""
+    return -(-tokens // BLOCK)
 
 
 def plan_capacity(
@@ -125,21 +138,18 @@ def plan_capacity(
     tokens: int = 0,
     free_bytes: int | None = None,
     memory_fraction: float = 0.0,
-) -> tuple[int, int]:
-    """(slots, slot_tokens) for ``rows`` concurrent rows of a model with ``context`` tokens.
-
-    ``tokens`` (``--kv-cache-tokens``) sets the total; 0 means every row may use the whole
-    context, limited on a GPU to ``memory_fraction`` of ``free_bytes``. A row holds one slot;
-    the longest request accepted is ``slot_tokens`` (prompt + max_new_tokens).
-    """
+) -> int:
+    """The pool's size in tokens for ``rows`` concurrent rows of a model with ``context``
+    tokens: ``tokens`` (``--kv-cache-tokens``) when given, else every row a whole context
+    at most ``memory_fraction`` of ``free_bytes`` (on a GPU its free memory, on a CPU the
+    host's memory)."""
     if tokens <= 0:
         tokens = rows * context
         if free_bytes is not None and memory_fraction > 0:
             tokens = min(tokens, int(free_bytes * memory_fraction) // shape.bytes_per_token)
-    slot_tokens = min(context, tokens // rows)
-    if slot_tokens < 1:
+    tokens -= tokens % BLOCK
+    if tokens < BLOCK:
         raise ValueError(
-            f"a KV cache of {tokens} tokens can't give {rows} rows a slot each "
-            "(raise --kv-cache-tokens or lower --max-batch-size)"
+            f"a KV cache of {tokens} tokens holds no block of {BLOCK} (raise --kv-cache-tokens)"
         )
-    return rows, slot_tokens
+    return tokens

@@ -117,32 +117,37 @@ class Engine:
         self,
         *,
         slots: int,
-        slot_tokens: int,
+        kv_tokens: int,
         max_step_tokens: int,
         fixed_shapes: bool = False,
         staged: bool = False,
         prefix_cache_tokens: int = 0,
     ) -> ModelRunner:
-        """A ``ModelRunner`` over a new ``KVCache`` of ``slots`` rows of ``slot_tokens``,
-        with a prefix cache of ``prefix_cache_tokens`` (0: none)."""
+        """A ``ModelRunner`` over a new ``KVCache``: a pool of ``kv_tokens`` for at most
+        ``slots`` rows at once, each at most the model's context, with a prefix cache of at
+        most ``prefix_cache_tokens`` of the pool's blocks (0: none)."""
         cache = KVCache(
             self.kv_shape,
             slots=slots,
-            slot_tokens=slot_tokens,
+            tokens=kv_tokens,
             device=self.input_device,
+            row_tokens=self.max_context,
             prefix_tokens=prefix_cache_tokens,
         )
         log.info(
-            "KV cache: %d slots of %d tokens (%.1f MB)",
+            "KV cache: %d tokens in %d blocks of %d, for up to %d rows of up to %d tokens "
+            "(%.1f MB)",
+            cache.tokens,
+            cache.blocks,
+            BLOCK,
             slots,
-            slot_tokens,
+            cache.row_tokens,
             cache.nbytes / 2**20,
         )
         if cache.prefixes is not None:
             log.info(
-                "prefix cache: %d tokens (%.1f MB)",
+                "prefix cache: up to %d tokens of the KV cache's blocks",
                 cache.prefixes.index.capacity * BLOCK,
-                cache.prefixes.nbytes / 2**20,
             )
         return ModelRunner(
             self.model,

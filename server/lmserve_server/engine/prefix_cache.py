@@ -1,34 +1,32 @@
-"""``PrefixCache``: the keys and values of recently computed prompt prefixes, kept for the
-next request that starts the same way.
+"""``PrefixCache``: the KV cache's blocks of recently computed prompt prefixes, kept findable
+for the next request that starts the same way.
 
 Backend traffic sends the same system prompt or few-shot preamble with every call; each
 request would compute the same keys and values again. Here a prompt's full blocks of
-``BLOCK`` tokens are kept once computed, and a new request's prefill starts after its
-longest cached prefix: its slot gets those blocks by copy (``restore``), the rest of its
-prompt is computed as usual.
-
-Why copies into the row's slot, and not rows reading shared blocks in place: attention here
-reads each row's keys as a view of its contiguous slot (``kv_cache.py``); reading blocks
-scattered in a pool means gathering them into one tensor per layer and step, which costs
-more than the attention itself on a CPU (``benchmarks/kv_layout.py``), every step of the
-row. A copy is paid once, at admission, and costs about as much as reading the prefix once
-(figures in BENCHMARKS.md). The price is memory: a prefix lives in the pool and again in
-every slot that uses it.
+``BLOCK`` tokens stay findable once computed, and a new request's prefill starts after its
+longest cached prefix: those blocks go into its block table as they are, shared in place
+with every other row that starts the same way (no copy, no second pool: ``block_pool.py``
+counts the tables that hold a block). The rest of its prompt is computed as usual.
 
 What is kept (``PrefixIndex``, no torch): a tree of blocks, each keyed by its parent and its
 own tokens (so a block is found only after the same blocks before it: a hash chain as in
 vLLM, but compared token by token, so no two prefixes can collide). A prompt's first block
 is keyed by the request's ``cache_salt``: requests with different salts never share a block
-(the empty salt is one group of its own). The pool has a fixed number of blocks
-(``--prefix-cache-tokens``); when it is full the least recently used block that no running
-row is about to read, and that no other block continues, goes first (a leaf: its parent
-stays findable).
+(the empty salt is one group of its own). A cached block that no row holds is *idle*: it
+stays findable until the pool needs its room, or until the index is full
+(``--prefix-cache-tokens``); then the least recently used idle block that no other block
+continues goes first (a leaf: its parent stays findable).
+
+A row keeps the blocks of its prompt that it computed itself, as one chain after the blocks
+it found, so every block in a row's table that is cached has its whole chain in that table
+too: an idle block's descendants are idle, and every idle block can be evicted in turn.
 
 Exactness: a cached block holds the bits the row would compute itself, because a prompt
 token's keys and values do not depend on how its prompt was chunked
 (``engine/attention.py``'s tiles). At least the prompt's last two tokens are always computed
 (``usable``): its last position's logits give the first token, and a one-token chunk would
-run as a decoding row, not in the tiles.
+run as a decoding row, not in the tiles. When those two fall in a shared block, the row
+writes there the bits the block already holds.
 
 Not thread-safe: the engine thread alone drives it; ``stats`` may be read from any thread.
 """
@@ -41,15 +39,13 @@ from dataclasses import dataclass
 from itertools import count
 from typing import TYPE_CHECKING
 
-import torch
-
 from lmserve_server.engine.types import PrefixCacheStats
 
 if TYPE_CHECKING:
-    from lmserve_server.engine.kv_cache import KVCache, KVCacheShape
+    from lmserve_server.engine.block_pool import BlockPool
 
-# Tokens per cached block: the granularity of reuse. Small enough that a prompt which
-# diverges mid-way still finds most of its shared part; vLLM's default block is 16-32.
+# Tokens per block of the KV cache: the granularity of reuse. Small enough that a prompt
+# which diverges mid-way still finds most of its shared part; vLLM's default block is 16-32.
 BLOCK = 32
 
 # A block's key: its parent's id (the request's salt for a prompt's first block) and its
@@ -59,35 +55,43 @@ _Key = tuple[int | str, tuple[int, ...]]
 
 @dataclass(eq=False)
 class CachedBlock:
-    """One cached block of ``BLOCK`` prompt tokens: where its keys and values are in the
-    pool (``slot``), and its place in the tree."""
+    """One cached block of ``BLOCK`` prompt tokens: which block of the pool holds its keys
+    and values (``slot``), and its place in the tree."""
 
     key: _Key
     id: int
     slot: int
     parent: CachedBlock | None
     children: int = 0
-    pins: int = 0  # running rows about to read it (their restores)
+    pins: int = 0  # kept from eviction by a caller while it works on the chain
 
 
 class PrefixIndex:
-    """Which blocks are cached, in which pool slots, and which one goes when room is
-    needed. Pure bookkeeping: the tests drive it without a model."""
+    """Which pool blocks are cached under which tokens, and which one goes when room is
+    needed. Pure bookkeeping: the tests drive it without a model. Without a ``pool``
+    every block counts as idle (no row holds it)."""
 
-    def __init__(self, blocks: int) -> None:
+    def __init__(self, blocks: int, pool: BlockPool | None = None) -> None:
         if blocks < 0:
             raise ValueError(f"a prefix cache of {blocks} blocks")
         self.capacity = blocks
-        self._free = list(range(blocks - 1, -1, -1))  # pool slots, popped lowest first
+        self._pool = pool
         self._blocks: dict[_Key, CachedBlock] = {}
+        self._by_slot: dict[int, CachedBlock] = {}
         # Least recently used first. A block always comes before its ancestors (``touch``
-        # moves a chain deepest first), so the first unpinned block is a leaf.
+        # moves a chain deepest first), so the first evictable block is a leaf.
         self._order: OrderedDict[CachedBlock, None] = OrderedDict()
         self._ids = count()
         self.evicted = 0  # blocks evicted so far
+        self.idle = 0  # cached blocks no row holds (the pool keeps this count)
+        if pool is not None:
+            pool.cached = self
 
     def __len__(self) -> int:
         return len(self._blocks)
+
+    def caches(self, slot: int) -> bool:
+        return slot in self._by_slot
 
     def match(self, salt: str, tokens: Sequence[int], most: int) -> list[CachedBlock]:
         """The cached chain of ``tokens``' first full blocks, at most ``most`` of them."""
@@ -119,63 +123,70 @@ class PrefixIndex:
         for block in chain:
             block.pins -= 1
 
-    def insert(
+    def find(
         self, salt: str, parent: CachedBlock | None, tokens: Sequence[int]
+    ) -> CachedBlock | None:
+        """The cached block of ``tokens`` after ``parent``, if any."""
+        return self._blocks.get((salt if parent is None else parent.id, tuple(tokens)))
+
+    def insert(
+        self, salt: str, parent: CachedBlock | None, tokens: Sequence[int], slot: int
     ) -> tuple[CachedBlock, bool] | None:
-        """The block of ``tokens`` after ``parent`` (None: a prompt's first block, keyed by
-        ``salt``): (the block, whether it is new and needs its keys and values written).
-        None when the pool is full of blocks that can't be evicted."""
+        """Caches pool block ``slot`` as the block of ``tokens`` after ``parent`` (None: a
+        prompt's first block, keyed by ``salt``): (the block, True); (the block already
+        cached under that key, False); None when the index is full of blocks that can't be
+        evicted."""
         key: _Key = (salt if parent is None else parent.id, tuple(tokens))
         block = self._blocks.get(key)
         if block is not None:
             return block, False
-        if not self._free and not self._evict_one():
+        if len(self._blocks) >= self.capacity and self._evict_one() is None:
             return None
-        block = CachedBlock(key, next(self._ids), self._free.pop(), parent)
+        block = CachedBlock(key, next(self._ids), slot, parent)
         self._blocks[key] = block
+        self._by_slot[slot] = block
         self._order[block] = None
         if parent is not None:
             parent.children += 1
+        if self._idle(block):
+            self.idle += 1
         return block, True
 
-    def _evict_one(self) -> bool:
-        """Frees the least recently used block that is unpinned and has no children."""
+    def evict_idle(self) -> int | None:
+        """Evicts the least recently used idle leaf and gives its block back to the pool;
+        returns that block (None when no block is idle)."""
+        return self._evict_one()
+
+    def _idle(self, block: CachedBlock) -> bool:
+        return self._pool is None or self._pool.refs[block.slot] == 0
+
+    def _evict_one(self) -> int | None:
+        """Forgets the least recently used block that is unpinned, idle, and has no
+        children; an idle one's pool block is free again."""
         for block in self._order:
-            if block.pins == 0 and block.children == 0:
+            if block.pins == 0 and block.children == 0 and self._idle(block):
                 break
         else:
-            return False
+            return None
         del self._order[block]
         del self._blocks[block.key]
+        del self._by_slot[block.slot]
         if block.parent is not None:
             block.parent.children -= 1
-        self._free.append(block.slot)
+        self.idle -= 1
+        if self._pool is not None:
+            self._pool.give_back(block.slot)
         self.evicted += 1
-        return True
+        return block.slot
 
 
 class PrefixCache:
-    """The pool of cached blocks (per layer keys and values ``(blocks, kv_heads, BLOCK,
-    head_dim)``, allocated once) and its index; copies blocks between the pool and a
-    ``KVCache``'s slots."""
+    """The index over the KV cache's pool, and its counters."""
 
-    def __init__(self, shape: KVCacheShape, *, tokens: int, device: torch.device) -> None:
-        blocks = tokens // BLOCK
-        self.index = PrefixIndex(blocks)
-        size = (blocks, shape.kv_heads, BLOCK, shape.head_dim)
-        self.keys = [
-            torch.zeros(size, dtype=shape.dtype, device=device) for _ in range(shape.layers)
-        ]
-        self.values = [
-            torch.zeros(size, dtype=shape.dtype, device=device) for _ in range(shape.layers)
-        ]
-        self.device = device
+    def __init__(self, pool: BlockPool, *, tokens: int) -> None:
+        self.index = PrefixIndex(tokens // BLOCK, pool)
         self.queries = 0  # prompt tokens looked up at admission
         self.hits = 0  # of those, tokens taken from the cache
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
     def stats(self) -> PrefixCacheStats:
         return PrefixCacheStats(
@@ -190,8 +201,7 @@ class PrefixCache:
         """The cached blocks a request with ``prompt`` starts from (its longest cached
         prefix of full blocks), and how many of its tokens it need not compute: all of
         theirs but the prompt's last two (a one-token rest would run as a decoding row, not
-        in the prefill's tiles; the two are computed again over the copied blocks, the same
-        bits)."""
+        in the prefill's tiles; the two are computed again, the same bits)."""
         chain = self.index.match(salt, prompt, len(prompt) // BLOCK)
         return chain, min(len(chain) * BLOCK, max(len(prompt) - 2, 0))
 
@@ -203,65 +213,31 @@ class PrefixCache:
         self.queries += prompt_tokens
         self.hits += cached
 
-    def restore(self, cache: KVCache, slot: int, chain: Sequence[CachedBlock]) -> None:
-        """Copies ``chain``'s keys and values into positions ``[0, len(chain) * BLOCK)`` of
-        ``slot``."""
-        if not chain:
-            return
-        n = len(chain)
-        ids = torch.tensor([b.slot for b in chain], dtype=torch.long).to(self.device)
-        for pool, kv in ((self.keys, cache.keys), (self.values, cache.values)):
-            for layer, blocks in enumerate(pool):
-                heads, _, head_dim = kv[layer].shape[1:]
-                row = kv[layer][slot, :, : n * BLOCK].view(heads, n, BLOCK, head_dim)
-                row.copy_(blocks.index_select(0, ids).transpose(0, 1))
-
     def store(
         self,
-        cache: KVCache,
-        slot: int,
+        table: Sequence[int],
         salt: str,
         prompt: Sequence[int],
         chain: list[CachedBlock],
         computed: int,
     ) -> None:
-        """Keeps the full blocks of ``prompt[:computed]`` (in ``slot``'s positions) past
-        ``chain``, the row's blocks kept so far, which grows with them. A block another row
-        kept meanwhile is shared, not copied again; when the pool is full of blocks in use,
-        the rest are not kept. Blocks of ``chain`` evicted since (another row's keeping
-        needed the room) are dropped from it first: only leaves go, so they are its tail,
-        and the row keeps them again from its slot."""
-        while chain and not self.index.holds(chain[-1]):
-            chain.pop()
-        self.index.pin(chain)  # its own chain is never what makes room for its next block
-        fresh: list[tuple[int, int]] = []  # (block of the prompt, pool slot) to copy
-        try:
-            for i in range(len(chain), computed // BLOCK):
-                parent = chain[-1] if chain else None
-                placed = self.index.insert(salt, parent, prompt[i * BLOCK : (i + 1) * BLOCK])
-                if placed is None:
-                    break
-                block, new = placed
-                block.pins += 1
-                chain.append(block)
-                if new:
-                    fresh.append((i, block.slot))
-        finally:
-            self.index.unpin(chain)
+        """Caches the full blocks of ``prompt[:computed]`` past ``chain`` (the row's cached
+        blocks so far, which grows with them), each the pool block of the row's ``table``
+        at its place. Stops at a block cached already by another row (that row computed the
+        same tokens meanwhile: this row's copy stays its own, and so do the blocks after
+        it, which keeps a row's cached blocks one chain in its table) or when the index is
+        full of blocks in use."""
+        for i in range(len(chain), computed // BLOCK):
+            parent = chain[-1] if chain else None
+            tokens = prompt[i * BLOCK : (i + 1) * BLOCK]
+            if self.index.find(salt, parent, tokens) is not None:
+                break
+            self.index.pin(chain)  # its own chain never makes room for its next block
+            try:
+                placed = self.index.insert(salt, parent, tokens, table[i])
+            finally:
+                self.index.unpin(chain)
+            if placed is None:
+                break
+            chain.append(placed[0])
         self.index.touch(chain)
-        if fresh:
-            self._copy_out(cache, slot, fresh)
-
-    def _copy_out(self, cache: KVCache, slot: int, fresh: Sequence[tuple[int, int]]) -> None:
-        """Copies blocks of ``slot`` into the pool: (block of the prompt, pool slot)."""
-        first, last = fresh[0][0], fresh[-1][0]
-        # The prompt's blocks come in order, new ones after any shared: one run.
-        assert [i for i, _ in fresh] == list(range(first, last + 1))
-        n = len(fresh)
-        ids = torch.tensor([s for _, s in fresh], dtype=torch.long).to(self.device)
-        span = slice(first * BLOCK, (last + 1) * BLOCK)
-        for pool, kv in ((self.keys, cache.keys), (self.values, cache.values)):
-            for layer, blocks in enumerate(pool):
-                heads, _, head_dim = kv[layer].shape[1:]
-                row = kv[layer][slot, :, span].view(heads, n, BLOCK, head_dim)
-                blocks.index_copy_(0, ids, row.transpose(0, 1))

@@ -49,7 +49,8 @@ from lmserve_server.engine.attention import (
     plan_decode_runs,
     prefill_tiles,
 )
-from lmserve_server.engine.kv_cache import KVCache
+from lmserve_server.engine.kv_cache import KVCache, blocks_for
+from lmserve_server.engine.prefix_cache import BLOCK
 from lmserve_server.engine.sampling import Sampled, sample, unpack
 from lmserve_server.engine.sampling_slots import SamplingSlots
 from lmserve_server.engine.types import TokenLogprob
@@ -65,15 +66,17 @@ MIN_WINDOW = 64
 
 @dataclass(frozen=True)
 class Chunk:
-    """One row's part of a step: ``tokens`` go to ``slot`` at positions ``start, start+1, ...``;
-    with ``sample``, the row's next token is drawn from the last one's logits (with its
-    slot's sampling settings, and only among the tokens its ``grammar`` allows next)."""
+    """One row's part of a step: ``tokens`` go to positions ``start, start+1, ...`` of the
+    row whose block table is ``blocks`` (it covers them); with ``sample``, the row's next
+    token is drawn from the last one's logits (with its ``slot``'s sampling settings, and
+    only among the tokens its ``grammar`` allows next)."""
 
     slot: int
     tokens: Sequence[int]
     start: int
     sample: bool = False
     grammar: RowMatcher | None = None
+    blocks: Sequence[int] = ()
 
 
 def bucket(rows: int) -> int:
@@ -81,20 +84,20 @@ def bucket(rows: int) -> int:
     return 1 << max(rows - 1, 0).bit_length()
 
 
-def window_buckets(slot_tokens: int) -> list[int]:
+def window_buckets(row_tokens: int) -> list[int]:
     """The attention windows of captured decode steps: powers of two from ``MIN_WINDOW``,
-    and the slot's whole length."""
+    and the longest row's whole length in blocks."""
     windows = []
     size = MIN_WINDOW
-    while size < slot_tokens:
+    while size < row_tokens:
         windows.append(size)
         size *= 2
-    return [*windows, slot_tokens]
+    return [*windows, blocks_for(row_tokens) * BLOCK]
 
 
-def window_bucket(longest: int, slot_tokens: int) -> int:
+def window_bucket(longest: int, row_tokens: int) -> int:
     """The smallest captured window that holds a row of ``longest`` tokens."""
-    return next(w for w in window_buckets(slot_tokens) if w >= longest)
+    return next(w for w in window_buckets(row_tokens) if w >= longest)
 
 
 # How a forward is captured: returns a replay function and the forward's output tensor,
@@ -254,7 +257,12 @@ class ModelRunner:
         # tokens, a padded bucket of every slot included), side by side.
         table = SamplingSlots.size_of(cache.slots + 1)
         self._most_tokens = max(max_step_tokens, bucket(cache.slots + 1))
-        self._host = self._device.host_buffer(table + 16 * self._most_tokens, torch.long)
+        # The blocks a step reads: every row up to the longest row, decoding (a padded
+        # bucket) or prefilling (chunks of two tokens at least).
+        most_reads = (bucket(cache.slots + 1) + max_step_tokens // 2) * blocks_for(cache.row_tokens)
+        self._host = self._device.host_buffer(
+            table + 16 * self._most_tokens + most_reads, torch.long
+        )
         self._on_device = self._device.device_buffer(self._host)
         self._table_size = table
         self.sampling = SamplingSlots(
@@ -294,10 +302,10 @@ class ModelRunner:
         pairs = [
             (rows, window)
             for rows in reversed(buckets)
-            for window in reversed(window_buckets(self.cache.slot_tokens))
+            for window in reversed(window_buckets(self.cache.row_tokens))
         ]
         for rows, window in pairs:
-            chunks = [Chunk(self.cache.scratch_slot, (0,), 0, True)] * rows
+            chunks = [self._scratch_chunk()] * rows
             inputs, build_attention = self._layout(chunks, [], chunks, window)
             views, placed = self._upload(inputs)
             attention = build_attention(views)
@@ -332,14 +340,14 @@ class ModelRunner:
     def launch(self, chunks: Sequence[Chunk]) -> Launched:
         """Queues the step on the device: upload, forward, sampling, and the download of
         its tokens into the host buffer (on a CPU, all of it done on return)."""
-        decode = sorted((c for c in chunks if len(c.tokens) == 1), key=lambda c: c.slot)
+        # Shortest first: the runs of the decode attention are rows of similar lengths.
+        decode = sorted((c for c in chunks if len(c.tokens) == 1), key=lambda c: c.start)
         prefill = [c for c in chunks if len(c.tokens) > 1]
         padded = self.fixed_shapes and not prefill
         window = 0
         if padded:
-            window = window_bucket(max(c.start + 1 for c in decode), self.cache.slot_tokens)
-            scratch = Chunk(self.cache.scratch_slot, (0,), 0, True)
-            decode += [scratch] * (bucket(len(decode)) - len(decode))
+            window = window_bucket(max(c.start + 1 for c in decode), self.cache.row_tokens)
+            decode += [self._scratch_chunk()] * (bucket(len(decode)) - len(decode))
         ordered = decode + prefill  # the packed order: single tokens first
         sampled = [i for i, c in enumerate(ordered) if c.sample]
         inputs, build_attention = self._layout(decode, prefill, ordered, window)
@@ -435,6 +443,10 @@ class ModelRunner:
 
     # ---- the step's inputs ------------------------------------------------------------------
 
+    def _scratch_chunk(self) -> Chunk:
+        """A row that pads a fixed-shape step: it writes to the scratch block."""
+        return Chunk(self.cache.scratch_slot, (0,), 0, True, blocks=(self.cache.scratch_block,))
+
     def _layout(
         self,
         decode: list[Chunk],
@@ -450,44 +462,66 @@ class ModelRunner:
         columns["ids"] = [t for c in ordered for t in c.tokens]
         columns["positions"] = [c.start + i for c in ordered for i in range(len(c.tokens))]
         columns["slots"] = [c.slot for c in ordered for _ in c.tokens]
+        columns["token_blocks"] = [
+            c.blocks[(c.start + i) // BLOCK] for c in ordered for i in range(len(c.tokens))
+        ]
+        columns["token_offsets"] = [
+            (c.start + i) % BLOCK for c in ordered for i in range(len(c.tokens))
+        ]
         last_token = list(accumulate(len(c.tokens) for c in ordered))
         sampled = [i for i, c in enumerate(ordered) if c.sample]
         columns["keep"] = [last_token[i] - 1 for i in sampled]
         columns["sample_slots"] = [ordered[i].slot for i in sampled]
 
-        # Single-token rows: eagerly in runs of neighbouring slots (``decode`` is in slot
-        # order), each run up to its longest row; with fixed shapes as one batch over every
-        # slot up to ``window``, as the captured graph did.
-        runs: tuple[DecodeRun, ...] | None = None
-        if self.fixed_shapes:
-            span = cache.slots + 1
-            lengths = [1] * span
-            for c in decode:
-                lengths[c.slot] = c.start + 1
-            window = window or cache.slot_tokens
+        # The blocks the step reads, row by row: single-token rows (``decode``, shortest
+        # first) in runs of similar lengths, each row its run's blocks (the scratch block
+        # past its own); with fixed shapes one run over the bucket and ``window``, as the
+        # captured graph did. Then each prefill chunk's row up to the chunk's last tile.
+        lengths = [c.start + 1 for c in decode]
+        if self.fixed_shapes and decode:
+            window = window or blocks_for(max(lengths)) * BLOCK
+            spans = [(0, len(decode))]
         else:
-            lengths = [c.start + 1 for c in decode]
-            span, window = len(decode), max(lengths, default=0)
-            runs = plan_decode_runs([c.slot for c in decode], lengths)
-        columns["decode_slots"] = [c.slot for c in decode]
+            spans = plan_decode_runs(lengths)
+        gather: list[int] = []
+        runs = []
+        scratch = cache.scratch_block
+        for first, count in spans:
+            longest = window if self.fixed_shapes else lengths[first + count - 1]
+            n = blocks_for(longest)
+            runs.append(
+                DecodeRun(
+                    first,
+                    count,
+                    len(gather),
+                    n,
+                    longest,
+                    self.fixed_shapes or lengths[first] != longest,
+                )
+            )
+            for c in decode[first : first + count]:
+                own = c.blocks[:n]
+                gather += [*own, *[scratch] * (n - len(own))]
+        chunk_blocks = []
+        for c in prefill:
+            chunk_blocks.append((len(gather), c.start, len(c.tokens)))
+            gather += c.blocks[: blocks_for(c.start + len(c.tokens))]
+        columns["gather"] = gather
         columns["decode_lengths"] = lengths
-
-        tiles, tile_of, tile_rows = prefill_tiles(
-            [(c.slot, c.start, len(c.tokens)) for c in prefill], cache.slot_tokens
-        )
+        tiles, tile_of, tile_rows = prefill_tiles(chunk_blocks)
         columns["prefill_tile_of"] = tile_of
         columns["prefill_tile_rows"] = tile_rows
+        decode_window = max((r.window for r in runs), default=0)
 
         def build(views: dict[str, torch.Tensor]) -> StepAttention:
             return StepAttention(
                 cache=cache,
-                token_slots=views["slots"],
-                token_positions=views["positions"],
+                token_blocks=views["token_blocks"],
+                token_offsets=views["token_offsets"],
+                gather=views["gather"],
                 decode_count=len(decode),
-                decode_slots=views["decode_slots"],
-                decode_span=span,
-                decode_runs=runs,
-                decode_window=window,
+                decode_runs=tuple(runs),
+                decode_window=decode_window,
                 decode_lengths=views["decode_lengths"],
                 prefill_count=len(prefill),
                 prefill_tiles=tiles,
@@ -516,7 +550,7 @@ class ModelRunner:
 
 
 # The columns a captured forward reads; the sampling columns after them may vary.
-_MODEL_INPUTS = ("ids", "positions", "slots", "decode_slots", "decode_lengths")
+_MODEL_INPUTS = ("ids", "positions", "token_blocks", "token_offsets", "gather", "decode_lengths")
 
 
 def _same_places(captured: dict[str, tuple[int, int]], now: dict[str, tuple[int, int]]) -> bool:

@@ -117,6 +117,21 @@ class TextDelta:
 
 
 @dataclass(frozen=True)
+class KVCacheBlocks:
+    """The KV cache's blocks now: all of them, those in rows' tables, those a row may take
+    (free, or cached prompt blocks no row holds), and the rows preempted since start."""
+
+    total: int = 0
+    held: int = 0
+    available: int = 0
+    preemptions: int = 0
+
+    @property
+    def usage(self) -> float:
+        return self.held / self.total if self.total else 0.0
+
+
+@dataclass(frozen=True)
 class PrefixCacheStats:
     """The prefix cache's counters: prompt tokens looked up and found since start, and the
     tokens it holds now, can hold, and has evicted."""

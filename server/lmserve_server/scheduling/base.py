@@ -6,7 +6,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from lmserve_server.engine.rows import DeltaSink
-from lmserve_server.engine.types import GenerationOutput, GenerationRequest, PrefixCacheStats
+from lmserve_server.engine.types import (
+    GenerationOutput,
+    GenerationRequest,
+    KVCacheBlocks,
+    PrefixCacheStats,
+)
 from lmserve_server.errors import queue_full
 from lmserve_server.limits import RequestTokenLimit
 from lmserve_server.scheduling.batcher import Served
@@ -28,8 +33,7 @@ class Capacity:
     @property
     def request_tokens(self) -> RequestTokenLimit:
         """``max_request_tokens`` and the setting behind it: a static batch's token limit
-        when it is the smaller one, else the size of a KV cache slot (continuous, static
-        steps)."""
+        when it is the smaller one, else the KV cache's size (continuous, static steps)."""
         if self.max_batch_tokens and self.max_request_tokens == self.max_batch_tokens:
             return RequestTokenLimit(self.max_request_tokens, "--max-batch-tokens")
         return RequestTokenLimit(self.max_request_tokens, "--kv-cache-tokens")
@@ -48,9 +52,8 @@ class Scheduler(Protocol):
     def capacity(self) -> Capacity: ...
 
     @property
-    def kv_slot_occupancy(self) -> float:
-        """The share of a preallocated KV cache's slots that running requests hold (0 if
-        none)."""
+    def kv_cache_blocks(self) -> KVCacheBlocks:
+        """The preallocated KV cache's blocks (all 0 without one); read from any thread."""
 
     @property
     def prefix_cache_stats(self) -> PrefixCacheStats:

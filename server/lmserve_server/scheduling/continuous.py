@@ -2,8 +2,8 @@
 
 The asyncio face of ``ContinuousBatch`` (``continuous_batch.py``): callers queue requests
 here and await their results; one loop on the engine thread plans, runs and retires steps of
-the batch, admitting queued requests as KV-cache slots free up. Nobody waits for a batch to
-form or to end.
+the batch, admitting queued requests as rows and KV-cache blocks free up. Nobody waits for a
+batch to form or to end.
 
 How a request was served (``Served``): ``batch_size`` is the most rows of a step it was in,
 ``queue_s`` from ``submit`` to its first step, ``compute_s`` from there to its result.
@@ -23,7 +23,12 @@ from dataclasses import dataclass
 from lmserve_server.engine.model import Engine
 from lmserve_server.engine.rows import DeltaSink, Row
 from lmserve_server.engine.runner import Capture
-from lmserve_server.engine.types import GenerationOutput, GenerationRequest, PrefixCacheStats
+from lmserve_server.engine.types import (
+    GenerationOutput,
+    GenerationRequest,
+    KVCacheBlocks,
+    PrefixCacheStats,
+)
 from lmserve_server.errors import ShuttingDownError, shutting_down
 from lmserve_server.scheduling.base import STOPPED, Capacity, check_room
 from lmserve_server.scheduling.batcher import Served
@@ -56,6 +61,7 @@ class ContinuousScheduler:
         max_step_tokens: int,
         kv_cache_tokens: int = 0,
         kv_cache_memory: float = 0.0,
+        kv_cache_host_memory: float = 0.0,
         prefix_cache: bool = True,
         prefix_cache_tokens: int = 0,
         step_graphs: Capture | None = None,
@@ -67,18 +73,20 @@ class ContinuousScheduler:
     ) -> None:
         self._engine = engine
         self._max_queue = max_queue
-        self._slots = max_batch_size
-        self._slot_tokens = capacity(engine, max_batch_size, kv_cache_tokens, kv_cache_memory)
+        self._rows = max_batch_size
+        self._kv_tokens = capacity(
+            engine, max_batch_size, kv_cache_tokens, kv_cache_memory, kv_cache_host_memory
+        )
+        # The longest request: the model's context, at most the whole KV cache.
+        self._max_request_tokens = min(engine.max_context, self._kv_tokens)
         self._settings = StepSettings(
             rows=max_batch_size,
-            slot_tokens=self._slot_tokens,
+            kv_tokens=self._kv_tokens,
             max_step_tokens=max_step_tokens,
             step_graphs=step_graphs,
             allow_eager_fallback=allow_eager_fallback,
             warm_up=warm_up,
-            prefix_cache_tokens=prefix_capacity(
-                prefix_cache, prefix_cache_tokens, max_batch_size, self._slot_tokens
-            ),
+            prefix_cache_tokens=prefix_capacity(prefix_cache, prefix_cache_tokens, self._kv_tokens),
         )
         self._planner = planner(self._settings)  # checks the budget against the rows now
         self._max_step_tokens = max_step_tokens
@@ -107,16 +115,16 @@ class ContinuousScheduler:
     def capacity(self) -> Capacity:
         return Capacity(
             scheduler="continuous",
-            max_request_tokens=self._slot_tokens,
-            kv_cache_tokens=self._slots * self._slot_tokens,
+            max_request_tokens=self._max_request_tokens,
+            kv_cache_tokens=self._kv_tokens,
             max_step_tokens=self._max_step_tokens,
             max_batch_tokens=0,
         )
 
     @property
-    def kv_slot_occupancy(self) -> float:
-        """The share of the KV cache's slots that running rows hold now."""
-        return self._batch.runner.cache.occupancy if self._batch else 0.0
+    def kv_cache_blocks(self) -> KVCacheBlocks:
+        """The KV cache's blocks: all, those rows hold, those free."""
+        return self._batch.runner.cache.pool.counts() if self._batch else KVCacheBlocks()
 
     @property
     def prefix_cache_stats(self) -> PrefixCacheStats:

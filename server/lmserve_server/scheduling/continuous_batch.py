@@ -1,11 +1,19 @@
 """``ContinuousBatch``: the running batch of the continuous scheduler, one step at a time.
 
 Synchronous and single-threaded (the engine thread): ``admit_and_plan`` asks the
-``StepPlanner`` what the next step runs, gives the waiting entries it admits free KV-cache
-slots (and writes their sampling settings into the runner's slot tables), ``run`` has the
-``ModelRunner`` execute it and hands every sampled token to its row, ``retire`` frees the
-slots of the rows that ended. The asyncio side (``continuous.py``) only queues entries and
-settles the retired ones.
+``StepPlanner`` what the next step runs, gives the waiting entries it admits a sampling slot
+(their settings written into the runner's tables) and the KV cache blocks of their prompts,
+``run`` has the ``ModelRunner`` execute it and hands every sampled token to its row,
+``retire`` gives back the slots and blocks of the rows that ended. The asyncio side
+(``continuous.py``) only queues entries and settles the retired ones.
+
+Memory follows the tokens (``engine/kv_cache.py``): a request is admitted while the pool has
+blocks for its whole prompt (and, beside running rows, one more); a decoding row takes a
+block each time its next token starts one (``_grow``). When none is left, the most recently
+admitted row gives its blocks back and goes first in line (``_preempt``): readmitted, it
+computes its prompt and the tokens it had again (a prompt that ends with them, as a row
+resumed after a failed static batch does), which gives the tokens it would have got
+(sampling is counter-based), and its stream goes on after the last token it sent.
 
 A row's token is handed over in two parts (``Row.take``, cheap: end tokens and limits; then
 ``Row.settle``: text, stop strings, the stream). ``run`` settles the previous step's tokens
@@ -14,17 +22,16 @@ while the device computes; a row that a stop string ended there has a token comp
 nothing in this step, which it does not take.
 
 Faults stay with their row: when a step fails, its rows are run again in halves
-(``halves.py``; each half one forward: nothing has advanced yet, and writing a key again at
-the same place is harmless), so only a row that fails alone gets the error; out of memory
-becomes ``OutOfMemoryError`` (``engine/faults.py``).
+(``halves.py``; each half one forward: nothing has advanced yet, blocks were taken before
+the step, and writing a key again at the same place is harmless), so only a row that fails
+alone gets the error; out of memory becomes ``OutOfMemoryError`` (``engine/faults.py``).
 
 With a prefix cache (``engine/prefix_cache.py``, the KV cache's ``prefixes``): a waiting
 request's longest cached prefix is looked up before the planner sizes its first chunk
-(``_cached_prefix``); admitted, its prefill starts after it, and its first step copies the
-cached blocks into its slot before the forward (``_restore_and_step``: again in each half of
-a failed step, which is harmless too); the blocks stay pinned until that step is over. After
-each step, the full blocks a row's prompt has computed so far are kept (``_after_step``),
-so the next request with that prefix finds them even while this one still prefills.
+(``_cached_prefix``); admitted, its block table starts with those blocks, shared in place
+(the pool counts the tables that hold them), and its prefill starts after them. After each
+step, the full blocks a row's prompt has computed so far are kept (``_after_step``), so the
+next request with that prefix finds them even while this one still prefills.
 """
 
 from __future__ import annotations
@@ -40,7 +47,8 @@ from typing import Generic, Protocol, TypeVar
 import torch
 
 from lmserve_server.engine.faults import out_of_memory
-from lmserve_server.engine.prefix_cache import CachedBlock
+from lmserve_server.engine.kv_cache import blocks_for
+from lmserve_server.engine.prefix_cache import BLOCK, CachedBlock
 from lmserve_server.engine.rows import Row
 from lmserve_server.engine.runner import Chunk, ModelRunner, SampledToken
 from lmserve_server.scheduling.halves import run_in_halves
@@ -72,10 +80,11 @@ class Running(Generic[E]):
     resumed: int = 0  # tokens the row had when admitted (the end of ``prompt``)
     prefilled: int = 0  # prompt tokens in the cache
     batch_size: int = 0  # the most rows of a step it was in
-    # Its prompt's blocks in the prefix cache, in order: those it started from (copied
-    # into its slot by its first step: ``restore``), then those it kept as it computed them.
+    # Its block table: the pool block of its positions [32 i, 32 i + 32) at i.
+    blocks: list[int] = field(default_factory=list)
+    # Its prompt's blocks in the prefix cache, in order (the first ones of ``blocks``):
+    # those it started from, then those it kept as it computed them.
     cached_blocks: list[CachedBlock] = field(default_factory=list)
-    restore: tuple[CachedBlock, ...] = ()
 
     @property
     def row(self) -> Row:
@@ -114,18 +123,29 @@ class ContinuousBatch(Generic[E]):
         self._unsettled: list[Row] = []  # rows given a token whose text is not followed yet
 
     def admit_and_plan(self, waiting: deque[E]) -> list[Work[E]]:
-        """Admits entries from the left of ``waiting`` (popped) into free slots, as far as
-        the planner lets them in; returns the next step's work."""
+        """Gives the decoding rows the blocks their next token needs (preempting the most
+        recently admitted rows when the pool has too few), admits entries from the left of
+        ``waiting`` (popped) as far as the planner, the free rows and the pool's blocks let
+        them in; returns the next step's work."""
         cache = self.runner.cache
+        pool = cache.pool
+        self._grow(waiting)
         running = self.running
         # Each waiting request's prompt and cached prefix, looked up only as far as the
-        # planner reads (one past the last it admits), not for the whole queue every step.
+        # planner reads (one past the last it admits), not for the whole queue every step;
+        # a request is let in while the pool has blocks for its whole prompt (and, beside
+        # running rows, one more to decode into).
         looked_up: list[tuple[tuple[int, ...], list[CachedBlock], int]] = []
+        room = [pool.available - (1 if running else 0)]
 
         def left_to_compute() -> Iterator[int]:
             for entry in islice(waiting, cache.free_slots):
                 prompt = (*entry.row.request.prompt_ids, *entry.row.tokens)
                 blocks, cached = self._cached_prefix(entry.row, prompt)
+                need = self._blocks_needed(prompt, blocks)
+                if need > room[0]:
+                    return
+                room[0] -= need
                 looked_up.append((prompt, blocks, cached))
                 yield len(prompt) - cached
 
@@ -133,23 +153,74 @@ class ContinuousBatch(Generic[E]):
             [len(r.prompt) - r.prefilled for r in running], left_to_compute(), cache.free_slots
         )
         now = self._clock()
-        for prompt, blocks, cached in looked_up[: len(plan.admit)]:
+        admitted: list[tuple[Running[E], int]] = []
+        for (prompt, _, _), first_chunk in zip(looked_up, plan.admit, strict=False):
+            entry = waiting[0]
+            # Again: an earlier admission of this step may have evicted cached blocks.
+            blocks, cached = self._cached_prefix(entry.row, prompt)
+            pool.share(b.slot for b in blocks)
+            table = pool.take(blocks_for(len(prompt)) - len(blocks))
+            if table is None:
+                pool.release(b.slot for b in blocks)
+                break
             slot = cache.allocate()
             assert slot is not None, "the planner admits into free slots only"
-            entry = waiting.popleft()
+            waiting.popleft()
             row = entry.row
             self.runner.sampling.admit(slot, row.request, row.seed, row.tokens)
-            admitted = Running(entry, slot, now, prompt, resumed=len(row.tokens))
-            self._start_after(admitted, blocks, cached)
-            running.append(admitted)
-        decoding = sorted(plan.decode, key=lambda i: running[i].slot)  # slots 0, 1, ...: a view
-        work = [self._decode(running[i]) for i in decoding]
-        first_admitted = len(running) - len(plan.admit)
-        chunks = plan.prefill + list(enumerate(plan.admit, start=first_admitted))
-        work += [self._prefill(running[i], n) for i, n in chunks]
+            new = Running(entry, slot, now, prompt, resumed=len(row.tokens))
+            new.blocks = [b.slot for b in blocks] + table
+            self._start_after(new, blocks, cached)
+            running.append(new)
+            admitted.append((new, min(first_chunk, len(prompt) - new.prefilled)))
+        work = [self._decode(running[i]) for i in plan.decode]
+        work += [self._prefill(running[i], n) for i, n in plan.prefill]
+        work += [self._prefill(r, n) for r, n in admitted]
         for w in work:
             w.running.batch_size = max(w.running.batch_size, len(work))
         return work
+
+    def _blocks_needed(self, prompt: Sequence[int], cached: Sequence[CachedBlock]) -> int:
+        """The pool blocks a request with ``prompt`` takes at admission: its prompt's
+        blocks past the ``cached`` ones, and those of the cached ones no row holds (idle
+        blocks count as available until shared)."""
+        refs = self.runner.cache.pool.refs
+        idle = sum(1 for b in cached if refs[b.slot] == 0)
+        return blocks_for(len(prompt)) - len(cached) + idle
+
+    def _grow(self, waiting: deque[E]) -> None:
+        """Takes a block for every decoding row whose next token starts one; when the pool
+        has none, the most recently admitted row gives its blocks back and goes to the
+        front of ``waiting`` (it resumes by computing its prompt and tokens again: the same
+        tokens as if it had gone on), until the row has its block or is itself preempted."""
+        pool = self.runner.cache.pool
+        for running in list(self.running):
+            if running not in self.running or running.row.done:
+                continue
+            if running.prefilled < len(running.prompt):
+                continue
+            while len(running.blocks) * BLOCK <= self._position(running):
+                taken = pool.take(1)
+                if taken is not None:
+                    running.blocks += taken
+                    continue
+                victim = self.running[-1]
+                self._preempt(victim, waiting)
+                if victim is running:
+                    break
+
+    def _preempt(self, running: Running[E], waiting: deque[E]) -> None:
+        """Gives ``running``'s blocks and slot back; its entry waits first in line."""
+        self.running.remove(running)
+        self.runner.cache.pool.release(running.blocks)
+        running.blocks = []
+        self.runner.cache.free(running.slot)
+        waiting.appendleft(running.entry)
+        self.runner.cache.pool.preempted += 1
+        log.debug(
+            "preempted a row of %d tokens: the KV cache has no free block",
+            len(running.prompt),
+        )
 
     def run(self, work: list[Work[E]]) -> None:
         """Executes the step and hands each row its token (or its error); the previous
@@ -185,35 +256,50 @@ class ContinuousBatch(Generic[E]):
                 row.abort(err)
 
     def retire(self) -> list[Running[E]]:
-        """Removes the rows that ended, failed, were aborted or cancelled; frees their slots.
-        (Their text is settled when their result is read: ``Row.output``.)"""
+        """Removes the rows that ended, failed, were aborted or cancelled; gives back their
+        slots and blocks. (Their text is settled when their result is read:
+        ``Row.output``.)"""
         ended = [r for r in self.running if r.row.done]
         if ended:
             self.running = [r for r in self.running if not r.row.done]
             for running in ended:
                 self.runner.cache.free(running.slot)
+                self.runner.cache.pool.release(running.blocks)
+                running.blocks = []
         return ended
 
     # ---- a step's parts -----------------------------------------------------------------------
 
+    @staticmethod
+    def _position(running: Running[E]) -> int:
+        """Where a decoding row's last token goes: after the prompt and what it generated
+        since."""
+        return len(running.prompt) + running.row.generated - running.resumed - 1
+
     def _decode(self, running: Running[E]) -> Work[E]:
         row = running.row
-        # Where its last token goes: after the prompt and what it generated since.
-        position = len(running.prompt) + row.generated - running.resumed - 1
-        chunk = Chunk(running.slot, (row.tokens[-1],), position, sample=True, grammar=row.matcher)
+        chunk = Chunk(
+            running.slot,
+            (row.tokens[-1],),
+            self._position(running),
+            sample=True,
+            grammar=row.matcher,
+            blocks=tuple(running.blocks),
+        )
         return Work(running, chunk)
 
     def _prefill(self, running: Running[E], n: int) -> Work[E]:
         start = running.prefilled
         last = start + n == len(running.prompt)
         grammar = running.row.matcher if last else None
-        chunk = Chunk(running.slot, running.prompt[start : start + n], start, last, grammar)
+        tokens = running.prompt[start : start + n]
+        chunk = Chunk(running.slot, tokens, start, last, grammar, tuple(running.blocks))
         return Work(running, chunk, prefill=n)
 
     def _execute(self, work: Sequence[Work[E]]) -> None:
         """Runs ``work`` as one step; when it fails, each half as its own, down to the rows
         that fail alone (their ``error`` is set)."""
-        outcomes = run_in_halves(work, self._restore_and_step, "step")
+        outcomes = run_in_halves(work, self._step, "step")
         for w, outcome in zip(work, outcomes, strict=True):
             if isinstance(outcome, Exception):
                 w.error = outcome
@@ -240,22 +326,25 @@ class ContinuousBatch(Generic[E]):
         return ([], 0) if prefixes is None else prefixes.usable(row.request.cache_salt, prompt)
 
     def _start_after(self, running: Running[E], blocks: list[CachedBlock], cached: int) -> None:
-        """An admitted row starts its prefill at ``cached``, after copying ``blocks`` (pinned
-        until its first step has copied them into its slot); its sampler sees the tokens it
-        skips (a repetition penalty reads the whole prompt) as if a step had."""
+        """An admitted row starts its prefill at ``cached``, its table starting with the
+        cached ``blocks``; its sampler sees the tokens it skips (a repetition penalty reads
+        the whole prompt) as if a step had. A row that resumes with tokens (preempted, or
+        after a failed static batch) was counted, and told its cached prompt tokens, when it
+        was first admitted."""
         prefixes = self.runner.cache.prefixes
         if prefixes is None:
             return
-        prefixes.count(len(running.prompt), cached)
+        first = not running.resumed
+        if first:
+            prefixes.count(len(running.prompt), cached)
         if not blocks:
             return
-        prefixes.index.pin(blocks)
         prefixes.index.touch(blocks)
         running.cached_blocks = list(blocks)
-        running.restore = tuple(blocks)
         running.prefilled = cached
         row = running.row
-        row.cached_prompt_tokens = min(cached, len(row.request.prompt_ids))
+        if first:
+            row.cached_prompt_tokens = min(cached, len(row.request.prompt_ids))
         if row.request.sampling.penalised:
             device = self.runner.device
             self.runner.sampling.mark_seen(
@@ -263,31 +352,16 @@ class ContinuousBatch(Generic[E]):
                 torch.tensor(running.prompt[:cached], dtype=torch.long, device=device),
             )
 
-    def _restore_and_step(self, work: Sequence[Work[E]]) -> list[SampledToken | None]:
-        """``_step``, after copying the cached prefixes of rows admitted with one into
-        their slots."""
-        prefixes = self.runner.cache.prefixes
-        for w in work:
-            if w.running.restore:
-                assert prefixes is not None
-                prefixes.restore(self.runner.cache, w.running.slot, w.running.restore)
-        return self._step(work)
-
     def _after_step(self, work: Sequence[Work[E]]) -> None:
-        """Unpins the blocks the step copied; keeps the full blocks of every prompt the step
-        advanced without an error."""
+        """Keeps the full blocks of every prompt the step advanced without an error."""
         prefixes = self.runner.cache.prefixes
         if prefixes is None:
             return
         for w in work:
             running = w.running
-            if running.restore:
-                prefixes.index.unpin(running.restore)
-                running.restore = ()
             if w.prefill and w.error is None:
                 prefixes.store(
-                    self.runner.cache,
-                    running.slot,
+                    running.blocks,
                     running.row.request.cache_salt,
                     running.prompt,
                     running.cached_blocks,

@@ -31,7 +31,12 @@ from concurrent.futures import Executor
 from lmserve_server.engine.model import Engine
 from lmserve_server.engine.rows import DeltaSink, Row
 from lmserve_server.engine.runner import ModelRunner
-from lmserve_server.engine.types import GenerationOutput, GenerationRequest, PrefixCacheStats
+from lmserve_server.engine.types import (
+    GenerationOutput,
+    GenerationRequest,
+    KVCacheBlocks,
+    PrefixCacheStats,
+)
 from lmserve_server.errors import ShuttingDownError
 from lmserve_server.scheduling.base import STOPPED, Capacity, check_room
 from lmserve_server.scheduling.batcher import MicroBatcher, Served
@@ -100,20 +105,23 @@ class StaticScheduler:
     @property
     def capacity(self) -> Capacity:
         steps = self._steps
-        longest = steps.slot_tokens if steps is not None else self._engine.max_context
+        longest = self._engine.max_context
+        if steps is not None:
+            longest = min(longest, steps.kv_tokens)
         return Capacity(
             scheduler="static",
             max_request_tokens=min(longest, self._max_batch_tokens or longest),
-            kv_cache_tokens=steps.rows * steps.slot_tokens if steps is not None else 0,
+            kv_cache_tokens=steps.kv_tokens if steps is not None else 0,
             max_step_tokens=steps.max_step_tokens if steps is not None else 0,
             max_batch_tokens=self._max_batch_tokens,
         )
 
     @property
-    def kv_slot_occupancy(self) -> float:
+    def kv_cache_blocks(self) -> KVCacheBlocks:
+        """The steps engine's KV cache (``generate`` makes a cache per batch: none here)."""
         if self._runner is None:
-            return 0.0  # generate() makes a cache per batch
-        return self._runner.cache.occupancy
+            return KVCacheBlocks()
+        return self._runner.cache.pool.counts()
 
     @property
     def prefix_cache_stats(self) -> PrefixCacheStats:

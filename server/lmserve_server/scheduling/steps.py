@@ -13,6 +13,7 @@ the prefixes of earlier batches and of the rows admitted before them in the same
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -34,14 +35,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class StepSettings:
-    """How the runner is built: ``rows`` slots of ``slot_tokens`` (``capacity``), steps of
-    at most ``max_step_tokens``, decode steps captured with ``step_graphs`` (None: eager;
-    a capture that fails stops the start unless ``allow_eager_fallback``), two short
-    requests run through it first when ``warm_up``, a prefix cache of
-    ``prefix_cache_tokens`` (0: none; ``prefix_capacity``)."""
+    """How the runner is built: at most ``rows`` rows at once over a KV cache of
+    ``kv_tokens`` (``capacity``), steps of at most ``max_step_tokens``, decode steps captured
+    with ``step_graphs`` (None: eager; a capture that fails stops the start unless
+    ``allow_eager_fallback``), two short requests run through it first when
+    ``warm_up``, a prefix cache of up to ``prefix_cache_tokens`` of the cache's blocks (0:
+    none; ``prefix_capacity``)."""
 
     rows: int
-    slot_tokens: int
+    kv_tokens: int
     max_step_tokens: int
     step_graphs: Capture | None = None
     allow_eager_fallback: bool = False
@@ -49,30 +51,44 @@ class StepSettings:
     prefix_cache_tokens: int = 0
 
 
-def capacity(engine: Engine, rows: int, kv_cache_tokens: int, kv_cache_memory: float) -> int:
-    """The tokens a slot holds (the longest request accepted) for ``rows`` rows."""
-    free_bytes = None
+def capacity(
+    engine: Engine,
+    rows: int,
+    kv_cache_tokens: int,
+    kv_cache_memory: float,
+    kv_cache_host_memory: float,
+) -> int:
+    """The KV cache's tokens: ``--kv-cache-tokens``, else a whole context for every row,
+    at most ``--kv-cache-memory`` of a GPU's free memory, or on a CPU
+    ``--kv-cache-host-memory`` of the host's memory."""
     if engine.input_device.type == "cuda":
         free_bytes, _ = torch.cuda.mem_get_info(engine.input_device)
-    _, slot_tokens = plan_capacity(
+        fraction = kv_cache_memory
+    else:
+        free_bytes, fraction = host_memory_bytes(), kv_cache_host_memory
+    return plan_capacity(
         engine.kv_shape,
         rows=rows,
         context=engine.max_context,
         tokens=kv_cache_tokens,
         free_bytes=free_bytes,
-        memory_fraction=kv_cache_memory,
+        memory_fraction=fraction,
     )
-    return slot_tokens
 
 
-def prefix_capacity(enabled: bool, tokens: int, rows: int, slot_tokens: int) -> int:
-    """The prefix cache's size in tokens (``--prefix-cache``, ``--prefix-cache-tokens``):
-    0 when it is off, else ``tokens`` or by default a quarter of the KV cache's (its memory
-    a quarter of the slots': enough for a few long system prompts and the recent prompts
-    of a busy server, without taking from the rows)."""
+def host_memory_bytes() -> int:
+    """The machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def prefix_capacity(enabled: bool, tokens: int, kv_tokens: int) -> int:
+    """The most tokens of the KV cache's blocks the prefix cache keeps findable
+    (``--prefix-cache``, ``--prefix-cache-tokens``): 0 when it is off, else ``tokens`` or by
+    default the whole cache (a cached block takes no memory of its own: it is a block no
+    row holds any more, or one that rows share)."""
     if not enabled:
         return 0
-    return tokens or rows * slot_tokens // 4
+    return min(tokens, kv_tokens) if tokens else kv_tokens
 
 
 @dataclass(eq=False)
@@ -90,7 +106,7 @@ def prepare_runner(engine: Engine, settings: StepSettings) -> ModelRunner:
     for availability: a warning, and every step eager."""
     runner = engine.continuous_runner(
         slots=settings.rows,
-        slot_tokens=settings.slot_tokens,
+        kv_tokens=settings.kv_tokens,
         max_step_tokens=settings.max_step_tokens,
         fixed_shapes=settings.step_graphs is not None,
         prefix_cache_tokens=settings.prefix_cache_tokens,
