@@ -285,7 +285,7 @@ def smoke(setup: Setup, loads: Loads, results: Results) -> None:
     rows = 8
     settings = StepSettings(
         rows=rows,
-        slot_tokens=capacity(engine, rows, rows * 1024, 0.5),
+        kv_tokens=capacity(engine, rows, rows * 1024, 0.5, 0.03),
         max_step_tokens=256,
         step_graphs=CudaGraphCapture() if cuda else rerun_capture,
         warm_up=True,

@@ -254,7 +254,7 @@ def test_fuzzed_shapes_never_crash_the_compile_service(tiny_model_dir: Path) -> 
         input=json.dumps(shapes),
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=540,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     outcomes = done.stdout.split("\n")[:-1]
@@ -302,7 +302,7 @@ def test_the_grammar_cache_and_the_memory_stay_within_their_bytes(tiny_model_dir
         [sys.executable, "-c", _CACHE_RSS, str(tiny_model_dir), str(cap)],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=540,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     growth, cached_bytes, cached = map(int, done.stdout.split())

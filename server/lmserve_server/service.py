@@ -102,6 +102,8 @@ class GeneratorService(lmserve_pb2_grpc.GeneratorServicer):
             kv_cache_tokens=capacity.kv_cache_tokens,
             max_step_tokens=capacity.max_step_tokens,
             max_batch_tokens=capacity.max_batch_tokens,
+            weights_format="gguf" if self._engine.gguf is not None else "transformers",
+            gguf_file_type=self._engine.gguf.file_type if self._engine.gguf is not None else "",
         )
         if capacity.scheduler == "static":  # the continuous scheduler never waits to batch
             info.max_wait_ms = self._config.max_wait_ms
